@@ -1,0 +1,1 @@
+"""lori: LoRA with Reduced Interference."""

@@ -1,0 +1,172 @@
+"""LoRILinear: a frozen ``nn.Linear`` plus a LoRI update (paper eq. 2-3).
+
+    y = W0 x + (alpha / r) * B_eff A dropout(x)
+
+      x (..., d_in) ──dropout──> A (r x d_in, frozen) ──> (..., r) ──> B_eff (d_out x r) ──> (..., d_out)
+
+Without a mask, ``lori_B`` is a dense trainable parameter (LoRI-D). With a mask M installed,
+the trainable state is only ``lori_B_values``, the kept entries (LoRI-S):
+
+    B_eff = scatter(lori_B, index(M), lori_B_values)
+
+``lori_B`` then becomes a buffer holding the entries outside M (zero after the LoRI-S reset,
+earlier-task values in continual learning), so B_eff = B ⊙ M after a reset.
+
+Why masked training is exact: entries outside M are not parameters at all. No optimizer, weight
+decay, momentum left from earlier steps or gradient clipping can reach them, because the optimizer
+only ever receives ``lori_B_values``; the scatter copies buffer entries bit for bit. Optimizer state
+is kept for the kept entries only (a (1 - s) fraction of LoRI-D's).
+
+A is a buffer drawn from a CPU ``torch.Generator`` seeded by (seed, module path), so it is the same
+in any process and on any machine, and no optimizer can pick it up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def module_seed(seed: int, path: str) -> int:
+    """A 63-bit generator seed derived from the adapter seed and the module path."""
+    digest = hashlib.sha256(f"lori:{seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def draw_A(r: int, in_features: int, seed: int, path: str) -> Tensor:
+    """Kaiming-uniform A (r x in_features), fp32, as LoRA initialises it (a = sqrt(5))."""
+    generator = torch.Generator(device="cpu").manual_seed(module_seed(seed, path))
+    A = torch.empty(r, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return A
+
+
+class LoRILinear(nn.Module):
+    """A frozen linear layer with a LoRI adapter.
+
+    Args:
+        base: the linear layer to adapt; its parameters are frozen.
+        r: adapter rank.
+        alpha: the update is scaled by ``alpha / r``.
+        dropout: dropout probability on the adapter input.
+        seed: adapter seed; A is drawn from (seed, path).
+        path: module path of ``base`` in the model (part of A's seed).
+    """
+
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float, seed: int, path: str
+    ) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.r, self.alpha, self.scale, self.path = r, float(alpha), alpha / r, path
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        self.lori_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if w.device.type == "meta":
+            A = torch.empty(r, base.in_features, device="meta", dtype=w.dtype)
+        else:
+            A = draw_A(r, base.in_features, seed, path).to(device=w.device, dtype=w.dtype)
+        self.register_buffer("lori_A", A)  # (r, d_in), frozen
+        self.lori_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        self.register_buffer("lori_mask", None)
+        self.register_buffer("lori_index", None, persistent=False)
+        self.register_parameter("lori_B_values", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight, so code that reads ``.weight`` of a linear layer keeps working."""
+        return self.base_layer.weight
+
+    def B(self) -> Tensor:
+        """The effective B (d_out x r): dense B, or the buffer with kept entries scattered in."""
+        if self.lori_B_values is None:
+            return self.lori_B
+        flat = self.lori_B.reshape(-1).scatter(0, self.lori_index, self.lori_B_values)
+        return flat.view_as(self.lori_B)
+
+    def set_mask(self, mask: Tensor | None, reset: bool = False) -> None:
+        """Install (or remove, with None) a bool mask of B's shape; optionally zero B first.
+
+        Entries outside the mask keep their current values and are frozen; entries inside it
+        become the trainable ``lori_B_values``. Parameters are replaced, so an optimizer built
+        before this call must be rebuilt.
+        """
+        dense = self.B().detach().clone()
+        if reset:
+            dense.zero_()
+        if mask is not None and tuple(mask.shape) != tuple(dense.shape):
+            raise ValueError(
+                f"mask for {self.path!r} has shape {tuple(mask.shape)}, B has {tuple(dense.shape)}"
+            )
+        del self.lori_B
+        self.lori_B_values = None
+        if mask is None:
+            self.lori_B = nn.Parameter(dense)
+            self.lori_mask, self.lori_index = None, None
+            return
+        mask = mask.to(device=dense.device, dtype=torch.bool)
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        self.register_buffer("lori_B", dense)
+        self.lori_mask, self.lori_index = mask, index
+        self.lori_B_values = nn.Parameter(dense.reshape(-1)[index].clone())
+
+    def delta_weight(self) -> Tensor:
+        """scale * B_eff A (d_out x d_in), computed in fp32 and cast to the weight's dtype."""
+        delta = self.scale * (self.B().detach().float() @ self.lori_A.float())
+        return delta.to(self.base_layer.weight.dtype)
+
+    def merge(self) -> None:
+        """Add the update into the base weight. Merging a merged layer changes nothing."""
+        if not self.merged:
+            self.base_layer.weight.data += self.delta_weight()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight (inverse of ``merge``)."""
+        if self.merged:
+            self.base_layer.weight.data -= self.delta_weight()
+            self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        h = F.linear(self.lori_dropout(x), _as(self.lori_A, x.dtype))  # (..., r)
+        B = _as(self.B(), h.dtype)  # (d_out, r)
+        if result.dtype == h.dtype and result.is_contiguous():
+            # fused result += scale * h B^T on the base output, which autograd does not keep
+            flat = result.view(-1, result.shape[-1])
+            flat.addmm_(h.reshape(-1, self.r), B.t(), alpha=self.scale)
+            return result
+        return result + (F.linear(h, B) * self.scale).to(result.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # A checkpoint taken after calibration holds the mask: install it before loading values.
+        mask = state_dict.get(prefix + "lori_mask")
+        if mask is not None:
+            self.set_mask(mask)
+        elif self.lori_mask is not None and prefix + "lori_B" in state_dict:
+            self.set_mask(None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        kept = "dense" if self.lori_mask is None else f"{int(self.lori_mask.sum())} kept"
+        return f"r={self.r}, scale={self.scale:g}, B={kept}, merged={self.merged}"
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)

@@ -118,11 +118,13 @@ class LoRILinear(nn.Module):
             self.lori_B = nn.Parameter(dense)
             self.lori_mask, self.lori_index = None, None
             return
-        mask = mask.to(device=dense.device, dtype=torch.bool)
+        on_meta = dense.device.type == "meta"  # shape-only model: count parameters, no values
+        mask = mask.to(device=mask.device if on_meta else dense.device, dtype=torch.bool)
         index = mask.reshape(-1).nonzero().squeeze(1)
         self.register_buffer("lori_B", dense)
         self.lori_mask, self.lori_index = mask, index
-        self.lori_B_values = nn.Parameter(dense.reshape(-1)[index].clone())
+        values = torch.empty(index.numel(), device="meta", dtype=dense.dtype) if on_meta else None
+        self.lori_B_values = nn.Parameter(dense.reshape(-1)[index].clone() if values is None else values)
 
     def delta_weight(self) -> Tensor:
         """scale * B_eff A (d_out x d_in), computed in fp32 and cast to the weight's dtype."""

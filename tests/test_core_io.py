@@ -1,0 +1,172 @@
+"""Adapter files: PEFT round trip both ways, masks, published formats, atomic writes, corrupt files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lori.core import (
+    AdapterFileError,
+    LoRIConfig,
+    adapter_from_model,
+    apply_adapter,
+    calibrate,
+    get_B,
+    get_masks,
+    inject_lori,
+    load_adapter,
+    load_masks,
+    lori_layers,
+    save_adapter,
+    set_masks,
+)
+from lori.core import io as lori_io
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lori_s_model(seed: int = 0):
+    model = make_tiny_llama()
+    cfg = LoRIConfig(r=4, alpha=8, dropout=0.0, seed=seed, sparsity=0.8)
+    inject_lori(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    for layer in lori_layers(model).values():
+        layer.lori_B.data.copy_(torch.randn(layer.lori_B.shape, generator=g))
+    set_masks(model, calibrate(get_B(model), 0.8), reset=True)
+    for layer in lori_layers(model).values():  # LoRI-S values inside the mask
+        layer.lori_B_values.data.copy_(torch.randn(layer.lori_B_values.shape, generator=g) * 0.1)
+    return model, cfg
+
+
+def test_reloaded_adapter_gives_identical_logits(tmp_path, tokens):
+    model, cfg = _lori_s_model()
+    out = model(tokens).logits
+    save_adapter(adapter_from_model(model, cfg, "tiny", {"stage": "lori_s"}), tmp_path / "ad")
+    assert sorted(os.listdir(tmp_path / "ad")) == [
+        "adapter_config.json", "adapter_model.safetensors", "lori_masks.safetensors", "lori_meta.json",
+    ]
+    loaded = load_adapter(tmp_path / "ad")
+    assert loaded.config == cfg and loaded.meta == {"stage": "lori_s"}
+    fresh = make_tiny_llama()
+    apply_adapter(fresh, loaded)
+    assert torch.equal(fresh(tokens).logits, out)
+    assert all(torch.equal(get_masks(fresh)[p], m) for p, m in get_masks(model).items())
+
+
+def test_lori_adapter_loads_in_peft_with_same_logits(tmp_path, tokens):
+    model, cfg = _lori_s_model()
+    out = model(tokens).logits
+    save_adapter(adapter_from_model(model, cfg, "tiny"), tmp_path / "ad")
+    peft_model = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "ad")).eval()
+    assert torch.allclose(peft_model(tokens).logits, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_plain_peft_lora_adapter_imports(tmp_path, tokens, with_mask):
+    torch.manual_seed(0)
+    peft_cfg = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(make_tiny_llama(), peft_cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    want = peft_model(tokens).logits
+    mask_file = None
+    if with_mask:  # a mask file as released by the original code: torch.save of PEFT-named bools
+        named = {n: torch.ones_like(p, dtype=torch.bool) for n, p in peft_model.named_parameters() if "lora_B" in n}
+        mask_file = tmp_path / "masks.pt"
+        torch.save(named, mask_file)
+    ad = load_adapter(tmp_path / "peft", mask_file=mask_file)
+    assert ad.config.r == 4 and ad.config.scale == 4.0 and (ad.masks is not None) == with_mask
+    model = make_tiny_llama()
+    apply_adapter(model, ad)
+    assert torch.allclose(model(tokens).logits, want, atol=1e-5)
+
+
+def test_original_lori_mask_file_layout(tmp_path):
+    keys = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": torch.rand(32, 4) > 0.5,
+        "base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight": torch.rand(32, 4) > 0.5,
+    }
+    torch.save(keys, tmp_path / "mask.pt")
+    masks = load_masks(tmp_path / "mask.pt")
+    assert set(masks) == {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    assert all(m.dtype == torch.bool for m in masks.values())
+
+
+def test_atomic_save_keeps_old_directory_on_crash(tmp_path, monkeypatch):
+    model, cfg = _lori_s_model(0)
+    target = tmp_path / "ad"
+    save_adapter(adapter_from_model(model, cfg), target)
+    old_bytes = (target / "adapter_model.safetensors").read_bytes()
+    model2, cfg2 = _lori_s_model(1)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(lori_io, "save_file", crash)
+    with pytest.raises(RuntimeError):
+        save_adapter(adapter_from_model(model2, cfg2), target)
+    assert (target / "adapter_model.safetensors").read_bytes() == old_bytes
+    assert sorted(os.listdir(tmp_path)) == ["ad"]  # no temporary left behind
+
+
+def test_crash_between_renames_is_recovered(tmp_path, monkeypatch):
+    model, cfg = _lori_s_model(0)
+    target = tmp_path / "ad"
+    save_adapter(adapter_from_model(model, cfg), target)
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lori_io.os, "replace", flaky)
+    with pytest.raises(OSError):
+        save_adapter(adapter_from_model(_lori_s_model(1)[0], cfg), target)
+    monkeypatch.setattr(lori_io.os, "replace", real_replace)
+    assert not target.exists()
+    assert load_adapter(target).config == cfg  # old directory restored from its backup
+
+
+def test_corrupt_and_missing_files_are_named(tmp_path):
+    model, cfg = _lori_s_model(0)
+    target = tmp_path / "ad"
+    with pytest.raises(AdapterFileError, match="not an adapter directory"):
+        load_adapter(target)
+    save_adapter(adapter_from_model(model, cfg), target)
+    weights = target / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors"):
+        load_adapter(target)
+    save_adapter(adapter_from_model(model, cfg), target)
+    (target / "lori_meta.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="lori_meta.json"):
+        load_adapter(target)
+    save_adapter(adapter_from_model(model, cfg), target)
+    (target / "lori_masks.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterFileError, match="lori_masks"):
+        load_adapter(target)
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        load_masks(tmp_path / "nope.pt")
+    (tmp_path / "x.pt").write_bytes(b"not a pickle")
+    with pytest.raises(AdapterFileError, match="x.pt"):
+        load_masks(tmp_path / "x.pt")
+    cfg_json = json.loads((target / "adapter_config.json").read_text())
+    cfg_json["peft_type"] = "IA3"
+    (target / "adapter_config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(AdapterFileError, match="IA3"):
+        load_adapter(target)
+
+
+def test_core_imports_without_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, lori.core; bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

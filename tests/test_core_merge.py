@@ -1,0 +1,171 @@
+"""Merging: results equal the explicit matrix formulas; live == merged; idempotent; refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from lori.core import (
+    Adapter,
+    AdapterMismatchError,
+    DeltaMerge,
+    LoRIConfig,
+    adapter_from_model,
+    apply_adapter,
+    calibrate,
+    get_B,
+    inject_lori,
+    lori_layers,
+    merge_concat,
+    merge_deltas,
+    merge_factors,
+    merge_linear,
+    merge_lori,
+    set_masks,
+    unload,
+    unmerge_lori,
+)
+from lori.core.merge import dare_drop, magnitude_prune
+
+
+def _trained_adapter(seed: int, r: int = 4, alpha: float = 8.0, sparsity: float | None = None) -> Adapter:
+    model = make_tiny_llama()
+    cfg = LoRIConfig(r=r, alpha=alpha, dropout=0.0, seed=seed)
+    inject_lori(model, cfg)
+    g = torch.Generator().manual_seed(100 + seed)
+    for layer in lori_layers(model).values():
+        layer.lori_B.data.copy_(torch.randn(layer.lori_B.shape, generator=g) * 0.05)
+    if sparsity is not None:
+        set_masks(model, calibrate(get_B(model), sparsity))
+    return adapter_from_model(model, cfg, base_model="tiny-llama")
+
+
+def _weights_after(adapter_or_deltas) -> dict[str, torch.Tensor]:
+    model = make_tiny_llama()
+    if isinstance(adapter_or_deltas, Adapter):
+        apply_adapter(model, adapter_or_deltas)
+        merge_lori(model)
+        return {p: m.base_layer.weight.detach().clone() for p, m in lori_layers(model).items()}
+    DeltaMerge(model, adapter_or_deltas).merge()
+    return {p: model.get_submodule(p).weight.detach().clone() for p in adapter_or_deltas}
+
+
+def test_concat_and_linear_equal_formulas():
+    ads = [_trained_adapter(s, sparsity=0.9) for s in range(3)]
+    w = [0.3, 0.5, 0.2]
+    base = {p: make_tiny_llama().get_submodule(p).weight.detach() for p in ads[0].A}
+    cat = _weights_after(merge_concat(ads, w))
+    lin = _weights_after(merge_linear(ads, w))
+    s = ads[0].config.scale
+    for p in ads[0].A:
+        want_cat = base[p] + sum(wt * a.config.scale * a.B[p] @ a.A[p] for a, wt in zip(ads, w))
+        want_lin = base[p] + s * sum(wt * a.B[p] for a, wt in zip(ads, w)) @ sum(wt * a.A[p] for a, wt in zip(ads, w))
+        assert torch.allclose(cat[p], want_cat, atol=1e-6), p
+        assert torch.allclose(lin[p], want_lin, atol=1e-6), p
+
+
+@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare"])
+def test_lora_baselines_in_delta_space_equal_formulas(method):
+    ads = [_trained_adapter(s) for s in range(3)]
+    w, density = [0.4, 0.4, 0.4], 0.3
+    deltas = merge_deltas(ads, w, method, density=density, seed=5)
+    g = torch.Generator().manual_seed(5)
+    for p in ads[0].A:
+        d = [a.config.scale * a.B[p] @ a.A[p] for a in ads]
+        if method in ("concat", "linear"):
+            want = sum(wt * x for x, wt in zip(d, w))
+        elif method == "magnitude":
+            want = sum(wt * magnitude_prune(x, density) for x, wt in zip(d, w))
+            assert all((magnitude_prune(x, density) != 0).sum() == round(density * x.numel()) for x in d)
+        elif method == "dare":
+            want = sum(wt * dare_drop(x, density, g) for x, wt in zip(d, w))
+        else:  # ties, written out elementwise
+            t = torch.stack([wt * magnitude_prune(x, density) for x, wt in zip(d, w)])
+            sign = torch.sign(t.sum(0))
+            keep = (torch.sign(t) == sign) & (t != 0)
+            want = (t * keep).sum(0) / keep.sum(0).clamp(min=1)
+        assert torch.allclose(deltas[p], want, atol=1e-6), (method, p)
+    merged = _weights_after(deltas)
+    base = make_tiny_llama()
+    for p in deltas:
+        assert torch.allclose(merged[p], base.get_submodule(p).weight + deltas[p], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear", "magnitude", "ties", "dare"])
+def test_lora_baselines_in_factor_space(method):
+    ads = [_trained_adapter(s) for s in range(2)]
+    w = [0.5, 0.5]
+    out = merge_factors(ads, w, method, density=0.7, seed=1)
+    assert out.rank == ads[0].rank and out.config.scale == 1.0
+    if method == "linear":  # sqrt(w) on both factors: (Σ√w sB)(Σ√w A)
+        p = next(iter(ads[0].A))
+        want = sum(0.5**0.5 * a.config.scale * a.B[p] for a in ads) @ sum(0.5**0.5 * a.A[p] for a in ads)
+        assert torch.allclose(out.delta(p), want, atol=1e-6)
+
+
+def test_live_equals_merged_and_merge_is_idempotent(tokens):
+    ad = _trained_adapter(0, sparsity=0.9)
+    model = make_tiny_llama()
+    W0 = {p: model.get_submodule(p).weight.detach().clone() for p in ad.A}
+    apply_adapter(model, ad)
+    live = model(tokens).logits
+    merge_lori(model)
+    once = model(tokens).logits
+    weights_once = {p: m.base_layer.weight.clone() for p, m in lori_layers(model).items()}
+    merge_lori(model)
+    assert torch.allclose(live, once, atol=1e-5)
+    assert all(torch.equal(weights_once[p], m.base_layer.weight) for p, m in lori_layers(model).items())
+    unmerge_lori(model)
+    assert all(torch.allclose(W0[p], m.base_layer.weight, atol=1e-6) for p, m in lori_layers(model).items())
+    merge_lori(model)
+    plain = unload(model)
+    assert not lori_layers(plain)
+    assert torch.allclose(plain(tokens).logits, live, atol=1e-5)
+
+
+def test_delta_merge_idempotent_and_reversible():
+    ads = [_trained_adapter(s) for s in range(2)]
+    deltas = merge_deltas(ads, [0.5, 0.5], "ties", density=0.7)
+    model = make_tiny_llama()
+    p = next(iter(deltas))
+    w0 = model.get_submodule(p).weight.detach().clone()
+    dm = DeltaMerge(model, deltas).merge()
+    once = model.get_submodule(p).weight.detach().clone()
+    dm.merge()
+    assert torch.equal(once, model.get_submodule(p).weight)
+    dm.unmerge()
+    assert torch.allclose(w0, model.get_submodule(p).weight, atol=1e-6)
+
+
+def test_merge_refusals():
+    a, b = _trained_adapter(0, r=4), _trained_adapter(1, r=8, alpha=16)
+    with pytest.raises(AdapterMismatchError, match="rank 8"):
+        merge_linear([a, b], [0.5, 0.5])
+    with pytest.raises(AdapterMismatchError, match="2 weights given for 3"):
+        merge_concat([a, a, a], [0.5, 0.5])
+    assert merge_concat([a, b], [0.5, 0.5]).rank == 12  # concat accepts different ranks
+    other = _trained_adapter(0)
+    other.base_fingerprint = "0123456789abcdef"
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        merge_concat([a, other], [0.5, 0.5])
+    fewer = _trained_adapter(0)
+    path = next(iter(fewer.A))
+    del fewer.A[path], fewer.B[path]
+    with pytest.raises(AdapterMismatchError, match="other modules"):
+        merge_deltas([a, fewer], [0.5, 0.5], "linear")
+    with pytest.raises(ValueError, match="density"):
+        merge_deltas([a, a], [0.5, 0.5], "ties", density=0.0)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        merge_deltas([a, a], [0.5, 0.5], "average")
+
+
+def test_adapter_for_another_base_is_refused():
+    ad = _trained_adapter(0)
+    wider = make_tiny_llama(hidden_size=48)
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        apply_adapter(wider, ad)
+    other_weights = make_tiny_llama(seed=1)
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        apply_adapter(other_weights, ad)
+    apply_adapter(other_weights, ad, strict_base=False)  # explicit override works

@@ -1,0 +1,157 @@
+"""Callbacks that own LoRI's phase changes (paper Alg. 1) and its diagnostics.
+
+    LoRI-D fit ──(MaskCalibration: end of fit, or after N steps)──> masks
+    LoRI-S fit ──(SparsePhase.setup: install masks, B := 0, same A)──> train B ⊙ M
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lori.core import (
+    Adapter,
+    adapter_from_model,
+    calibrate,
+    count_trainable,
+    get_B,
+    load_masks,
+    mask_density,
+    save_adapter,
+    set_masks,
+    sparsity_by,
+    sparsity_table,
+)
+
+
+def broadcast_masks(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's masks on every rank (so masks are identical even if B drifted by float noise)."""
+    if trainer.world_size <= 1:
+        return masks
+    return trainer.strategy.broadcast(masks, src=0)
+
+
+class MaskCalibration(Callback):
+    """Calibrate masks from the dense B at the end of the LoRI-D fit, or after ``at_step`` steps.
+
+    Args:
+        sparsity: fraction of B entries dropped, in [0, 1).
+        granularity: ``model``, ``module``, ``projection``, ``layer`` or ``matrix``.
+        at_step: calibrate after this many optimizer steps and stop the dense fit there
+            (the paper's calibration-steps ablation); None = at the end of the fit.
+        output_dir: where ``masks.safetensors`` and the sparsity heatmap are written (optional).
+    """
+
+    def __init__(
+        self, sparsity: float = 0.9, granularity: str = "model", at_step: int | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        from lori.core.config import LoRIConfig
+
+        LoRIConfig(sparsity=sparsity, granularity=granularity)  # validate early, with named values
+        self.sparsity, self.granularity, self.at_step = sparsity, granularity, at_step
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.masks: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
+            self.calibrate(trainer, pl_module)
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.masks is None and not trainer.sanity_checking:
+            self.calibrate(trainer, pl_module)
+
+    def calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
+        self.masks = broadcast_masks(trainer, {p: m.cpu() for p, m in masks.items()})
+        stats = {"calibration/density": mask_density(self.masks), "calibration/step": trainer.global_step}
+        stats.update({f"sparsity/layer/{k}": v for k, v in sparsity_by(self.masks, "layer").items()})
+        stats.update({f"sparsity/projection/{k}": v for k, v in sparsity_by(self.masks, "projection").items()})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(stats, step=trainer.global_step)
+            _log_heatmap(trainer, self.masks)
+        if self.output_dir is not None and trainer.is_global_zero:
+            from safetensors.torch import save_file
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_file(self.masks, str(self.output_dir / "masks.safetensors"))
+            save_heatmap(self.masks, self.output_dir / "sparsity_heatmap.png")
+        return self.masks
+
+
+class SparsePhase(Callback):
+    """Start LoRI-S: install the masks and reset B to zero, keeping the calibration run's A.
+
+    Runs in ``setup``, before the optimizer is built, so the optimizer sees only the kept
+    entries. A checkpoint restored afterwards (resume) overwrites B with the saved values.
+
+    Args:
+        masks: masks by module path, or the path of a mask file (lori safetensors or original LoRI).
+        reset: zero B first (LoRI-S). False keeps B (continual learning on a new task's mask).
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor] | str | Path, reset: bool = True) -> None:
+        self.masks = load_masks(masks) if isinstance(masks, (str, Path)) else masks
+        self.reset = reset
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            set_masks(pl_module.model, self.masks, reset=self.reset)
+            pl_module.phase = "sparse"
+
+
+def module_adapter(pl_module: L.LightningModule, stage: str, step: int, extra: dict[str, Any] | None = None) -> Adapter:
+    """The module's adapter as tensors, with the stage, step and trainable count in its metadata."""
+    meta = {"stage": stage, "global_step": step, "trainable": count_trainable(pl_module.model)}
+    meta.update(extra or {})
+    return adapter_from_model(pl_module.model, pl_module.lori_config, pl_module.hparams.model, meta)
+
+
+class SaveAdapter(Callback):
+    """Write the adapter directory (core format) at the end of a fit, on rank 0."""
+
+    def __init__(self, directory: str | Path, stage: str) -> None:
+        self.directory, self.stage = Path(directory), stage
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_adapter(module_adapter(pl_module, self.stage, trainer.global_step), self.directory)
+
+
+def _heatmap_figure(masks: dict[str, torch.Tensor]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, projections, table = sparsity_table(masks)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(projections), 1.0 + 0.22 * len(layers)))
+    image = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(projections)), projections, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_xlabel("projection")
+    ax.set_ylabel("layer")
+    ax.set_title(f"mask sparsity (overall {1 - mask_density(masks):.3f})")
+    fig.colorbar(image, ax=ax, label="sparsity")
+    fig.tight_layout()
+    return fig
+
+
+def save_heatmap(masks: dict[str, torch.Tensor], path: Path) -> None:
+    """Sparsity by layer and projection as a PNG (paper Fig. 4b / Fig. 6)."""
+    import matplotlib.pyplot as plt
+
+    fig = _heatmap_figure(masks)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_heatmap(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> None:
+    experiment = getattr(trainer.logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_figure") and trainer.is_global_zero:
+        experiment.add_figure("calibration/sparsity_heatmap", _heatmap_figure(masks), trainer.global_step)

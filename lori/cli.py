@@ -1,0 +1,120 @@
+"""``lori``: the command line, built on LightningCLI.
+
+    lori pipeline --config configs/experiment/default.yaml    LoRI-D -> calibration -> LoRI-S
+    lori fit      --config configs/experiment/default.yaml    one Trainer.fit (LightningCLI)
+    lori validate | test | predict --config ...               LightningCLI's other subcommands
+    lori <subcommand> --help                                  every option with its default
+
+The same YAML serves every subcommand: ``model:`` (LoRIModule), ``data:`` (TaskDataModule),
+``trainer:`` (Lightning Trainer) and ``pipeline:`` (PipelineConfig, read by ``pipeline`` only).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
+from lori.data.datamodule import TaskDataModule
+from lori.data.sources import DataError
+from lori.models import ModelLoadError
+from lori.module import CheckpointMismatchError, LoRIModule
+from lori.pipeline import PipelineConfig, format_summary, run_pipeline
+
+USAGE = """usage: lori {pipeline,fit,validate,test,predict} [--config FILE] [options]
+
+  pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
+  fit        one Trainer.fit of the configured module (LightningCLI)
+  validate   held-out loss (LightningCLI)
+  test       test loop (LightningCLI)
+  predict    predict loop (LightningCLI)
+
+`lori <subcommand> --help` lists every option with its default.
+"""
+
+
+# errors in what the user gave (config, paths, files): reported as one line, no traceback
+USER_ERRORS = (
+    LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
+    DataError, CheckpointMismatchError,
+)
+
+
+class LoRICLI(LightningCLI):
+    """LightningCLI over LoRIModule and TaskDataModule, with the pipeline's options."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(PipelineConfig, "pipeline")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        LoRIModule.check_options(cfg["model"])  # bad values stop here, before the model loads
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.datamodule.set_tokenizer(self.model.tokenizer)
+        self.datamodule.validate()  # missing data / fields stop here, before training
+
+
+def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
+    """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
+
+    def make(stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True) -> L.Trainer:
+        kwargs = dict(trainer_config)
+        kwargs.pop("logger", None)
+        kwargs.update(max_steps=max_steps, max_epochs=-1 if max_steps > 0 else kwargs.get("max_epochs"))
+        # the pipeline measures held-out loss itself, before and after each stage
+        kwargs.update(limit_val_batches=1.0 if stage == "eval" else 0.0, num_sanity_val_steps=0)
+        extra = list(kwargs.pop("callbacks", None) or [])
+        if checkpoint:
+            extra.append(ModelCheckpoint(
+                dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
+                every_n_train_steps=checkpoint_every,
+            ))
+        kwargs["enable_checkpointing"] = checkpoint
+        kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
+        return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
+
+    return make
+
+
+def pipeline(argv: list[str]) -> dict[str, Any]:
+    """Parse ``lori pipeline`` arguments and run the three stages."""
+    cli = LoRICLI(
+        LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
+        parser_kwargs={"prog": "lori pipeline", "description": "LoRI-D -> mask calibration -> LoRI-S"},
+    )
+    cfg = PipelineConfig(**cli.config["pipeline"])
+    trainer_config = cli.config_init["trainer"]
+    out = Path(cfg.output_dir)
+    make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every)
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+    summary = run_pipeline(cli.model, cli.datamodule, make, cfg, config_text)
+    print(format_summary(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lori`` command; input errors end with one line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    try:
+        if argv[0] == "pipeline":
+            pipeline(argv[1:])
+        else:
+            LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    except USER_ERRORS as err:
+        print(f"lori: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

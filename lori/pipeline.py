@@ -1,0 +1,203 @@
+"""LoRI-D -> mask calibration -> LoRI-S as chained ``Trainer.fit`` calls (paper Alg. 1).
+
+    <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml
+    <output_dir>/calibration/      masks.safetensors, sparsity_heatmap.png
+    <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
+    <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt): adapter state, masks, phase, optimizer
+    <output_dir>/tb/<stage>/       tensorboard logs
+    <output_dir>/summary.json      held-out losses, trainable counts, sparsity, paths
+
+A rerun with the same ``output_dir`` continues: a finished stage is loaded, an unfinished one
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
+from lori.core import (
+    apply_adapter,
+    count_trainable,
+    get_masks,
+    load_adapter,
+    load_masks,
+    mask_density,
+    save_adapter,
+    set_masks,
+)
+from lori.core.io import CONFIG_FILE
+from lori.module import LoRIModule, check_checkpoint
+
+
+@dataclass
+class PipelineConfig:
+    """Stages of one LoRI run.
+
+    Args:
+        output_dir: where adapters, masks, checkpoints, logs and the summary go.
+        dense_steps: optimizer steps of LoRI-D (the calibration run).
+        sparse_steps: optimizer steps of LoRI-S.
+        calibrate_at_step: calibrate after this many dense steps and end LoRI-D there (paper
+            Fig. 4a ablation); None = at the end of LoRI-D.
+        sparse_lr: learning rate of LoRI-S (None = the model's ``lr``).
+        checkpoint_every: steps between Lightning checkpoints (last.ckpt) within a stage.
+        validate: measure held-out loss before and after each stage.
+    """
+
+    output_dir: str = "runs/default"
+    dense_steps: int = 40
+    sparse_steps: int = 40
+    calibrate_at_step: int | None = None
+    sparse_lr: float | None = None
+    checkpoint_every: int = 20
+    validate: bool = True
+
+
+TrainerFactory = Callable[..., L.Trainer]
+
+
+def _last_ckpt(directory: Path) -> str | None:
+    last = directory / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def _precheck_ckpt(path: str | None, module: LoRIModule) -> None:
+    """Refuse a checkpoint of another model before any training starts."""
+    if path is None:
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable file: say so
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+    check_checkpoint(ckpt, module)
+
+
+def _validate(make_trainer: TrainerFactory, module: LoRIModule, datamodule: L.LightningDataModule) -> float:
+    trainer = make_trainer(stage="eval", max_steps=-1, callbacks=[], logger=False, checkpoint=False)
+    result = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(result[0]["val/loss"])
+
+
+def _write_config(directory: Path, config_text: str | None) -> None:
+    if config_text is not None:
+        (directory / "resolved_config.yaml").write_text(config_text)
+
+
+def run_dense(
+    module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
+    cfg: PipelineConfig, summary: dict[str, Any], config_text: str | None,
+) -> dict[str, torch.Tensor]:
+    """LoRI-D and calibration; returns the masks (loads them when the stage is already done)."""
+    out = Path(cfg.output_dir)
+    d_dir, mask_file = out / "lori_d", out / "calibration" / "masks.safetensors"
+    if (d_dir / CONFIG_FILE).is_file() and mask_file.is_file():
+        adapter = load_adapter(d_dir)
+        apply_adapter(module.model, adapter)  # same A (and dense B) as the calibration run
+        summary["lori_d"] = adapter.meta.get("summary", {}) | {"reused": True}
+        return load_masks(mask_file)
+    lori = module.lori_config
+    calib = MaskCalibration(lori.sparsity, lori.granularity, cfg.calibrate_at_step, str(out / "calibration"))
+    ckpt = _last_ckpt(out / "lori_d_ckpt")
+    _precheck_ckpt(ckpt, module)
+    stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    if cfg.validate and ckpt is None:
+        stats["val_loss_before"] = _validate(make_trainer, module, datamodule)
+    trainer = make_trainer(stage="lori_d", max_steps=cfg.dense_steps, callbacks=[calib])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
+    if cfg.validate:
+        stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
+    stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": trainer.global_step,
+                            "density": mask_density(calib.masks)}
+    save_adapter(module_adapter(module, "lori_d", trainer.global_step, {"summary": stats}), d_dir)
+    _write_config(d_dir, config_text)
+    summary["lori_d"] = stats
+    return calib.masks
+
+
+def run_sparse(
+    module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
+    cfg: PipelineConfig, masks: dict[str, torch.Tensor], summary: dict[str, Any], config_text: str | None,
+) -> None:
+    """LoRI-S: B := 0 under the masks, same A, train the kept entries only."""
+    out = Path(cfg.output_dir)
+    s_dir = out / "lori_s"
+    if (s_dir / CONFIG_FILE).is_file():
+        adapter = load_adapter(s_dir)
+        apply_adapter(module.model, adapter)
+        summary["lori_s"] = adapter.meta.get("summary", {}) | {"reused": True}
+        return
+    if cfg.sparse_lr is not None:
+        module.hparams.lr = cfg.sparse_lr
+    phase = SparsePhase(masks, reset=True)
+    set_masks(module.model, masks, reset=True)
+    module.phase = "sparse"
+    ckpt = _last_ckpt(out / "lori_s_ckpt")
+    _precheck_ckpt(ckpt, module)
+    stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    if cfg.validate and ckpt is None:
+        stats["val_loss_before"] = _validate(make_trainer, module, datamodule)
+    trainer = make_trainer(stage="lori_s", max_steps=cfg.sparse_steps, callbacks=[phase])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
+    if cfg.validate:
+        stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
+    stats["mask_sparsity"] = 1.0 - mask_density(get_masks(module.model))
+    save_adapter(module_adapter(module, "lori_s", trainer.global_step, {"summary": stats}), s_dir)
+    _write_config(s_dir, config_text)
+    summary["lori_s"] = stats
+
+
+def run_pipeline(
+    module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
+    cfg: PipelineConfig, config_text: str | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) LoRI-D -> calibration -> LoRI-S and write ``summary.json``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"pipeline": asdict(cfg), "model": module.hparams.model,
+                               "lori": module.lori_config.to_dict()}
+    masks = run_dense(module, datamodule, make_trainer, cfg, summary, config_text)
+    run_sparse(module, datamodule, make_trainer, cfg, masks, summary, config_text)
+    summary["paths"] = {
+        "lori_d": str(out / "lori_d"), "lori_s": str(out / "lori_s"),
+        "masks": str(out / "calibration" / "masks.safetensors"), "tensorboard": str(out / "tb"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-run report."""
+    d, s, paths = summary["lori_d"], summary["lori_s"], summary["paths"]
+
+    def losses(stats: dict[str, Any]) -> str:
+        if "val_loss_before" not in stats or "val_loss_after" not in stats:
+            return "held-out loss: not measured (resumed or validate=false)"
+        b, a = stats["val_loss_before"], stats["val_loss_after"]
+        return f"held-out loss {b:.4f} -> {a:.4f} ({100 * (a - b) / b:+.1f}%)"
+
+    lines = [
+        "LoRI run summary",
+        f"  model: {summary['model']}   r={summary['lori']['r']} alpha={summary['lori']['alpha']}",
+        f"  LoRI-D: {losses(d)}; trainable params {d.get('trainable', 0):,}",
+        f"  LoRI-S: {losses(s)}; trainable params {s.get('trainable', 0):,}"
+        f" ({s.get('trainable', 0) / max(1, d.get('trainable', 1)):.3f}x of LoRI-D)",
+        f"  mask sparsity: {s.get('mask_sparsity', float('nan')):.4f}"
+        f" (target {summary['lori']['sparsity']}, granularity {summary['lori']['granularity']})",
+        f"  adapters: {paths['lori_d']}  {paths['lori_s']}",
+        f"  masks: {paths['masks']}",
+        f"  tensorboard: tensorboard --logdir {paths['tensorboard']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""``TaskDataModule``: one LoRI task as train / held-out dataloaders.
+
+The data pool of a task is a local ``train_file`` when given, else the data the project's
+pip packages ship (``default_records``). The pool is split by ``split_records`` into a
+training part and a held-out part (validation loss / evaluation), e.g. the GSM8K test split
+(1,319) into 1,119 train and 200 held-out problems with ``held_out=200, split_seed=0``.
+
+The tokenizer is usually handed over by the pipeline (``set_tokenizer``) so that the model
+and the data share one; ``tokenizer=`` (a local path or hub name) loads one instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lori.data import sources
+from lori.data.prompts import TEMPLATES, refusal_for
+from lori.data.sources import DataError
+from lori.data.tokenize import collate, pad_id_of, tokenize_prompts, tokenize_records_with_report
+
+log = logging.getLogger(__name__)
+
+
+def safety_train_records(benign_ratio: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
+    """Do-Not-Answer prompts paired with refusals, plus NQ-open questions with their answers.
+
+    The offline stand-in for Saferpaca (Alpaca plus safety refusals): ``benign_ratio``
+    benign pairs per refusal pair keep the adapter from refusing everything.
+    """
+    harmful = [{**r, "response": refusal_for(r["category"])} for r in sources.load_donotanswer()]
+    benign = sources.load_benign("nq_open")
+    random.Random(seed).shuffle(benign)
+    records = harmful + benign[: round(benign_ratio * len(harmful))]
+    random.Random(seed + 1).shuffle(records)
+    return records
+
+
+def default_records(task: str) -> list[dict[str, Any]]:
+    """The shipped data pool of ``task`` (before the train / held-out split)."""
+    loaders = {"gsm8k": sources.load_gsm8k, "mbpp": sources.load_mbpp,
+               "humaneval": sources.load_humaneval, "safety": safety_train_records,
+               "nlu": lambda: [r for t in sources.NLU_TASKS for r in sources.load_nlu(t)]}
+    if task in sources.NLU_TASKS:
+        return sources.load_nlu(task, "train")
+    if task not in loaders:
+        sources.task_kind(task)  # unknown names fail with the list of tasks
+        raise DataError(f"task {task!r} ships no training data here (CodeAlpaca, Saferpaca and "
+                        "HEx-PHI are not available offline): set train_file to a local file")
+    return loaders[task]()
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Train / held-out dataloaders of one task.
+
+    Args:
+        task: task name (``gsm8k``, ``mbpp``, ``humaneval``, ``nlu``, one NLU task such as
+            ``boolq``, ``safety``, or with ``train_file`` also ``codealpaca`` / ``saferpaca``).
+        tokenizer: name or path for ``AutoTokenizer``; None = handed over by ``set_tokenizer``.
+        train_file: local JSON / JSONL / CSV file replacing the shipped data.
+        field_map: ``{schema_field: file_field}`` renames for ``train_file``.
+        held_out: held-out examples: a count, or a fraction in [0, 1).
+        split_seed: seed of the train / held-out permutation.
+        max_length: longest tokenised example.
+        max_train_examples: cap on training examples (a random subset), None = all.
+        batch_size: training batch size.
+        eval_batch_size: held-out batch size (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        template: ``alpaca``, ``chat`` or ``plain``.
+        paper_compat: reproduce the original prompt whitespace.
+        shuffle_seed: seed of the training shuffle generator.
+    """
+
+    def __init__(self, task: str = "gsm8k", tokenizer: str | None = None,
+                 train_file: str | None = None, field_map: dict[str, str] | None = None,
+                 held_out: int | float = 200, split_seed: int = 0, max_length: int = 256,
+                 max_train_examples: int | None = None, batch_size: int = 4,
+                 eval_batch_size: int | None = None, num_workers: int = 0,
+                 template: str = "alpaca", paper_compat: bool = False,
+                 shuffle_seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._tokenizer: Any = None
+        self.train_records: list[dict[str, Any]] = []
+        self.held_out_records: list[dict[str, Any]] = []
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.reports: dict[str, Any] = {}
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` (e.g. the model's); drops datasets tokenised with another one."""
+        self._tokenizer = tokenizer
+        self.train_dataset = self.val_dataset = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer: the one handed over, else loaded from ``hparams.tokenizer``."""
+        if self._tokenizer is None and self.hparams.tokenizer:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer)
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot load tokenizer {self.hparams.tokenizer!r}: {err}") from err
+        return self._tokenizer
+
+    def load_records(self) -> list[dict[str, Any]]:
+        """The task's data pool: ``train_file`` if set, else the shipped data."""
+        hp = self.hparams
+        if hp.train_file:
+            return sources.load_local(hp.train_file, hp.task, hp.field_map)
+        return default_records(hp.task)
+
+    def validate(self) -> None:
+        """Check settings, data and tokenizer before long work; raises DataError."""
+        hp = self.hparams
+        sources.task_kind(hp.task)
+        if hp.template not in TEMPLATES:
+            raise DataError(f"unknown template {hp.template!r}; choose one of {list(TEMPLATES)}")
+        if hp.max_train_examples is not None and hp.max_train_examples < 1:
+            raise DataError(f"max_train_examples must be >= 1 or None, got {hp.max_train_examples}")
+        records = self.load_records()
+        if not records:
+            where = hp.train_file or "the shipped data"
+            raise DataError(f"task {hp.task!r}: no records in {where}")
+        try:
+            train, held = sources.split_records(records, hp.held_out, hp.split_seed)
+        except ValueError as err:
+            raise DataError(f"task {hp.task!r}: {err}") from err
+        if not train:
+            raise DataError(f"task {hp.task!r}: the training split is empty ({len(records)} "
+                            f"records, held_out={hp.held_out})")
+        self.train_records = train[: hp.max_train_examples] if hp.max_train_examples else train
+        self.held_out_records = held
+        if self.tokenizer is None:
+            raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise (once; again only after ``set_tokenizer``)."""
+        if self.train_dataset is not None:
+            return
+        self.validate()
+        self.train_dataset = self._tokenize(self.train_records, "train")
+        if not len(self.train_dataset):
+            raise DataError(f"task {self.hparams.task!r}: every training example was dropped: "
+                            f"{self.reports['train']} (raise max_length)")
+        self.val_dataset = self._tokenize(self.held_out_records, "held_out")
+
+    def _tokenize(self, records: list[dict[str, Any]], name: str) -> Any:
+        hp = self.hparams
+        ds, report = tokenize_records_with_report(records, self.tokenizer, hp.task, hp.template,
+                                                  hp.max_length, hp.paper_compat, "train")
+        self.reports[name] = report
+        log.info("%s %s: %s", hp.task, name, report)
+        return ds
+
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool,
+                padding_side: str = "right") -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.hparams.num_workers, drop_last=False,
+                          collate_fn=partial(collate, pad_id=pad_id_of(self.tokenizer),
+                                             padding_side=padding_side))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded generator) training batches, right-padded."""
+        self.setup("fit")
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out batches in order, never dropping the last one; [] when nothing is held out."""
+        self.setup("validate")
+        if not len(self.val_dataset):
+            return []
+        size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(self.val_dataset, size, shuffle=False)
+
+    def generation_dataloader(self, records: list[dict[str, Any]] | None = None,
+                              batch_size: int | None = None) -> DataLoader:
+        """Left-padded prompts (``stage="eval"`` layout) of ``records`` (default: held-out)."""
+        hp = self.hparams
+        if records is None and not self.held_out_records:
+            self.validate()
+        records = self.held_out_records if records is None else records
+        if not records:
+            raise DataError(f"task {hp.task!r}: no records to generate for")
+        if self.tokenizer is None:
+            raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
+        ds = tokenize_prompts(records, self.tokenizer, hp.task, hp.template, hp.paper_compat)
+        return self._loader(ds, batch_size or hp.eval_batch_size or hp.batch_size, shuffle=False,
+                            padding_side="left")

@@ -1,0 +1,205 @@
+"""Tokenisation, collation and the TaskDataModule, with a char-level tokenizer built here."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from lori.data import DataError, TaskDataModule
+from lori.data.tokenize import (
+    IGNORE_INDEX,
+    collate,
+    tokenize_prompts,
+    tokenize_records,
+    tokenize_records_with_report,
+)
+
+SAY_HI = {"id": "a", "instruction": "Say hi.", "output": "Hi!"}  # plain prompt "Say hi.\n"
+LONG = {"id": "b", "instruction": "Tell a story.", "output": "Once upon a time."}
+
+
+def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """One token per character; ids 0-3 are <pad> <unk> <s> </s>; optional BOS prefix."""
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    if bos:
+        model.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture
+def char_tok() -> PreTrainedTokenizerFast:
+    return char_tokenizer()
+
+
+def test_labels_cover_response_only(char_tok) -> None:
+    ds = tokenize_records([SAY_HI], char_tok, "instruct", "plain", max_length=64)
+    assert ds.column_names == ["input_ids", "attention_mask", "labels"]
+    row = ds[0]
+    n_prompt = len("Say hi.\n")
+    assert row["input_ids"] == char_tok("Say hi.\nHi!")["input_ids"] + [3]  # EOS appended
+    assert row["labels"] == [IGNORE_INDEX] * n_prompt + row["input_ids"][n_prompt:]
+    assert row["attention_mask"] == [1] * len(row["input_ids"])
+
+
+def test_bos_is_part_of_the_prompt() -> None:
+    tok = char_tokenizer(bos=True)
+    row = tokenize_records([SAY_HI], tok, "instruct", "plain", max_length=64)[0]
+    assert row["input_ids"][0] == 2 and row["input_ids"].count(2) == 1
+    assert row["labels"][: 1 + len("Say hi.\n")] == [IGNORE_INDEX] * 9
+    assert row["labels"][9:] == row["input_ids"][9:] and row["labels"][-1] == 3
+
+
+def test_alpaca_prompt_tokens_are_masked(char_tok) -> None:
+    row = tokenize_records([SAY_HI], char_tok, "instruct", "alpaca", max_length=512)[0]
+    n_labelled = sum(label != IGNORE_INDEX for label in row["labels"])
+    assert n_labelled == len("Hi!") + 1
+
+
+def test_truncation_and_dropping(char_tok) -> None:
+    ds, report = tokenize_records_with_report([SAY_HI, LONG], char_tok, "instruct", "plain",
+                                              max_length=10)
+    # "Say hi.\n" (8) keeps 2 response tokens; "Tell a story.\n" (14) cannot fit: dropped
+    assert (report.total, report.kept, report.dropped, report.truncated) == (2, 1, 1, 1)
+    row = ds[0]
+    assert len(row["input_ids"]) == 10 and row["input_ids"][-1] != 3  # EOS cut off
+    assert row["labels"] == [IGNORE_INDEX] * 8 + row["input_ids"][8:]
+    _, report = tokenize_records_with_report([SAY_HI], char_tok, "instruct", "plain",
+                                             max_length=8)
+    assert report.kept == 0 and report.dropped == 1
+    ds, report = tokenize_records_with_report([], char_tok, "instruct", max_length=8)
+    assert len(ds) == 0 and report.total == 0
+
+
+def test_collate_right_and_left_padding(char_tok) -> None:
+    ds = tokenize_records([SAY_HI, LONG], char_tok, "instruct", "plain", max_length=64)
+    short, long_ = ds[0], ds[1]
+    n_short, n_long = len(short["input_ids"]), len(long_["input_ids"])
+    right = collate([short, long_], pad_id=0)
+    assert right["input_ids"].shape == (2, n_long) and right["input_ids"].dtype == torch.long
+    assert right["input_ids"][0, n_short:].eq(0).all()
+    assert right["attention_mask"][0].tolist() == [1] * n_short + [0] * (n_long - n_short)
+    assert right["labels"][0, n_short:].eq(IGNORE_INDEX).all()
+    assert right["labels"][1].tolist() == long_["labels"]
+    left = collate([short, long_], pad_id=0, padding_side="left")
+    assert left["input_ids"][0, : n_long - n_short].eq(0).all()
+    assert left["input_ids"][0, n_long - n_short:].tolist() == short["input_ids"]
+    assert left["labels"][0, : n_long - n_short].eq(IGNORE_INDEX).all()
+    assert collate([short], pad_id=0, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    with pytest.raises(ValueError):
+        collate([short], pad_id=0, padding_side="middle")
+
+
+def test_tokenize_prompts(char_tok) -> None:
+    ds = tokenize_prompts([SAY_HI, LONG], char_tok, "instruct", "plain")
+    assert ds[0]["input_ids"] == char_tok("Say hi.\n")["input_ids"] and ds[1]["index"] == 1
+    cut = tokenize_prompts([LONG], char_tok, "instruct", "plain", max_length=4)
+    assert cut[0]["input_ids"] == char_tok("ry.\n")["input_ids"]  # keeps the end
+    batch = collate([ds[0], ds[1]], pad_id=0, padding_side="left")
+    assert batch["index"] == [0, 1] and batch["input_ids"][0, 0] == 0
+
+
+def test_chat_eos_not_doubled() -> None:
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    row = tokenize_records([SAY_HI], tok, "instruct", "chat", max_length=256)[0]
+    assert row["input_ids"].count(3) == 2  # one </s> per turn, none added
+    response = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert response == tok("Hi!</s>\n", add_special_tokens=False)["input_ids"]
+
+
+def _gsm8k_module(**kwargs) -> TaskDataModule:
+    kwargs = {"task": "gsm8k", "max_length": 1024, "batch_size": 4, **kwargs}
+    module = TaskDataModule(**kwargs)
+    module.set_tokenizer(char_tokenizer())
+    return module
+
+
+def test_gsm8k_default_split_and_loaders() -> None:
+    module = _gsm8k_module(max_train_examples=12, held_out=200)
+    module.validate()
+    assert len(module.held_out_records) == 200
+    full = TaskDataModule(held_out=200)
+    full.set_tokenizer(char_tokenizer())
+    full.validate()
+    assert len(full.train_records) == 1119 and len(full.held_out_records) == 200
+    assert {r["id"] for r in full.train_records}.isdisjoint(r["id"] for r in full.held_out_records)
+    assert [r["id"] for r in module.train_records] == [r["id"] for r in full.train_records[:12]]
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    pad = batch["attention_mask"] == 0
+    assert batch["labels"][pad].eq(IGNORE_INDEX).all()
+    assert module.reports["train"].kept == 12
+
+
+def test_train_shuffle_is_seeded_and_val_keeps_last_batch() -> None:
+    orders = []
+    for _ in range(2):
+        module = _gsm8k_module(max_train_examples=8, held_out=10, eval_batch_size=4)
+        module.setup("fit")
+        orders.append([b["input_ids"].sum(1).tolist() for b in module.train_dataloader()])
+        assert [len(b["input_ids"]) for b in module.val_dataloader()] == [4, 4, 2]
+    assert orders[0] == orders[1]
+    other = _gsm8k_module(max_train_examples=8, held_out=10, shuffle_seed=1)
+    other.setup("fit")
+    assert [b["input_ids"].sum(1).tolist() for b in other.train_dataloader()] != orders[0]
+
+
+def test_generation_dataloader_left_pads() -> None:
+    module = _gsm8k_module(held_out=3, max_train_examples=4)
+    batch = next(iter(module.generation_dataloader(batch_size=3)))
+    assert batch["input_ids"].shape[0] == 3 and batch["index"] == [0, 1, 2]
+    assert batch["attention_mask"][:, -1].eq(1).all()  # left padding: prompts end together
+
+
+def test_local_train_file_and_tokenizer_path(tmp_path) -> None:
+    rows = [{"prompt_text": f"Repeat {i}.", "completion": str(i)} for i in range(10)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok_dir = tmp_path / "tok"
+    char_tokenizer().save_pretrained(tok_dir)
+    module = TaskDataModule(task="instruct", tokenizer=str(tok_dir), train_file=str(path),
+                            field_map={"instruction": "prompt_text", "output": "completion"},
+                            held_out=0.2, template="plain", batch_size=3, max_length=32)
+    module.setup("fit")
+    assert len(module.train_dataset) == 8 and len(module.val_dataset) == 2
+    assert sum(len(b["input_ids"]) for b in module.train_dataloader()) == 8  # no drop_last
+    no_val = TaskDataModule(task="instruct", tokenizer=str(tok_dir), train_file=str(path),
+                            field_map={"instruction": "prompt_text", "output": "completion"},
+                            held_out=0)
+    assert no_val.val_dataloader() == []
+
+
+def test_clear_errors(tmp_path) -> None:
+    with pytest.raises(DataError, match="no tokenizer"):
+        TaskDataModule(task="gsm8k").validate()
+    with pytest.raises(DataError, match="cannot load tokenizer"):
+        TaskDataModule(task="gsm8k", tokenizer=str(tmp_path / "missing")).validate()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    module = TaskDataModule(task="gsm8k", train_file=str(empty))
+    module.set_tokenizer(char_tokenizer())
+    with pytest.raises(DataError, match="no records"):
+        module.setup("fit")
+    with pytest.raises(DataError, match="train_file"):
+        TaskDataModule(task="codealpaca").validate()
+    with pytest.raises(DataError, match="unknown task"):
+        TaskDataModule(task="sql").validate()
+    with pytest.raises(DataError, match="does not fit"):
+        _gsm8k_module(held_out=5000).validate()
+    with pytest.raises(DataError, match="unknown template"):
+        _gsm8k_module(template="vicuna").validate()
+    with pytest.raises(DataError, match="every training example was dropped"):
+        _gsm8k_module(max_length=16, max_train_examples=4).setup("fit")

@@ -1,0 +1,212 @@
+"""The code-execution sandbox: every hostile program is judged failed in time; the host is untouched.
+
+Hostile programs run with the prelude guard on (the default) and, where the kernel layer that
+would stop them is available here, again with ``guard=False`` so that layer is tested on its own.
+A kernel-layer test is skipped (never run unprotected) when its layer is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from lori.eval.sandbox import ExecResult, isolation_report, run_many, run_program
+
+CAPS = isolation_report()
+SLACK = 3.0  # seconds allowed beyond the timeout (process start, kill, cleanup)
+
+
+def _guard_modes(layer: str | None) -> list:
+    """[True] plus, if the kernel ``layer`` exists here, [False] (unguarded, kernel only)."""
+    unguarded = pytest.param(False, id="kernel-only", marks=pytest.mark.skipif(
+        layer is not None and not CAPS[layer], reason=f"{layer} isolation unavailable here"))
+    return [pytest.param(True, id="guarded"), unguarded]
+
+
+def _no_stray_sandbox_processes() -> bool:
+    for _ in range(50):
+        stray = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"lori_sbx_" in cmd and b"launcher.py" in cmd:
+                stray.append(pid)
+        if not stray:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_correct_program_passes():
+    res = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')")
+    assert isinstance(res, ExecResult)
+    assert res.passed and res.status == "passed" and res.returncode == 0
+    assert res.stdout.strip() == "ok"
+
+
+def test_wrong_assert_fails():
+    res = run_program("assert 1 + 1 == 3, 'bad math'")
+    assert not res.passed and res.status == "failed"
+    assert "AssertionError" in res.stderr and "bad math" in res.stderr
+
+
+def test_syntax_error_and_stdin_fail():
+    assert run_program("def f(:\n  pass").status == "failed"
+    assert run_program("input()").status == "failed"  # stdin is /dev/null
+
+
+@pytest.mark.parametrize("code", ["import os\nos._exit(0)", "import sys\nsys.exit(0)",
+                                  "raise SystemExit", "import os\nos.close(1)"])
+def test_early_clean_exit_is_a_failure(code):
+    res = run_program(code)
+    assert res.status == "failed" and not res.passed
+
+
+def test_infinite_loop_times_out():
+    start = time.monotonic()
+    res = run_program("while True:\n    pass", timeout=1.0)
+    assert res.status == "timeout" and not res.passed
+    assert time.monotonic() - start < 1.0 + SLACK
+    assert _no_stray_sandbox_processes()
+
+
+@pytest.mark.parametrize("guard", _guard_modes("pids_cgroup_root" if CAPS["is_root"] else None))
+def test_fork_bomb_is_contained(guard):
+    code = ("import os\nwhile True:\n    try:\n        os.fork()\n"
+            "    except Exception:\n        pass\n")
+    start = time.monotonic()
+    res = run_program(code, timeout=1.5, guard=guard, max_procs=16)
+    assert not res.passed and res.status in ("failed", "timeout")
+    assert time.monotonic() - start < 1.5 + SLACK
+    assert _no_stray_sandbox_processes()
+
+
+@pytest.mark.parametrize("code", ["import subprocess\nsubprocess.run(['true'])",
+                                  "import os\nos.system('true')", "import os\nos.kill(1, 0)",
+                                  "import ctypes"])
+def test_process_and_signal_functions_are_disabled(code):
+    res = run_program(code)
+    assert res.status == "failed"
+    assert "sandbox" in res.stderr or "ImportError" in res.stderr
+
+
+@pytest.mark.parametrize("guard", _guard_modes(None))
+def test_allocating_10_gb_fails(guard):
+    start = time.monotonic()
+    res = run_program("x = bytearray(10 * 1024 ** 3)\nprint(len(x))", timeout=5.0, guard=guard)
+    assert res.status == "failed" and "MemoryError" in res.stderr
+    assert time.monotonic() - start < 5.0 + SLACK
+
+
+@pytest.mark.parametrize("action", [
+    "os.remove(TARGET)", "os.unlink(TARGET)", "shutil.rmtree(os.path.dirname(TARGET))",
+    "open(TARGET, 'w').write('pwned')", "open(TARGET, 'a').write('pwned')",
+    "os.rename(TARGET, TARGET + '.moved')", "os.chmod(TARGET, 0)",
+    "pathlib.Path(TARGET).write_text('pwned')", "os.truncate(TARGET, 0)",
+])
+@pytest.mark.parametrize("guard", _guard_modes("mountns"))
+def test_files_outside_the_sandbox_are_untouched(tmp_path, action, guard):
+    target = tmp_path / "victim" / "precious.txt"
+    target.parent.mkdir()
+    target.write_text("keep me")
+    mode = target.stat().st_mode
+    code = f"import os, shutil, pathlib\nTARGET = {str(target)!r}\n{action}\n"
+    res = run_program(code, guard=guard)
+    assert res.status == "failed"
+    assert target.read_text() == "keep me" and target.stat().st_mode == mode
+    assert sorted(p.name for p in target.parent.iterdir()) == ["precious.txt"]
+
+
+def test_cwd_is_a_fresh_writable_temp_dir_removed_afterwards():
+    code = ("import os\nopen('scratch.txt', 'w').write('x')\nos.remove('scratch.txt')\n"
+            "os.mkdir('sub')\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))\n")
+    res = run_program(code)
+    assert res.passed, res.stderr
+    cwd, listing = res.stdout.strip().splitlines()
+    assert listing == "['sub']"
+    assert not os.path.exists(cwd)
+
+
+def test_environment_is_cleared(monkeypatch):
+    monkeypatch.setenv("LORI_TEST_SECRET", "hunter2")
+    res = run_program("import os\nprint(sorted(os.environ))")
+    assert res.passed
+    assert "LORI_TEST_SECRET" not in res.stdout and "TOKEN" not in res.stdout
+
+
+@pytest.mark.parametrize("guard", _guard_modes("netns"))
+def test_network_is_blocked(guard):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.3)
+    port = server.getsockname()[1]
+    code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "s.sendall(b'leak')\n")
+    try:
+        res = run_program(code, guard=guard)
+        assert res.status == "failed"
+        with pytest.raises(socket.timeout):
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_output_is_bounded():
+    res = run_program("print('x' * (4 << 20))", max_file_mb=1, max_output_bytes=1000)
+    assert res.status == "failed"
+    assert len(res.stdout) <= 1000
+
+
+def test_run_many_keeps_order_and_runs_in_parallel():
+    programs = [f"import time\ntime.sleep(0.5)\nassert {i} % 2 == 0" for i in range(4)]
+    start = time.monotonic()
+    results = run_many(programs, workers=2, timeout=5.0)
+    elapsed = time.monotonic() - start
+    assert [r.passed for r in results] == [True, False, True, False]
+    assert elapsed < 4 * 0.5 + 1.0  # two at a time, not one after another
+
+
+def test_isolation_report_lists_mechanisms():
+    assert set(CAPS) >= {"is_root", "nproc_enforced", "pids_cgroup_root", "netns", "mountns",
+                         "drop_caps"}
+
+
+def test_atexit_output_after_completion_still_passes():
+    res = run_program("import atexit\natexit.register(print, 'bye')\nassert True")
+    assert res.passed and "bye" in res.stdout
+
+
+@pytest.fixture
+def guard_only(monkeypatch):
+    """Pretend no kernel layer exists (as on a machine without root): the guard alone must hold."""
+    from lori.eval import sandbox
+    from lori.eval._isolation import Capabilities
+
+    none = Capabilities(is_root=False, nproc_enforced=False, pids_cgroup_root=None, netns=False,
+                        mountns=False, drop_caps=False)
+    monkeypatch.setattr(sandbox, "capabilities", lambda: none)
+
+
+@pytest.mark.parametrize("action", ["os.remove(TARGET)", "shutil.rmtree(os.path.dirname(TARGET))",
+                                    "open(TARGET, 'w')", "os.symlink(TARGET, 'l')",
+                                    "os.link(TARGET, 'h')"])
+def test_guard_alone_protects_files(guard_only, tmp_path, action):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    res = run_program(f"import os, shutil\nTARGET = {str(target)!r}\n{action}\n")
+    assert res.status == "failed" and "sandbox" in res.stderr
+    assert target.read_text() == "keep me"
+
+
+def test_guard_alone_blocks_fork_and_network(guard_only):
+    assert "os.fork is disabled" in run_program("import os\nos.fork()").stderr
+    res = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
+    assert res.status == "failed" and "sandbox" in res.stderr
+    assert run_program("print('fine')").passed

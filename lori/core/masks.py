@@ -98,22 +98,22 @@ def calibrate(
     return {p: masks[p] for p in b_tensors}
 
 
-def _bits(b: Tensor, path: str) -> Tensor:
+def _bits(b: Tensor) -> Tensor:
     """|b| as int32 bit patterns (order-preserving for non-negative floats)."""
-    b = b.detach()
-    if not torch.isfinite(b).all():
-        raise ValueError(f"B of {path!r} holds NaN or inf; cannot calibrate a mask from it")
-    return b.float().abs().view(torch.int32)
+    return b.detach().float().abs().view(torch.int32)
 
 
 def _calibrate_group(group: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    for path, b in group.items():
+        if not torch.isfinite(b).all():
+            raise ValueError(f"B of {path!r} holds NaN or inf; cannot calibrate a mask from it")
     n = sum(b.numel() for b in group.values())
     k = keep_count(n, sparsity)
     threshold, n_above = _kth_largest_bits(group, k)
     need = k - n_above  # entries equal to the threshold still to keep, in path/row order
     masks: dict[str, Tensor] = {}
     for path, b in group.items():
-        bits = _bits(b, path)
+        bits = _bits(b)
         mask = bits > threshold
         if need > 0:
             ties = (bits == threshold).flatten().nonzero().squeeze(1)[:need]
@@ -128,8 +128,8 @@ def _kth_largest_bits(group: dict[str, Tensor], k: int) -> tuple[int, int]:
     prefix, prefix_shift, remaining, n_above = 0, 31, k, 0
     for shift, width in _PASSES:
         hist = torch.zeros(1 << width, dtype=torch.int64)
-        for path, b in group.items():
-            bits = _bits(b, path).flatten()
+        for b in group.values():
+            bits = _bits(b).flatten()
             if prefix_shift < 31:
                 bits = bits[(bits >> prefix_shift) == prefix]
             digits = (bits >> shift) & ((1 << width) - 1)

@@ -1,0 +1,94 @@
+"""Benchmark mask calibration on Llama-3-8B-shaped random B (32 layers, all seven projections).
+
+Reports, for r = 32 and r = 64, calibration time as a ratio to one ``torch.topk`` over the same
+entries flattened (the peer, measured in the same run; target <= 1.5x), and the peak extra memory
+of calibration as a ratio to the bytes of B (target <= 2x). Prints one JSON line.
+
+    python experiments/bench_calibration.py [--ranks 32 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from lori.core.masks import calibrate, keep_count
+
+OUTS = {"q_proj": 4096, "k_proj": 1024, "v_proj": 1024, "o_proj": 4096,
+        "gate_proj": 14336, "up_proj": 14336, "down_proj": 4096}
+
+
+def llama3_8b_bs(r: int, layers: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(r)
+    return {
+        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}": torch.randn(o, r, generator=g)
+        for i in range(layers) for p, o in OUTS.items()
+    }
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes allocated by ``fn`` above the memory in use before it (CPU, torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
+    )
+    live = peak = 0
+    for e in events:  # self memory of each op, in time order: allocations positive, frees negative
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(r: int, repeats: int, sparsity: float) -> dict:
+    bs = llama3_8b_bs(r)
+    n = sum(t.numel() for t in bs.values())
+    b_bytes = sum(t.numel() * t.element_size() for t in bs.values())
+    k = keep_count(n, sparsity)
+    t_cal = timed(lambda: calibrate(bs, sparsity, "model"), repeats)
+    flat = torch.cat([t.reshape(-1) for t in bs.values()]).abs()
+    t_topk = timed(lambda: torch.topk(flat, k, sorted=False), repeats)
+    del flat
+    gc.collect()
+    peak = peak_extra_bytes(lambda: calibrate(bs, sparsity, "model"))
+    return {
+        "r": r, "entries": n, "b_bytes": b_bytes, "calibrate_s": round(t_cal, 3), "topk_s": round(t_topk, 3),
+        "time_ratio_vs_topk": round(t_cal / t_topk, 3), "peak_extra_bytes": peak,
+        "peak_extra_ratio_vs_B": round(peak / b_bytes, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    args = parser.parse_args()
+    results = [bench(r, args.repeats, args.sparsity) for r in args.ranks]
+    print(json.dumps({
+        "benchmark": "calibration", "threads": torch.get_num_threads(), "sparsity": args.sparsity,
+        "granularity": "model", "results": results,
+        "targets": {"time_ratio_vs_topk": 1.5, "peak_extra_ratio_vs_B": 2.0},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -145,8 +145,10 @@ def run_sparse(
     ckpt = _last_ckpt(out / "lori_s_ckpt")
     _precheck_ckpt(ckpt, module)
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    base_loss = summary.get("lori_d", {}).get("val_loss_before")
     if cfg.validate and ckpt is None:
-        stats["val_loss_before"] = _validate(make_trainer, module, datamodule)
+        # B = 0 after the reset, so the model is exactly the base: reuse LoRI-D's starting loss
+        stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
     trainer = make_trainer(stage="lori_s", max_steps=cfg.sparse_steps, callbacks=[phase])
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -36,7 +36,6 @@ def test_pipeline_writes_every_stage(finished_run):
     assert abs(s["mask_sparsity"] - 0.9) < 1e-3
     assert d["val_loss_after"] < d["val_loss_before"]
     assert s["val_loss_after"] < s["val_loss_before"]
-    assert s["val_loss_before"] == pytest.approx(d["val_loss_before"])  # B = 0 again after reset
 
 
 def test_lori_s_keeps_A_and_trains_inside_the_mask_only(finished_run):

@@ -73,6 +73,7 @@ class LoRIModule(L.LightningModule):
         self.hparams["lori"] = self.lori_config.to_dict()  # plain types: checkpoints load weights_only
         self.model, self.tokenizer = build_model(model, gguf_file, dtype, cache_dir)
         inject_lori(self.model, self.lori_config)
+        self.model.train()  # from_pretrained returns eval mode; LoRI dropout must be live in training
         self.fingerprint = base_fingerprint(self.model, list(lori_layers(self.model)))
         self.phase = "dense"  # "dense" (LoRI-D) or "sparse" (LoRI-S); set by the callbacks
         self.strict_loading = False  # checkpoints hold only the adapter, not the frozen base

@@ -62,6 +62,18 @@ class LoRICLI(LightningCLI):
         self.datamodule.validate()  # missing data / fields stop here, before training
 
 
+class _ParseOnlyCLI(LoRICLI):
+    def instantiate_classes(self) -> None:  # parse and check options, build nothing
+        pass
+
+
+def parse_config(path: str | Path) -> Any:
+    """Parse and check a YAML config as ``lori pipeline`` would, without loading anything."""
+    return _ParseOnlyCLI(
+        LoRIModule, TaskDataModule, run=False, args=["--config", str(path)], save_config_callback=None
+    ).config
+
+
 def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
     """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
 

@@ -92,6 +92,44 @@ def _write_config(directory: Path, config_text: str | None) -> None:
         (directory / "resolved_config.yaml").write_text(config_text)
 
 
+def _reuse_stage(module: LoRIModule, directory: Path, summary: dict[str, Any], stage: str) -> bool:
+    """Load a finished stage's adapter into the module (same A, B, masks); False if not finished."""
+    if not (directory / CONFIG_FILE).is_file():
+        return False
+    adapter = load_adapter(directory)
+    apply_adapter(module.model, adapter)
+    summary[stage] = adapter.meta.get("summary", {}) | {"reused": True}
+    return True
+
+
+def _fit_stage(
+    module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory, cfg: PipelineConfig,
+    stage: str, max_steps: int, callback: L.Callback, base_loss: float | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
+    ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt")
+    _precheck_ckpt(ckpt, module)
+    stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    if cfg.validate and ckpt is None:
+        stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
+    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
+    if cfg.validate:
+        stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
+    return trainer.global_step, stats
+
+
+def _save_stage(
+    module: LoRIModule, stage: str, step: int, stats: dict[str, Any], directory: Path,
+    summary: dict[str, Any], config_text: str | None,
+) -> None:
+    save_adapter(module_adapter(module, stage, step, {"summary": stats}), directory)
+    _write_config(directory, config_text)
+    summary[stage] = stats
+
+
 def run_dense(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
     cfg: PipelineConfig, summary: dict[str, Any], config_text: str | None,
@@ -99,29 +137,14 @@ def run_dense(
     """LoRI-D and calibration; returns the masks (loads them when the stage is already done)."""
     out = Path(cfg.output_dir)
     d_dir, mask_file = out / "lori_d", out / "calibration" / "masks.safetensors"
-    if (d_dir / CONFIG_FILE).is_file() and mask_file.is_file():
-        adapter = load_adapter(d_dir)
-        apply_adapter(module.model, adapter)  # same A (and dense B) as the calibration run
-        summary["lori_d"] = adapter.meta.get("summary", {}) | {"reused": True}
+    if mask_file.is_file() and _reuse_stage(module, d_dir, summary, "lori_d"):
         return load_masks(mask_file)
     lori = module.lori_config
     calib = MaskCalibration(lori.sparsity, lori.granularity, cfg.calibrate_at_step, str(out / "calibration"))
-    ckpt = _last_ckpt(out / "lori_d_ckpt")
-    _precheck_ckpt(ckpt, module)
-    stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
-    if cfg.validate and ckpt is None:
-        stats["val_loss_before"] = _validate(make_trainer, module, datamodule)
-    trainer = make_trainer(stage="lori_d", max_steps=cfg.dense_steps, callbacks=[calib])
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
-    if cfg.validate:
-        stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
-    stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": trainer.global_step,
+    step, stats = _fit_stage(module, datamodule, make_trainer, cfg, "lori_d", cfg.dense_steps, calib)
+    stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": step,
                             "density": mask_density(calib.masks)}
-    save_adapter(module_adapter(module, "lori_d", trainer.global_step, {"summary": stats}), d_dir)
-    _write_config(d_dir, config_text)
-    summary["lori_d"] = stats
+    _save_stage(module, "lori_d", step, stats, d_dir, summary, config_text)
     return calib.masks
 
 
@@ -130,35 +153,20 @@ def run_sparse(
     cfg: PipelineConfig, masks: dict[str, torch.Tensor], summary: dict[str, Any], config_text: str | None,
 ) -> None:
     """LoRI-S: B := 0 under the masks, same A, train the kept entries only."""
-    out = Path(cfg.output_dir)
-    s_dir = out / "lori_s"
-    if (s_dir / CONFIG_FILE).is_file():
-        adapter = load_adapter(s_dir)
-        apply_adapter(module.model, adapter)
-        summary["lori_s"] = adapter.meta.get("summary", {}) | {"reused": True}
+    s_dir = Path(cfg.output_dir) / "lori_s"
+    if _reuse_stage(module, s_dir, summary, "lori_s"):
         return
     if cfg.sparse_lr is not None:
         module.hparams.lr = cfg.sparse_lr
-    phase = SparsePhase(masks, reset=True)
     set_masks(module.model, masks, reset=True)
     module.phase = "sparse"
-    ckpt = _last_ckpt(out / "lori_s_ckpt")
-    _precheck_ckpt(ckpt, module)
-    stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    # B = 0 after the reset, so the model is exactly the base: reuse LoRI-D's starting loss
     base_loss = summary.get("lori_d", {}).get("val_loss_before")
-    if cfg.validate and ckpt is None:
-        # B = 0 after the reset, so the model is exactly the base: reuse LoRI-D's starting loss
-        stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
-    trainer = make_trainer(stage="lori_s", max_steps=cfg.sparse_steps, callbacks=[phase])
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
-    if cfg.validate:
-        stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
+    step, stats = _fit_stage(
+        module, datamodule, make_trainer, cfg, "lori_s", cfg.sparse_steps, SparsePhase(masks, reset=True), base_loss
+    )
     stats["mask_sparsity"] = 1.0 - mask_density(get_masks(module.model))
-    save_adapter(module_adapter(module, "lori_s", trainer.global_step, {"summary": stats}), s_dir)
-    _write_config(s_dir, config_text)
-    summary["lori_s"] = stats
+    _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)
 
 
 def run_pipeline(

@@ -119,11 +119,6 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def count_total(model: nn.Module) -> int:
-    """All parameters of the model (base + adapters), counting shared tensors once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def adapter_listing(model: nn.Module) -> list[dict[str, object]]:
     """One row per adapted module: path, shapes, rank, entries of B kept trainable."""
     rows = []

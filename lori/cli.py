@@ -77,10 +77,16 @@ def parse_config(path: str | Path) -> Any:
 def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
     """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
 
-    def make(stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True) -> L.Trainer:
+    def make(
+        stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
+        max_epochs: int | None = None,
+    ) -> L.Trainer:
         kwargs = dict(trainer_config)
         kwargs.pop("logger", None)
-        kwargs.update(max_steps=max_steps, max_epochs=-1 if max_steps > 0 else kwargs.get("max_epochs"))
+        if max_epochs is not None:  # an epoch budget replaces the step budget
+            kwargs.update(max_steps=-1, max_epochs=max_epochs)
+        else:
+            kwargs.update(max_steps=max_steps, max_epochs=-1 if max_steps > 0 else kwargs.get("max_epochs"))
         # the pipeline measures held-out loss itself, before and after each stage
         kwargs.update(limit_val_batches=1.0 if stage == "eval" else 0.0, num_sanity_val_steps=0)
         extra = list(kwargs.pop("callbacks", None) or [])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from lori.core import (
     get_masks,
     load_adapter,
     load_masks,
+    lori_layers,
     mask_density,
     save_adapter,
     set_masks,
@@ -48,7 +49,12 @@ class PipelineConfig:
         sparse_steps: optimizer steps of LoRI-S.
         calibrate_at_step: calibrate after this many dense steps and end LoRI-D there (paper
             Fig. 4a ablation); None = at the end of LoRI-D.
+        dense_epochs: train LoRI-D for this many epochs instead of ``dense_steps`` (the paper's
+            configs count epochs).
+        sparse_epochs: train LoRI-S for this many epochs instead of ``sparse_steps``.
         sparse_lr: learning rate of LoRI-S (None = the model's ``lr``).
+        sparse_alpha: alpha of LoRI-S when it differs from LoRI-D's (None = the same); the paper's
+            Mistral-7B r=64 GSM8K setting uses 32 for LoRI-D and 64 for LoRI-S.
         checkpoint_every: steps between Lightning checkpoints (last.ckpt) within a stage.
         validate: measure held-out loss before and after each stage.
     """
@@ -57,7 +63,10 @@ class PipelineConfig:
     dense_steps: int = 40
     sparse_steps: int = 40
     calibrate_at_step: int | None = None
+    dense_epochs: int | None = None
+    sparse_epochs: int | None = None
     sparse_lr: float | None = None
+    sparse_alpha: float | None = None
     checkpoint_every: int = 20
     validate: bool = True
 
@@ -105,6 +114,7 @@ def _reuse_stage(module: LoRIModule, directory: Path, summary: dict[str, Any], s
 def _fit_stage(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory, cfg: PipelineConfig,
     stage: str, max_steps: int, callback: L.Callback, base_loss: float | None = None,
+    max_epochs: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
     ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt")
@@ -112,7 +122,7 @@ def _fit_stage(
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
     if cfg.validate and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
-    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback])
+    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback], max_epochs=max_epochs)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
@@ -141,11 +151,20 @@ def run_dense(
         return load_masks(mask_file)
     lori = module.lori_config
     calib = MaskCalibration(lori.sparsity, lori.granularity, cfg.calibrate_at_step, str(out / "calibration"))
-    step, stats = _fit_stage(module, datamodule, make_trainer, cfg, "lori_d", cfg.dense_steps, calib)
+    step, stats = _fit_stage(
+        module, datamodule, make_trainer, cfg, "lori_d", cfg.dense_steps, calib, max_epochs=cfg.dense_epochs
+    )
     stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": step,
                             "density": mask_density(calib.masks)}
     _save_stage(module, "lori_d", step, stats, d_dir, summary, config_text)
     return calib.masks
+
+
+def set_alpha(module: LoRIModule, alpha: float) -> None:
+    """Give every adapter layer (and the config saved with the adapter) a new alpha."""
+    module.lori_config = replace(module.lori_config, alpha=alpha)
+    for layer in lori_layers(module.model).values():
+        layer.alpha, layer.scale = float(alpha), module.lori_config.scale
 
 
 def run_sparse(
@@ -158,12 +177,15 @@ def run_sparse(
         return
     if cfg.sparse_lr is not None:
         module.hparams.lr = cfg.sparse_lr
+    if cfg.sparse_alpha is not None:
+        set_alpha(module, cfg.sparse_alpha)
     set_masks(module.model, masks, reset=True)
     module.phase = "sparse"
     # B = 0 after the reset, so the model is exactly the base: reuse LoRI-D's starting loss
     base_loss = summary.get("lori_d", {}).get("val_loss_before")
     step, stats = _fit_stage(
-        module, datamodule, make_trainer, cfg, "lori_s", cfg.sparse_steps, SparsePhase(masks, reset=True), base_loss
+        module, datamodule, make_trainer, cfg, "lori_s", cfg.sparse_steps, SparsePhase(masks, reset=True), base_loss,
+        max_epochs=cfg.sparse_epochs,
     )
     stats["mask_sparsity"] = 1.0 - mask_density(get_masks(module.model))
     _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)

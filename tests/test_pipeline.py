@@ -72,3 +72,15 @@ def test_help_lists_every_option_with_default(capsys):
                    "--model.lori.granularity", "--model.lr", "--data.task", "--trainer.max_steps"):
         assert option in text, option
     assert "default: 40" in text and "default: 0.9" in text
+
+
+def test_epoch_budgets_and_a_separate_lori_s_alpha(tmp_path):
+    """The paper's configs count epochs, and one of them gives LoRI-S another alpha."""
+    cfg = write_config(tmp_path, tiny_config(tmp_path, dense_epochs=1, sparse_epochs=2, sparse_alpha=16.0,
+                                             validate=False))
+    summary = pipeline(["--config", str(cfg)])
+    assert summary["lori_d"]["steps"] == 4  # 8 training examples, batch 2
+    assert summary["lori_s"]["steps"] == 8
+    d, s = load_adapter(tmp_path / "run" / "lori_d"), load_adapter(tmp_path / "run" / "lori_s")
+    assert d.config.alpha == 8 and s.config.alpha == 16.0
+    assert s.config.scale == 4.0

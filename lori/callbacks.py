@@ -21,7 +21,6 @@ from lori.core import (
     get_B,
     load_masks,
     mask_density,
-    save_adapter,
     set_masks,
     sparsity_by,
     sparsity_table,
@@ -113,14 +112,25 @@ def module_adapter(pl_module: L.LightningModule, stage: str, step: int, extra: d
 
 
 class SaveAdapter(Callback):
-    """Write the adapter directory (core format) at the end of a fit, on rank 0."""
+    """Write what the fit trained at its end, on rank 0 (``LoRIModule.save_adapter``).
 
-    def __init__(self, directory: str | Path, stage: str) -> None:
+    A lori adapter dir for ``lori`` / ``lora_fa``, a PEFT adapter dir for ``lora`` / ``dora`` and a
+    Hugging Face model dir for ``full``; in a YAML, under ``trainer.callbacks``::
+
+        - class_path: lori.callbacks.SaveAdapter
+          init_args: {directory: runs/lora/adapter, stage: lora}
+
+    Args:
+        directory: the directory to write (replaced atomically).
+        stage: a label saved in the adapter's metadata.
+    """
+
+    def __init__(self, directory: str | Path, stage: str = "fit") -> None:
         self.directory, self.stage = Path(directory), stage
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_adapter(module_adapter(pl_module, self.stage, trainer.global_step), self.directory)
+            pl_module.save_adapter(self.directory, self.stage)
 
 
 def _heatmap_figure(masks: dict[str, torch.Tensor]):

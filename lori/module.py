@@ -1,13 +1,16 @@
-"""LoRIModule: the LightningModule that holds a LoRI-injected causal LM and trains only B.
+"""LoRIModule: the LightningModule that holds an adapted causal LM and trains its adapter.
 
-The nn.Module is built outside (``lori.models``) and injected by ``lori.core``; this class only
-adds the loss, logging and the optimizer over the trainable B (dense B in LoRI-D, the kept entries
-in LoRI-S). Phase changes (calibration, the LoRI-S reset) belong to ``lori.callbacks``.
+The nn.Module is built outside (``lori.models``) and adapted by ``lori.baselines.attach``: LoRI
+(the default), or a baseline (LoRA, DoRA, LoRA-FA, full fine-tuning) with the same data, loss and
+optimizer settings. This class only adds the loss, logging and the optimizer over the trainable
+tensors (dense B in LoRI-D, the kept entries in LoRI-S). Phase changes (calibration, the LoRI-S
+reset) belong to ``lori.callbacks``.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -15,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lori.core import LoRIConfig, base_fingerprint, count_trainable, inject_lori, lori_layers, trainable_parameters
+from lori import baselines
+from lori.core import (
+    LoRIConfig,
+    adapter_from_model,
+    base_fingerprint,
+    count_trainable,
+    save_adapter,
+    trainable_parameters,
+)
 from lori.models import load_base_model, tiny_llama
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
@@ -35,7 +46,7 @@ def build_model(name: str | None, gguf_file: str | None, dtype: str, cache_dir: 
 
 
 class LoRIModule(L.LightningModule):
-    """Causal-LM fine-tuning with a LoRI adapter.
+    """Causal-LM fine-tuning with a LoRI adapter (or a baseline, see ``method``).
 
     Args:
         model: base model: ``smollm2-135m-instruct`` (embedded default, shipped as GGUF),
@@ -43,6 +54,9 @@ class LoRIModule(L.LightningModule):
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
         dtype: weight dtype of the base model (``float32``, ``bfloat16``).
         cache_dir: where converted GGUF models are cached (default ``~/.cache/lori/models``).
+        method: ``lori`` (A frozen from the seed, B trained), ``lora`` (A and B trained, PEFT),
+            ``dora`` (PEFT DoRA), ``lora_fa`` (LoRI with sparsity 0: the LoRI-D stage alone) or
+            ``full`` (every base weight trained). r, alpha, dropout, targets and seed come from ``lori``.
         lori: the adapter's hyperparameters (rank, alpha, dropout, targets, sparsity, granularity, seed).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (applies only to trainable, i.e. kept, entries).
@@ -59,6 +73,7 @@ class LoRIModule(L.LightningModule):
         gguf_file: str | None = None,
         dtype: str = "float32",
         cache_dir: str | None = None,
+        method: Literal["lori", "lora", "dora", "lora_fa", "full"] = "lori",
         lori: LoRIConfig = LoRIConfig(),  # noqa: B008 - a frozen-by-convention default
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -70,13 +85,15 @@ class LoRIModule(L.LightningModule):
         super().__init__()
         self.lori_config = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
         self.save_hyperparameters(ignore=["lori"])
-        self.hparams["lori"] = self.lori_config.to_dict()  # plain types: checkpoints load weights_only
+        baselines.check_method(method)
         self.model, self.tokenizer = build_model(model, gguf_file, dtype, cache_dir)
-        inject_lori(self.model, self.lori_config)
-        self.model.train()  # from_pretrained returns eval mode; LoRI dropout must be live in training
-        self.fingerprint = base_fingerprint(self.model, list(lori_layers(self.model)))
+        targets = baselines.target_paths(self.model, self.lori_config.target_modules)
+        self.fingerprint = base_fingerprint(self.model, targets)  # before any weight is wrapped or trained
+        self.lori_config = baselines.attach(self.model, method, self.lori_config)
+        self.hparams["lori"] = self.lori_config.to_dict()  # plain types: checkpoints load weights_only
+        self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
         self.phase = "dense"  # "dense" (LoRI-D) or "sparse" (LoRI-S); set by the callbacks
-        self.strict_loading = False  # checkpoints hold only the adapter, not the frozen base
+        self.strict_loading = method == "full"  # adapter checkpoints hold only the adapter, not the frozen base
 
     @staticmethod
     def check_options(options: Any) -> None:
@@ -84,6 +101,7 @@ class LoRIModule(L.LightningModule):
         lori = options.get("lori") if hasattr(options, "get") else None
         if lori is not None and not isinstance(lori, LoRIConfig):
             LoRIConfig.from_dict(dict(lori))
+        baselines.check_method(options.get("method", "lori"))
         if options.get("lr", 1.0) <= 0:
             raise ValueError(f"lr must be > 0, got lr={options.get('lr')!r}")
         if options.get("warmup_steps", 0) < 0:
@@ -143,10 +161,33 @@ class LoRIModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    # ---- checkpoints: adapter state only, with phase and base-model identity ---------------
+    # ---- saving -----------------------------------------------------------------------------
+    def save_adapter(
+        self, directory: str | Path, stage: str = "fit", extra: dict[str, Any] | None = None
+    ) -> Path:
+        """Write what was trained: a lori adapter dir (lori, lora_fa), a PEFT adapter dir (lora,
+        dora) or a Hugging Face model dir (full), with the base fingerprint and a few facts."""
+        method = self.hparams.method
+        meta = {"method": method, "stage": stage, "global_step": self.global_step,
+                "trainable": count_trainable(self.model)} | dict(extra or {})
+        name, fingerprint = self.hparams.model, self.fingerprint
+        if method in baselines.LORI_METHODS:
+            return save_adapter(adapter_from_model(self.model, self.lori_config, name, meta), directory)
+        if method in baselines.PEFT_METHODS:
+            return baselines.save_peft_adapter(self.model, directory, name, fingerprint, meta)
+        return baselines.save_full_model(self.model, self.tokenizer, directory, name, fingerprint, meta)
+
+    # ---- checkpoints: what was trained, with phase, method and base-model identity ----------
+    def checkpoint_keys(self) -> set[str]:
+        """State-dict keys a checkpoint of this method keeps (see ``baselines.is_saved_key``)."""
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if baselines.is_saved_key(self.hparams.method, k, trainable)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lori_" in k}
-        checkpoint["lori"] = {"phase": self.phase, "fingerprint": self.fingerprint, "model": self.hparams.model}
+        keep = self.checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lori"] = {"phase": self.phase, "fingerprint": self.fingerprint, "model": self.hparams.model,
+                              "method": self.hparams.method}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
@@ -163,8 +204,19 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
             f"checkpoint is for base model {info.get('model')!r} (fingerprint {info.get('fingerprint')}), "
             f"this run uses {module.hparams.model!r} (fingerprint {module.fingerprint})"
         )
-    mine = {k: tuple(v.shape) for k, v in module.state_dict().items() if k.endswith(".lori_A")}
-    theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.endswith(".lori_A")}
+    method = module.hparams.get("method", "lori")
+    if info.get("method", "lori") != method:
+        raise CheckpointMismatchError(
+            f"checkpoint was trained with method {info.get('method', 'lori')!r}, this run uses {method!r}"
+        )
+    if method in baselines.LORI_METHODS:
+        # B changes names with the phase (lori_B / lori_B_values): the A keys fix the layout
+        mine = {k: tuple(v.shape) for k, v in module.state_dict().items() if k.endswith(".lori_A")}
+        theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.endswith(".lori_A")}
+    else:
+        keys = module.checkpoint_keys()
+        mine = {k: tuple(v.shape) for k, v in module.state_dict().items() if k in keys}
+        theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     if set(mine) != set(theirs):
         raise CheckpointMismatchError(
             f"checkpoint adapts other modules than this model: {sorted(set(mine) ^ set(theirs))[:3]}"

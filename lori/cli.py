@@ -26,6 +26,7 @@ from lori.data.sources import DataError
 from lori.models import ModelLoadError
 from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
+from lori.rng_state import RNGState
 
 USAGE = """usage: lori {pipeline,fit,validate,test,predict} [--config FILE] [options]
 
@@ -95,6 +96,7 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
                 dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
                 every_n_train_steps=checkpoint_every,
             ))
+            extra.append(RNGState())  # a resumed stage draws the same dropout masks
         kwargs["enable_checkpointing"] = checkpoint
         kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
         return L.Trainer(callbacks=extra + list(callbacks), **kwargs)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lori.data import sources
 from lori.data.prompts import TEMPLATES, refusal_for
@@ -26,6 +27,9 @@ from lori.data.sources import DataError
 from lori.data.tokenize import collate, pad_id_of, tokenize_prompts, tokenize_records_with_report
 
 log = logging.getLogger(__name__)
+
+# TaskDataModule resumes mid-epoch through its own state_dict (skipping the trained batches)
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def safety_train_records(benign_ratio: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
@@ -56,6 +60,23 @@ def default_records(task: str) -> list[dict[str, Any]]:
     return loaders[task]()
 
 
+class ResumableSampler(DistributedSampler):
+    """Epoch-seeded shuffle (``seed + epoch``, set by Lightning's ``set_epoch``) over this rank's
+    share of the data, able to skip the batches a resumed run already trained on.
+
+    Being a ``DistributedSampler``, Lightning keeps it under DDP instead of replacing it.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.skip_batches = batch_size, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip_batches = self.skip_batches, 0  # only the first epoch after a resume
+        return iter(indices[skip * self.batch_size:])
+
+
 class TaskDataModule(L.LightningDataModule):
     """Train / held-out dataloaders of one task.
 
@@ -74,7 +95,8 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         template: ``alpaca``, ``chat`` or ``plain``.
         paper_compat: reproduce the original prompt whitespace.
-        shuffle_seed: seed of the training shuffle generator.
+        shuffle_seed: seed of the training shuffle; epoch e uses ``shuffle_seed + e``, so a
+            resumed run (even mid-epoch) sees the same batches as an uninterrupted one.
     """
 
     def __init__(self, task: str = "gsm8k", tokenizer: str | None = None,
@@ -92,6 +114,22 @@ class TaskDataModule(L.LightningDataModule):
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.reports: dict[str, Any] = {}
+        self._resume_batches = 0  # batches of the current epoch already trained (from a checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: how far into the current epoch training got."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        batches = trainer.num_training_batches
+        if isinstance(batches, int | float) and batches != float("inf") and done >= batches:
+            done = 0  # saved at the end of an epoch: the next one starts from its first batch
+        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next training epoch skips the batches already trained on."""
+        self._resume_batches = int(state_dict.get("batches_done", 0))
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` (e.g. the model's); drops datasets tokenised with another one."""
@@ -162,14 +200,21 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool,
                 padding_side: str = "right") -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        sampler = None
+        if shuffle:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = ResumableSampler(dataset, batch_size, self.hparams.shuffle_seed, world, rank)
+            sampler.skip_batches, self._resume_batches = self._resume_batches, 0
+        # its own generator: starting an epoch must not draw from the global stream (dropout)
+        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
                           num_workers=self.hparams.num_workers, drop_last=False,
                           collate_fn=partial(collate, pad_id=pad_id_of(self.tokenizer),
                                              padding_side=padding_side))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded generator) training batches, right-padded."""
+        """Shuffled (epoch-seeded, resumable) training batches, right-padded."""
         self.setup("fit")
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
 

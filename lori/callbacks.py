@@ -133,35 +133,46 @@ class SaveAdapter(Callback):
             pl_module.save_adapter(self.directory, self.stage)
 
 
-def _heatmap_figure(masks: dict[str, torch.Tensor]):
+def table_figure(layers: list[int], columns: list[str], table: torch.Tensor, title: str, label: str):
+    """A layer x projection heatmap (rows = layers, columns = projections) as a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers, projections, table = sparsity_table(masks)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(projections), 1.0 + 0.22 * len(layers)))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.22 * len(layers)))
     image = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(projections)), projections, rotation=45, ha="right")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     ax.set_xlabel("projection")
     ax.set_ylabel("layer")
-    ax.set_title(f"mask sparsity (overall {1 - mask_density(masks):.3f})")
-    fig.colorbar(image, ax=ax, label="sparsity")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     return fig
 
 
-def save_heatmap(masks: dict[str, torch.Tensor], path: Path) -> None:
-    """Sparsity by layer and projection as a PNG (paper Fig. 4b / Fig. 6)."""
+def heatmap_figure(masks: dict[str, torch.Tensor]):
+    """Mask sparsity by layer and projection as a matplotlib figure (paper Fig. 4b / Fig. 6)."""
+    layers, projections, table = sparsity_table(masks)
+    title = f"mask sparsity (overall {1 - mask_density(masks):.3f})"
+    return table_figure(layers, projections, table, title, "sparsity")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as a PNG and free it."""
     import matplotlib.pyplot as plt
 
-    fig = _heatmap_figure(masks)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_heatmap(masks: dict[str, torch.Tensor], path: Path) -> None:
+    """Sparsity by layer and projection as a PNG (paper Fig. 4b / Fig. 6)."""
+    save_figure(heatmap_figure(masks), path)
 
 
 def _log_heatmap(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> None:
     experiment = getattr(trainer.logger, "experiment", None)
     if experiment is not None and hasattr(experiment, "add_figure") and trainer.is_global_zero:
-        experiment.add_figure("calibration/sparsity_heatmap", _heatmap_figure(masks), trainer.global_step)
+        experiment.add_figure("calibration/sparsity_heatmap", heatmap_figure(masks), trainer.global_step)

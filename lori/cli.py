@@ -19,7 +19,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lori import diagnostics, merging
 from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
 from lori.data.datamodule import TaskDataModule
 from lori.data.sources import DataError
@@ -28,13 +30,15 @@ from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
 from lori.rng_state import RNGState
 
-USAGE = """usage: lori {pipeline,fit,validate,test,predict} [--config FILE] [options]
+USAGE = """usage: lori {pipeline,fit,validate,test,predict,merge,diagnose} [--config FILE] [options]
 
   pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
   fit        one Trainer.fit of the configured module (LightningCLI)
   validate   held-out loss (LightningCLI)
   test       test loop (LightningCLI)
   predict    predict loop (LightningCLI)
+  merge      merge T adapters, evaluate on every task, write a Table-3-style table (lori.merging)
+  diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
 
 `lori <subcommand> --help` lists every option with its default.
 """
@@ -43,7 +47,7 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict} [--config FILE] [opt
 # errors in what the user gave (config, paths, files): reported as one line, no traceback
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
-    DataError, CheckpointMismatchError,
+    DataError, CheckpointMismatchError, merging.MergeConfigError,
 )
 
 
@@ -116,7 +120,8 @@ def pipeline(argv: list[str]) -> dict[str, Any]:
     make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every)
     config_text = cli.parser.dump(cli.config, skip_none=False)
     summary = run_pipeline(cli.model, cli.datamodule, make, cfg, config_text)
-    print(format_summary(summary))
+    if rank_zero_only.rank == 0:
+        print(format_summary(summary))
     return summary
 
 
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "pipeline":
             pipeline(argv[1:])
+        elif argv[0] == "merge":
+            merging.main(argv[1:])
+        elif argv[0] == "diagnose":
+            diagnostics.main(argv[1:])
         else:
             LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
     except USER_ERRORS as err:

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
 from lori.core import (
@@ -125,6 +126,8 @@ def _fit_stage(
     trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback], max_epochs=max_epochs)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if trainer.world_size > 1:
+        stats["world_size"] = trainer.world_size
     stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
     if cfg.validate:
         stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
@@ -135,9 +138,10 @@ def _save_stage(
     module: LoRIModule, stage: str, step: int, stats: dict[str, Any], directory: Path,
     summary: dict[str, Any], config_text: str | None,
 ) -> None:
-    save_adapter(module_adapter(module, stage, step, {"summary": stats}), directory)
-    _write_config(directory, config_text)
     summary[stage] = stats
+    if rank_zero_only.rank == 0:  # under DDP every rank holds the same adapter; one writes it
+        save_adapter(module_adapter(module, stage, step, {"summary": stats}), directory)
+        _write_config(directory, config_text)
 
 
 def run_dense(
@@ -206,7 +210,8 @@ def run_pipeline(
         "lori_d": str(out / "lori_d"), "lori_s": str(out / "lori_s"),
         "masks": str(out / "calibration" / "masks.safetensors"), "tensorboard": str(out / "tb"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if rank_zero_only.rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

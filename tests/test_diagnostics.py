@@ -115,3 +115,16 @@ def test_command_reads_adapter_dirs(tmp_path, capsys):
     assert [p["a"] for p in report["pairs"]] == ["math_lori_s"]
     assert (tmp_path / "diag" / "diagnostics.json").is_file() and not (tmp_path / "diag" / "tb").exists()
     assert "mean |cos(ΔW)|" in capsys.readouterr().out
+
+
+def test_lori_diagnose_dispatch_and_one_line_error(tmp_path, capsys):
+    from lori.cli import main as lori_main
+
+    save_adapter(_adapter(0), tmp_path / "a")
+    save_adapter(_adapter(1, d_in=48), tmp_path / "b")
+    with pytest.raises(SystemExit) as exc:
+        lori_main(["diagnose", "--adapters", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "d")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lori: error:") and "different bases" in err and "\n" not in err
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,369 @@
+"""`lori merge`: merged weights equal the explicit formulas, the table, and bad input refused early."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lori.module
+from lori.baselines import attach, save_peft_adapter, target_paths
+from lori.cli import main as lori_main
+from lori.core import (
+    Adapter,
+    LoRIConfig,
+    adapter_from_model,
+    apply_adapter,
+    base_fingerprint,
+    calibrate,
+    get_B,
+    inject_lori,
+    load_adapter,
+    lori_layers,
+    merge_lori,
+    save_adapter,
+    set_masks,
+)
+from lori.merging import MergeConfig, MergeConfigError, results_table, run_merge
+from lori.models import tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+PATHS = sorted(target_paths(tiny_llama(), TARGETS))
+
+
+@dataclass
+class Settings:
+    """Stands in for lori.evaluate.EvalSettings: the merge code reads ``tasks`` only."""
+
+    tasks: list[str] = field(default_factory=lambda: ["math", "code"])
+
+
+class Recorder:
+    """A fake evaluate_model: records the adapted weights it was shown, returns fixed scores."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+        self.tasks: list[list[str]] = []
+
+    def __call__(self, model, tokenizer, settings, logger=None):
+        self.seen.append({p: model.get_submodule(p).weight.detach().clone() for p in PATHS})
+        self.tasks.append(list(settings.tasks))
+        n = len(self.seen)
+        return {t: {"acc": 0.1 * n + 0.01 * i, "pass@5": 0.5} for i, t in enumerate(settings.tasks)}
+
+
+@pytest.fixture(autouse=True)
+def tiny_base(monkeypatch):
+    """The base model is a tiny random Llama; ``other-base`` is another random one."""
+    loaded = []
+
+    def build(name, *args, **kwargs):
+        loaded.append(name)
+        return tiny_llama(seed=1 if name == "other-base" else 0), None
+
+    monkeypatch.setattr(lori.module, "build_model", build)
+    return loaded
+
+
+def _lori(seed: int, r: int = 4, sparsity: float | None = None, targets=TARGETS, base_seed: int = 0) -> Adapter:
+    model = tiny_llama(seed=base_seed)
+    cfg = LoRIConfig(r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets, seed=seed)
+    inject_lori(model, cfg)
+    g = torch.Generator().manual_seed(100 + seed)
+    for layer in lori_layers(model).values():
+        layer.lori_B.data.copy_(torch.randn(layer.lori_B.shape, generator=g) * 0.05)
+    if sparsity is not None:
+        set_masks(model, calibrate(get_B(model), sparsity))
+    return adapter_from_model(model, cfg, base_model="tiny")
+
+
+def _lori_dirs(tmp_path: Path, n: int = 2, **kwargs) -> list[str]:
+    return [str(save_adapter(_lori(seed, **kwargs), tmp_path / f"task{seed}")) for seed in range(n)]
+
+
+def _lora_dir(tmp_path: Path, seed: int, dora: bool = False) -> str:
+    """A PEFT LoRA dir as `lori fit` with method lora writes it, with A and B moved off their init."""
+    model = tiny_llama()
+    fingerprint = base_fingerprint(model, target_paths(model, TARGETS))
+    attach(model, "dora" if dora else "lora", LoRIConfig(r=4, alpha=8.0, dropout=0.0, target_modules=TARGETS,
+                                                         seed=seed))
+    g = torch.Generator().manual_seed(200 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return str(save_peft_adapter(model, tmp_path / f"lora{seed}", "tiny", fingerprint, {"method": "lora"}))
+
+
+def _run(tmp_path: Path, adapters: list[str], methods: list[str], **kwargs):
+    recorder = Recorder()
+    cfg = MergeConfig(adapters=adapters, names=["math", "code", "nlu", "safety"][: len(adapters)], methods=methods,
+                      model="tiny", device="cpu", output_dir=str(tmp_path / "out"), **kwargs)
+    results = run_merge(cfg, Settings(cfg.names), recorder)
+    return results, recorder
+
+
+# ---- independent reference implementations, straight from the definitions -------------------
+def _base() -> dict[str, torch.Tensor]:
+    model = tiny_llama()
+    return {p: model.get_submodule(p).weight.detach().clone() for p in PATHS}
+
+
+def _prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    k = max(1, round(density * t.numel()))
+    threshold = t.abs().flatten().sort(descending=True).values[k - 1]
+    return t * (t.abs() >= threshold)
+
+
+def _ties(tensors: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    trimmed = [w * _prune(t, density) for t, w in zip(tensors, weights)]
+    out = torch.zeros_like(tensors[0]).flatten()
+    flat = [t.flatten() for t in trimmed]
+    for i in range(out.numel()):
+        elected = math.copysign(1.0, sum(float(t[i]) for t in flat))
+        agreeing = [float(t[i]) for t in flat if t[i] != 0 and math.copysign(1.0, float(t[i])) == elected]
+        out[i] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out.view_as(tensors[0])
+
+
+def _dare(tensors, weights, density, g):
+    return sum(w * t * (torch.rand(t.shape, generator=g) < density) / density for t, w in zip(tensors, weights))
+
+
+def _operator(method, tensors, weights, density, g):
+    if method == "magnitude":
+        return sum(w * _prune(t, density) for t, w in zip(tensors, weights))
+    if method == "ties":
+        return _ties(tensors, weights, density)
+    return _dare(tensors, weights, density, g)
+
+
+def _expected(adapters: list[Adapter], method: str, w: list[float], density: float, space: str, seed: int = 0):
+    base, g = _base(), torch.Generator().manual_seed(seed)
+    out = {}
+    for p in adapters[0].A:  # the module order DARE draws in
+        A = [a.A[p].float() for a in adapters]
+        sB = [a.config.scale * a.B[p].float() for a in adapters]
+        if method == "concat":
+            delta = sum(wt * b @ a for a, b, wt in zip(A, sB, w))
+        elif method == "linear":
+            s = adapters[0].config.scale
+            delta = s * sum(wt * a.B[p] for a, wt in zip(adapters, w)) @ sum(wt * a for a, wt in zip(A, w))
+        elif space == "delta":
+            delta = _operator(method, [b @ a for a, b in zip(A, sB)], w, density, g)
+        else:  # PEFT's factor-space merge: the operator on A_t and on s_t B_t with weights sqrt(w_t)
+            roots = [math.sqrt(wt) for wt in w]
+            merged_A = _operator(method, A, roots, density, g)
+            delta = _operator(method, sB, roots, density, g) @ merged_A
+        out[p] = base[p] + delta
+    return out
+
+
+# ---- formulas ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("sparsity", [None, 0.9])
+def test_lori_concat_and_linear_equal_the_formulas(tmp_path, sparsity):
+    dirs = _lori_dirs(tmp_path, 3, sparsity=sparsity)
+    results, rec = _run(tmp_path, dirs, ["concat", "linear"], weights=[0.3, 0.5, 0.2])
+    adapters = [load_adapter(d) for d in dirs]
+    for seen, method in zip(rec.seen, ["concat", "linear"]):
+        want = _expected(adapters, method, [0.3, 0.5, 0.2], 1.0, "factors")
+        for p in PATHS:
+            assert torch.allclose(seen[p], want[p], atol=1e-6), (method, p)
+    assert results["adaptation"] == ("LoRI-S" if sparsity else "LoRI-D")
+
+
+@pytest.mark.parametrize("space", ["factors", "delta"])
+@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare"])
+def test_lora_methods_equal_the_formulas(tmp_path, method, space):
+    dirs = [_lora_dir(tmp_path, s) for s in range(3)]
+    density = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7}.get(method, 1.0)
+    results, rec = _run(tmp_path, dirs, [method], weights=[0.4, 0.4, 0.4], space=space, seed=7)
+    want = _expected([load_adapter(d) for d in dirs], method, [0.4] * 3, density, space, seed=7)
+    for p in PATHS:
+        assert torch.allclose(rec.seen[0][p], want[p], atol=1e-6), p
+    row = results["rows"][0]
+    assert results["adaptation"] == "LoRA" and row["density"] == (density if method in ("magnitude", "ties", "dare")
+                                                                  else None)
+
+
+def test_every_row_starts_from_the_exact_base(tmp_path):
+    dirs = [_lora_dir(tmp_path, s) for s in range(2)]
+    _, both = _run(tmp_path, dirs, ["dare", "ties", "concat"], weights=[0.5, 0.5])
+    _, alone = _run(tmp_path, dirs, ["concat"], weights=[0.5, 0.5])
+    assert all(torch.equal(both.seen[2][p], alone.seen[0][p]) for p in PATHS)
+
+
+def test_merged_adapter_is_written_and_reloads_to_the_same_weights(tmp_path):
+    dirs = _lori_dirs(tmp_path, 2, sparsity=0.9)
+    _, rec = _run(tmp_path, dirs, ["concat", "ties"], weights=[0.3, 0.3])
+    for i, method in enumerate(["concat", "ties"]):
+        merged = load_adapter(tmp_path / "out" / method / "merged_adapter")
+        model = tiny_llama()
+        apply_adapter(model, merged)
+        merge_lori(model)
+        assert all(torch.allclose(model.get_submodule(p).weight, rec.seen[i][p], atol=1e-6) for p in PATHS)
+        stats = json.loads((tmp_path / "out" / method / "delta_stats.json").read_text())
+        assert set(stats) == set(PATHS) and all(s["norm"] > 0 for s in stats.values())
+
+
+def test_concat_takes_different_ranks(tmp_path):
+    dirs = [str(save_adapter(_lori(0, r=4), tmp_path / "a")), str(save_adapter(_lori(1, r=8), tmp_path / "b"))]
+    _, rec = _run(tmp_path, dirs, ["concat"], weights=[0.5, 0.5])
+    want = _expected([load_adapter(d) for d in dirs], "concat", [0.5, 0.5], 1.0, "factors")
+    assert all(torch.allclose(rec.seen[0][p], want[p], atol=1e-6) for p in PATHS)
+    assert load_adapter(tmp_path / "out" / "concat" / "merged_adapter").rank == 12
+
+
+# ---- weights, table, single-task row ----------------------------------------------------------
+@pytest.mark.parametrize("n,sparsity,weight", [(4, None, 0.4), (4, 0.9, 0.3), (3, None, 0.5), (3, 0.9, 0.4)])
+def test_paper_default_weights(tmp_path, n, sparsity, weight):
+    results, _ = _run(tmp_path, _lori_dirs(tmp_path, n, sparsity=sparsity), ["concat"], evaluate=False)
+    assert results["weights"] == [weight] * n
+
+
+def test_table_rows_methods_columns_tasks_and_average(tmp_path):
+    dirs = _lori_dirs(tmp_path, 2)
+    results, rec = _run(tmp_path, dirs, ["concat", "linear"], weights=[0.4, 0.4], single_task=True)
+    assert [r["merging"] for r in results["rows"]] == ["Single-Task", "Concat", "Linear"]
+    assert rec.tasks == [["math"], ["code"], ["math", "code"], ["math", "code"]]
+    single = results["rows"][0]["scores"]
+    assert single["math"]["acc"] == pytest.approx(0.1) and single["code"]["acc"] == pytest.approx(0.2)
+    concat = results["rows"][1]
+    assert concat["average"] == pytest.approx((0.3 + 0.31) / 2)  # mean of each task's first metric
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.splitlines()[0] == "| Merging | Adaptation | math acc | math pass@5 | code acc | code pass@5 | Average |"
+    assert "| Concat | LoRI-D | 30.0 | 50.0 | 31.0 | 50.0 | 30.5 |" in table
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["rows"][2]["scores"] == results["rows"][2]["scores"] and on_disk["tasks"] == ["math", "code"]
+    assert results_table(on_disk) == table.strip()
+
+
+def test_single_adapter_row_is_each_adapter_alone(tmp_path):
+    dirs = _lori_dirs(tmp_path, 2)
+    _, rec = _run(tmp_path, dirs, ["concat"], weights=[0.4, 0.4], single_task=True)
+    base = _base()
+    for i, d in enumerate(dirs):
+        a = load_adapter(d)
+        assert all(torch.allclose(rec.seen[i][p], base[p] + a.delta(p), atol=1e-6) for p in PATHS)
+
+
+def test_evaluate_false_merges_without_evaluating(tmp_path):
+    results, rec = _run(tmp_path, _lori_dirs(tmp_path, 2), ["concat", "linear"], weights=[0.4, 0.4],
+                        evaluate=False)
+    assert rec.seen == [] and all(r["scores"] == {} for r in results["rows"])
+    assert (tmp_path / "out" / "linear" / "merged_adapter").is_dir()
+
+
+# ---- bad input: one line, before work, no output --------------------------------------------------
+def _cli_fails(tmp_path, capsys, tiny_base, merge: dict, *fragments, loads_base: bool = False):
+    out = tmp_path / "out"
+    config = {"merge": {"model": "tiny", "device": "cpu", "output_dir": str(out), "evaluate": False,
+                        "weights": [0.4] * len(merge.get("adapters", []))} | merge}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exc:
+        lori_main(["merge", "--config", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lori: error:") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not out.exists()
+    assert bool(tiny_base) == loads_base  # the base model was loaded only where it had to be
+
+
+def test_adapters_from_different_bases(tmp_path, capsys, tiny_base):
+    a = save_adapter(_lori(0), tmp_path / "a")
+    b = save_adapter(_lori(1, base_seed=1), tmp_path / "b")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)]}, "another base model")
+
+
+def test_adapters_of_another_architecture(tmp_path, capsys, tiny_base):
+    a = save_adapter(_lori(0), tmp_path / "a")
+    model = tiny_llama(hidden_size=48)
+    cfg = LoRIConfig(r=4, alpha=8.0, target_modules=TARGETS, seed=1)
+    inject_lori(model, cfg)
+    b = save_adapter(adapter_from_model(model, cfg), tmp_path / "b")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)]}, "different base models")
+
+
+def test_adapters_that_fit_each_other_but_not_the_base(tmp_path, capsys, tiny_base):
+    dirs = _lori_dirs(tmp_path, 2)
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "model": "other-base"}, "'task0'", "fingerprint",
+               loads_base=True)
+
+
+def test_different_ranks_where_the_method_needs_one(tmp_path, capsys, tiny_base):
+    a, b = save_adapter(_lori(0, r=4), tmp_path / "a"), save_adapter(_lori(1, r=8), tmp_path / "b")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)], "methods": ["concat", "linear"]},
+               "rank 8", "rank 4")
+
+
+def test_different_target_sets(tmp_path, capsys, tiny_base):
+    a = save_adapter(_lori(0), tmp_path / "a")
+    b = save_adapter(_lori(1, targets=["q_proj", "v_proj"]), tmp_path / "b")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)]}, "other modules")
+
+
+def test_weights_not_matching_the_adapters(tmp_path, capsys, tiny_base):
+    dirs = _lori_dirs(tmp_path, 3)
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "weights": [0.4, 0.4]}, "2 weights", "3 adapters")
+
+
+def test_missing_adapter_dir(tmp_path, capsys, tiny_base):
+    dirs = _lori_dirs(tmp_path, 1) + [str(tmp_path / "no_such_adapter")]
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs}, "no_such_adapter", "does not exist")
+
+
+def test_a_directory_that_is_not_an_adapter(tmp_path, capsys, tiny_base):
+    (tmp_path / "empty").mkdir()
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": _lori_dirs(tmp_path, 1) + [str(tmp_path / "empty")]},
+               "empty", "adapter_config.json")
+
+
+def test_density_out_of_range(tmp_path, capsys, tiny_base):
+    dirs = [_lora_dir(tmp_path, s) for s in range(2)]
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "methods": ["ties"], "density": {"ties": 1.5}},
+               "density", "1.5")
+
+
+def test_dora_and_mixed_adapter_sets(tmp_path, capsys, tiny_base):
+    lora, dora = _lora_dir(tmp_path, 0), _lora_dir(tmp_path / "d", 1, dora=True)
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [lora, dora]}, "DoRA")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [lora, _lori_dirs(tmp_path, 1)[0]]}, "LoRI and LoRA")
+
+
+def test_no_paper_weights_for_two_adapters(tmp_path):
+    with pytest.raises(MergeConfigError, match="give weights for 2"):
+        _run(tmp_path, _lori_dirs(tmp_path, 2), ["concat"], evaluate=False)
+
+
+def test_output_dir_is_replaced_whole(tmp_path):
+    dirs = _lori_dirs(tmp_path, 2)
+    _run(tmp_path, dirs, ["concat", "linear"], weights=[0.4, 0.4], evaluate=False)
+    _run(tmp_path, dirs, ["concat"], weights=[0.4, 0.4], evaluate=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["concat", "results.json", "results.md"]
+
+
+def test_merge_command_runs_from_yaml(tmp_path, capsys):
+    dirs = _lori_dirs(tmp_path, 2)
+    config = {"merge": {"adapters": dirs, "names": ["math", "code"], "methods": ["concat", "linear"],
+                        "weights": [0.4, 0.4], "model": "tiny", "device": "cpu", "evaluate": False,
+                        "output_dir": str(tmp_path / "out")}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    lori_main(["merge", "--config", str(tmp_path / "merge.yaml"), "--merge.methods", "[concat]"])
+    assert "| Concat | LoRI-D |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["concat"]
+    assert yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())["merge"]["methods"] == ["concat"]
+
+
+def test_usage_lists_merge_and_diagnose(capsys):
+    lori_main([])
+    usage = capsys.readouterr().out
+    assert "merge" in usage and "diagnose" in usage

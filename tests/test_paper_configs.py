@@ -1,0 +1,285 @@
+"""The paper's settings as configs: hyperparameters vs Appendix D, dry-run sizes vs the paper.
+
+Reference values are typed here from the paper (Tables 1, 2, 4-10, 13, 14), independently of the
+YAML files, so a wrong number in a config fails a test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Union
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy, StrategyRegistry
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+from lori.cli import parse_config
+from lori.core import LoRIConfig, calibrate, get_B, inject_lori
+from lori.core.masks import keep_count
+from lori.dryrun import adapter_shape, dry_run, format_table, main, sparse_trainable
+from lori.models import tiny_llama
+from lori.pipeline import PipelineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+TRAINER = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
+MERGE = sorted((ROOT / "configs" / "paper" / "merge").glob("*.yaml"))
+CONTINUAL = sorted((ROOT / "configs" / "paper" / "continual").glob("*.yaml"))
+MODELS = {"llama3_8b": "meta-llama/Meta-Llama-3-8B", "mistral_7b": "mistralai/Mistral-7B-v0.1"}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TASK_OF_TABLE = {"nlu": ("instruct", 1), "gsm8k": ("gsm8k", 3), "codealpaca": ("codealpaca", 2),
+                 "saferpaca": ("saferpaca", 1)}  # Tables 4, 5, 6, 7: data task, epochs
+
+# Appendix D, Tables 4-7: (task, model, r) -> (alpha LoRI-D, alpha LoRI-S, lr LoRI-D, lr LoRI-S)
+APPENDIX_D = {
+    ("nlu", "llama3_8b", 32): (64, 64, 5e-5, 5e-4), ("nlu", "llama3_8b", 64): (128, 128, 5e-5, 1e-4),
+    ("nlu", "mistral_7b", 32): (64, 64, 1e-5, 1e-4), ("nlu", "mistral_7b", 64): (128, 128, 1e-5, 1e-4),
+    ("gsm8k", "llama3_8b", 32): (64, 64, 5e-5, 5e-4), ("gsm8k", "llama3_8b", 64): (128, 128, 5e-5, 1e-3),
+    ("gsm8k", "mistral_7b", 32): (64, 64, 5e-5, 5e-4), ("gsm8k", "mistral_7b", 64): (32, 64, 1e-4, 5e-4),
+    ("codealpaca", "llama3_8b", 32): (64, 64, 5e-5, 5e-4), ("codealpaca", "llama3_8b", 64): (128, 128, 1e-5, 1e-4),
+    ("codealpaca", "mistral_7b", 32): (64, 64, 5e-5, 5e-4), ("codealpaca", "mistral_7b", 64): (128, 128, 1e-5, 1e-4),
+    ("saferpaca", "llama3_8b", 32): (64, 64, 5e-5, 5e-4), ("saferpaca", "llama3_8b", 64): (128, 128, 1e-5, 1e-4),
+    ("saferpaca", "mistral_7b", 32): (64, 64, 5e-5, 5e-4), ("saferpaca", "mistral_7b", 64): (128, 128, 1e-5, 1e-4),
+}
+# "# Params (%)" of LoRI-D and LoRI-S (Tables 1, 2, 13, 14): (model, r) -> (D, D %, S, S %)
+PAPER_PARAMS = {
+    ("llama3_8b", 32): (44e6, 0.54, 4.4e6, 0.05), ("llama3_8b", 64): (88e6, 1.07, 8.8e6, 0.11),
+    ("mistral_7b", 32): (44e6, 0.60, 4.4e6, 0.06), ("mistral_7b", 64): (88e6, 1.18, 8.8e6, 0.12),
+}
+# exact B entries: 32 layers x r x (4096 q + 1024 k + 1024 v + 4096 o + 14336 gate + 14336 up + 4096 down)
+EXACT_DENSE = {32: 44_040_192, 64: 88_080_384}
+
+
+def _key(path: Path) -> tuple[str, str, int]:
+    """(task, model, r) of configs/paper/<model>_r<r>_<task>.yaml."""
+    model, rank, task = path.stem.rsplit("_", 2)
+    return task, model, int(rank.removeprefix("r"))
+
+
+def _ids(path: Path) -> str:
+    return str(path.relative_to(ROOT / "configs"))
+
+
+def test_every_paper_setting_has_a_config():
+    keys = {_key(p) for p in PAPER}
+    assert keys == set(APPENDIX_D), sorted(set(APPENDIX_D) ^ keys)
+
+
+@pytest.mark.parametrize("path", PAPER + TRAINER, ids=_ids)
+def test_yaml_parses_with_the_lori_cli(path):
+    cfg = parse_config(path)
+    LoRIConfig.from_dict(dict(cfg["model"]["lori"]))
+    PipelineConfig(**cfg["pipeline"])
+
+
+@pytest.mark.parametrize("path", PAPER, ids=_ids)
+def test_paper_config_matches_appendix_d(path):
+    task, model, r = _key(path)
+    alpha_d, alpha_s, lr_d, lr_s = APPENDIX_D[task, model, r]
+    data_task, epochs = TASK_OF_TABLE[task]
+    cfg = parse_config(path)
+    m, lori, data, trainer, pipe = cfg["model"], cfg["model"]["lori"], cfg["data"], cfg["trainer"], cfg["pipeline"]
+    assert m["model"] == MODELS[model]
+    assert (lori["r"], lori["alpha"], lori["dropout"], list(lori["target_modules"])) == (r, alpha_d, 0.05, TARGETS)
+    assert (lori["sparsity"], lori["granularity"]) == (0.9, "model")
+    assert (pipe["sparse_alpha"] or lori["alpha"]) == alpha_s
+    assert m["lr"] == pytest.approx(lr_d) and pipe["sparse_lr"] == pytest.approx(lr_s)
+    assert (m["warmup_steps"], m["scheduler"]) == (0, "constant")
+    assert (pipe["dense_epochs"], pipe["sparse_epochs"]) == (epochs, epochs)
+    assert (data["task"], data["max_length"], data["held_out"]) == (data_task, 512, 0)
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 32
+    assert trainer["precision"] == "bf16-mixed"
+    assert pipe["output_dir"] == f"runs/paper/{path.stem}"
+
+
+def test_mistral_r64_gsm8k_alpha_inconsistency_is_kept_and_noted():
+    path = ROOT / "configs" / "paper" / "mistral_7b_r64_gsm8k.yaml"
+    cfg = parse_config(path)
+    assert (cfg["model"]["lori"]["alpha"], cfg["pipeline"]["sparse_alpha"]) == (32, 64)
+    assert "inconsistent" in path.read_text()
+    others = [p for p in PAPER if p != path]
+    assert all(parse_config(p)["pipeline"]["sparse_alpha"] is None for p in others)
+
+
+def test_each_task_draws_its_own_A():
+    seeds: dict[tuple[str, int], dict[str, int]] = {}
+    for path in PAPER:
+        task, model, r = _key(path)
+        seeds.setdefault((model, r), {})[task] = yaml.safe_load(path.read_text())["model"]["lori"]["seed"]
+    for by_task in seeds.values():
+        assert len(set(by_task.values())) == len(by_task) == 4
+    assert len({tuple(sorted(v.items())) for v in seeds.values()}) == 1  # same task, same seed everywhere
+
+
+# ---- dry run -------------------------------------------------------------------------------
+@pytest.mark.parametrize("model,r", sorted(PAPER_PARAMS))
+def test_dry_run_counts_match_the_paper(model, r):
+    row = dry_run(ROOT / "configs" / "paper" / f"{model}_r{r}_gsm8k.yaml")
+    d, d_pct, s, s_pct = PAPER_PARAMS[model, r]
+    assert row["trainable_lori_d"] == EXACT_DENSE[r]
+    assert row["trainable_lori_s"] == keep_count(EXACT_DENSE[r], 0.9)  # 4,404,019 / 8,808,038
+    assert round(row["trainable_lori_d"] / 1e6) == d / 1e6
+    assert round(row["trainable_lori_s"] / 1e5) == s / 1e5
+    # the paper divides by base + adapter (A and B) entries, as PEFT's print_trainable_parameters;
+    # it prints Mistral-7B r=64 LoRI-D as 1.18% where that gives 1.189% (truncated, not rounded)
+    assert abs(row["percent_lori_d"] - d_pct) < 0.01
+    assert abs(row["percent_lori_s"] - s_pct) < 0.006
+    assert row["base_params"] == {"llama3_8b": 8_030_261_248, "mistral_7b": 7_241_732_096}[model]
+
+
+@pytest.mark.parametrize("path", PAPER, ids=_ids)
+def test_dry_run_of_every_paper_config(path):
+    task, model, r = _key(path)
+    row = dry_run(path)
+    assert (row["arch"], row["r"], row["global_batch"]) == (model, r, 32)
+    assert row["trainable_lori_d"] == EXACT_DENSE[r]
+    assert row["alpha"] == APPENDIX_D[task, model, r][0] and row["sparse_alpha"] == APPENDIX_D[task, model, r][1]
+    assert 0 < row["memory_gib_lori_s"]["total"] < 100
+
+
+def test_dry_run_with_strategy_presets():
+    config = ROOT / "configs" / "paper" / "llama3_8b_r32_gsm8k.yaml"
+    rows = {p.stem: dry_run(config, p) for p in TRAINER}
+    assert {k: r["plan"]["strategy"] for k, r in rows.items()} == {
+        "ddp": "ddp", "fsdp": "fsdp", "deepspeed_zero2": "zero2", "deepspeed_zero3": "zero3"}
+    assert all(r["global_batch"] == 32 and r["plan"]["world"] == 8 for r in rows.values())
+    assert rows["fsdp"]["plan"]["checkpointing"]
+    total = {k: r["memory_gib_lori_d"]["total"] for k, r in rows.items()}
+    assert total["fsdp"] < total["deepspeed_zero3"] < total["deepspeed_zero2"] < total["ddp"]
+    assert total["fsdp"] < 24  # the paper trained on 8 x A5000 (24 GB) with FSDP
+    assert "fsdp x8 +ckpt" in format_table(list(rows.values()))
+
+
+@pytest.mark.parametrize("granularity", ["model", "module", "projection", "layer", "matrix"])
+def test_dry_run_lori_s_count_equals_real_calibration(granularity):
+    model = tiny_llama()
+    inject_lori(model, LoRIConfig(r=4, sparsity=0.0))
+    with torch.no_grad():
+        for b in get_B(model).values():
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(b.numel())))
+    B = get_B(model)
+    masks = calibrate(B, 0.9, granularity)
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert sparse_trainable(tuple((p, b.numel()) for p, b in B.items()), 0.9, granularity) == kept
+
+
+def test_dry_run_builds_each_architecture_once():
+    adapter_shape.cache_clear()
+    for path in PAPER:
+        dry_run(path)
+    assert adapter_shape.cache_info().misses == 4  # 2 architectures x 2 ranks
+
+
+def test_dry_run_main_prints_a_table(capsys):
+    main([str(ROOT / "configs" / "paper" / "mistral_7b_r64_gsm8k.yaml")])
+    out = capsys.readouterr().out
+    assert "mistral_7b_r64_gsm8k" in out and "32/64" in out and "88M (1.19%)" in out
+
+
+def test_dry_run_refuses_an_unknown_model(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  model: someone/unknown-model\n")
+    with pytest.raises(SystemExit) as err:
+        main([str(path)])
+    assert err.value.code == 2 and "no architecture config" in capsys.readouterr().err
+
+
+# ---- strategy presets ----------------------------------------------------------------------
+def _strategy(path: Path) -> Strategy | str:
+    """Instantiate a preset's trainer.strategy the way LightningCLI does (jsonargparse)."""
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    raw = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    return parser.instantiate(parser.parse_object({"strategy": raw})).strategy
+
+
+def test_ddp_preset():
+    assert _strategy(ROOT / "configs" / "trainer" / "ddp.yaml") == "ddp"
+    assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy
+
+
+def test_fsdp_preset_wraps_and_checkpoints_decoder_layers():
+    path = ROOT / "configs" / "trainer" / "fsdp.yaml"
+    args = parse_config(path)["trainer"]["strategy"]["init_args"]
+    assert args["auto_wrap_policy"] == {LlamaDecoderLayer, MistralDecoderLayer}
+    assert args["activation_checkpointing_policy"] == {LlamaDecoderLayer, MistralDecoderLayer}
+    strategy = _strategy(path)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"]  # frozen W0 and trainable B share FSDP units
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+
+
+@pytest.mark.parametrize("name,stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_presets(name, stage):
+    path = ROOT / "configs" / "trainer" / f"{name}.yaml"
+    args = parse_config(path)["trainer"]["strategy"]["init_args"]
+    assert (args["stage"], args["exclude_frozen_parameters"]) == (stage, True)
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (optional): the preset is parsed, not instantiated")
+    strategy = _strategy(path)
+    assert strategy.config["zero_optimization"]["stage"] == stage
+
+
+# ---- merge and continual-learning configs ---------------------------------------------------
+# Appendix D Tables 8-10: (model, number of adapters) -> weight per (method, adaptation)
+MERGE_WEIGHTS = {("llama3_8b", 4): (0.4, 0.3), ("mistral_7b", 4): (0.4, 0.3), ("llama3_8b", 3): (0.5, 0.4)}
+DENSITY = {"concat": None, "linear": None, "magnitude": 0.3, "ties": 0.7, "dare": 0.7}
+TASKS = {4: ["nlu", "gsm8k", "codealpaca", "saferpaca"], 3: ["nlu", "gsm8k", "codealpaca"]}
+OUTPUTS = {parse_config(p)["pipeline"]["output_dir"] for p in PAPER}
+
+
+def test_merge_configs_cover_tables_8_to_10():
+    assert len(MERGE) == 3 * 9
+    assert {p.stem for p in MERGE} == {
+        f"{m}_{n}tasks_{method}_{a}" for m, n in MERGE_WEIGHTS
+        for method, a in [(x, "lora") for x in DENSITY] + [(x, y) for x in ("concat", "linear") for y in ("lori_d", "lori_s")]
+    }
+
+
+@pytest.mark.parametrize("path", MERGE, ids=_ids)
+def test_merge_config(path):
+    cfg = yaml.safe_load(path.read_text())
+    model, n, method, adaptation = re.fullmatch(r"(\w+?_\d+b)_(\d)tasks_(\w+?)_(lora|lori_d|lori_s)", path.stem).groups()
+    n = int(n)
+    assert set(cfg) == {"base_model", "adaptation", "adapters", "tasks", "method", "weights", "density", "evaluate",
+                        "output_dir"}
+    assert (cfg["base_model"], cfg["method"], cfg["adaptation"]) == (MODELS[model], method, adaptation)
+    assert len(cfg["weights"]) == len(cfg["adapters"]) == len(cfg["tasks"]) == n
+    assert cfg["tasks"] == TASKS[n]
+    lora_or_d, s = MERGE_WEIGHTS[model, n]
+    assert cfg["weights"] == [s if cfg["adaptation"] == "lori_s" else lora_or_d] * n
+    assert cfg["density"] == DENSITY[method]
+    assert cfg["evaluate"] == ["nlu", "gsm8k", "humaneval", "hexphi"][:n]
+    for adapter, task in zip(cfg["adapters"], cfg["tasks"]):
+        if cfg["adaptation"] == "lora":
+            assert adapter == f"runs/paper/lora/{model}_r32_{task}"
+        else:  # a lori_d/ or lori_s/ folder that a paper config writes
+            run, stage = adapter.rsplit("/", 1)
+            assert run in OUTPUTS and run.endswith(f"{model}_r32_{task}") and stage == cfg["adaptation"]
+
+
+@pytest.mark.parametrize("path", CONTINUAL, ids=_ids)
+def test_continual_config(path):
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["adaptation"] in ("lori_d", "lori_s") and cfg["task"] in ("nlu", "gsm8k", "codealpaca")
+    assert cfg["safety_adapter"] == f"runs/paper/llama3_8b_r32_saferpaca/{cfg['adaptation']}"
+    task_cfg = parse_config(ROOT / cfg["task_config"])
+    assert task_cfg["pipeline"]["output_dir"] == f"runs/paper/llama3_8b_r32_{cfg['task']}"
+    expected_lr = task_cfg["pipeline"]["sparse_lr"] if cfg["adaptation"] == "lori_s" else task_cfg["model"]["lr"]
+    assert cfg["lr"] == pytest.approx(expected_lr)
+    if cfg["adaptation"] == "lori_s":
+        assert cfg["task_masks"] == f"{task_cfg['pipeline']['output_dir']}/calibration/masks.safetensors"
+    else:
+        assert cfg["task_masks"] is None
+    assert cfg["evaluate"][0] == "hexphi"
+
+
+def test_continual_configs_cover_figure_3():
+    runs = {(yaml.safe_load(p.read_text())["task"], yaml.safe_load(p.read_text())["adaptation"]) for p in CONTINUAL}
+    assert runs == {(t, a) for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")}

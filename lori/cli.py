@@ -21,22 +21,24 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import diagnostics, merging
+from lori import diagnostics, eval_command, merging
 from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
 from lori.data.datamodule import TaskDataModule
 from lori.data.sources import DataError
+from lori.evaluate import EvalError
 from lori.models import ModelLoadError
 from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
 from lori.rng_state import RNGState
 
-USAGE = """usage: lori {pipeline,fit,validate,test,predict,merge,diagnose} [--config FILE] [options]
+USAGE = """usage: lori {pipeline,fit,validate,test,predict,eval,merge,diagnose} [--config FILE] [options]
 
   pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
   fit        one Trainer.fit of the configured module (LightningCLI)
   validate   held-out loss (LightningCLI)
   test       test loop (LightningCLI)
   predict    predict loop (LightningCLI)
+  eval       evaluate a base model, an adapter or a merged model on the paper's tasks (lori.eval_command)
   merge      merge T adapters, evaluate on every task, write a Table-3-style table (lori.merging)
   diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
 
@@ -47,7 +49,7 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,merge,diagnose} [--co
 # errors in what the user gave (config, paths, files): reported as one line, no traceback
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
-    DataError, CheckpointMismatchError, merging.MergeConfigError,
+    DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
 )
 
 
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "pipeline":
             pipeline(argv[1:])
+        elif argv[0] == "eval":
+            eval_command.main(argv[1:])
         elif argv[0] == "merge":
             merging.main(argv[1:])
         elif argv[0] == "diagnose":

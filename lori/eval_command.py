@@ -1,0 +1,128 @@
+"""``lori eval``: evaluate a base model, an adapter directory or a merged model from one config.
+
+    lori eval --config configs/eval/default.yaml
+    lori eval --config configs/eval/default.yaml --adapter runs/default/lori_s --eval.tasks '[gsm8k]'
+
+Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated, timing),
+``<output_dir>/samples.json`` (every generation, for inspection) and tensorboard scalars under
+``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
+loads; nothing is written unless the evaluation finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lori.core import apply_adapter, load_adapter, merge_lori
+from lori.core.io import atomic_directory
+from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
+from lori.module import build_model
+
+
+@dataclass
+class EvalTarget:
+    """What to evaluate.
+
+    Args:
+        model: base model: ``smollm2-135m-instruct`` (embedded default), ``tiny-llama``, a local
+            Hugging Face directory (e.g. a merged model saved by ``lori merge``) or a hub id.
+        gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
+        dtype: weight dtype (``float32``, ``bfloat16``).
+        cache_dir: where converted GGUF models are cached.
+        adapter: an adapter directory (lori's, or a PEFT LoRA directory as released); None = the
+            base model alone.
+        mask_file: masks for a released adapter (the original code's torch file or lori's).
+        merge: fold the adapter into the base weights before evaluating (base-model speed).
+        strict_base: refuse an adapter whose recorded base-model fingerprint differs.
+        output_dir: where results.json, samples.json and tb/ go.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    cache_dir: str | None = None
+    adapter: str | None = None
+    mask_file: str | None = None
+    merge: bool = True
+    strict_base: bool = True
+    output_dir: str = "runs/eval"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lori eval", description="Evaluate a base model or an adapter on the paper's tasks",
+                            default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_class_arguments(EvalTarget, None, help="what to evaluate")
+    parser.add_class_arguments(EvalSettings, "eval", help="tasks and generation settings")
+    return parser
+
+
+def load_target(target: EvalTarget) -> tuple[Any, Any, dict[str, Any]]:
+    """Model and tokenizer with the adapter applied (and merged); the adapter is read first."""
+    adapter = load_adapter(target.adapter, target.mask_file) if target.adapter else None
+    model, tokenizer = build_model(target.model, target.gguf_file, target.dtype, target.cache_dir)
+    info: dict[str, Any] = {"model": target.model, "adapter": target.adapter}
+    if adapter is not None:
+        apply_adapter(model, adapter, strict_base=target.strict_base)
+        if target.merge:
+            merge_lori(model)
+        info |= {"adapter_config": adapter.config.to_dict(), "merged": target.merge,
+                 "stage": adapter.meta.get("stage")}
+    model.eval()
+    return model, tokenizer, info
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    lines = ["task            metric           value      n"]
+    for task, metrics in results.items():
+        if task == "nlu_average":
+            for key, value in metrics.items():
+                lines.append(f"{task:<15} {key:<16} {value:7.4f}")
+            continue
+        key, value = headline(task, metrics)
+        lines.append(f"{task:<15} {key:<16} {value:7.4f} {int(metrics.get('n', 0)):6d}")
+    return "\n".join(lines)
+
+
+def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
+    """Evaluate and write the results; returns what results.json holds."""
+    eval_sets = load_eval_sets(settings)  # bad tasks / data stop here, before the model loads
+    model, tokenizer, info = load_target(target)
+    scalars: list[tuple[str, float]] = []
+    samples: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    results = evaluate_model(model, tokenizer, settings, lambda tag, v: scalars.append((tag, v)), eval_sets, samples)
+    report = {"target": info, "settings": asdict(settings), "results": results,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out = Path(target.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:  # all or nothing
+        (tmp / "results.json").write_text(json.dumps(report, indent=2))
+        (tmp / "samples.json").write_text(json.dumps(samples, indent=1))
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(tmp / "tb")) as writer:
+            for tag, value in scalars:
+                writer.add_scalar(tag, value, 0)
+    return report
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """``lori eval`` entry point (errors are reported by ``lori.cli.main``)."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    settings = EvalSettings(**cfg.pop("eval").as_dict())
+    cfg.pop("config", None)
+    target = EvalTarget(**cfg.as_dict())
+    settings.check()
+    report = run_eval(target, settings)
+    print(format_results(report["results"]))
+    print(f"results: {Path(target.output_dir) / 'results.json'}   "
+          f"tensorboard: tensorboard --logdir {Path(target.output_dir) / 'tb'}")
+    return report

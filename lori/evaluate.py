@@ -1,0 +1,312 @@
+"""Evaluate a model on the paper's capabilities: math, code, safety and NLU.
+
+    gsm8k         exact match of the final number (held-out part of the training split)
+    humaneval     pass@1/5/10 from n samples per problem, run in the sandbox
+    mbpp          pass@k on the held-out part of MBPP, run in the sandbox
+    harmbench | strongreject | donotanswer | hexphi
+                  refusal rate on harmful prompts (keyword judge over the generated text)
+    over_refusal  refusal rate on benign TriviaQA questions (lower is better)
+    nlu | boolq | piqa | siqa | arc_challenge | arc_easy | openbookqa | hellaswag | winogrande
+                  accuracy by answer-option log-likelihood and/or by generation (paper style)
+
+``evaluate_model`` runs the tasks on a model in memory (used by ``lori eval`` and ``lori merge``);
+every item of each evaluation set counts (no dropped last batch, no de-duplicated prompts).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lori.data import sources
+from lori.data.prompts import NLU_ANSWER_PREFIX, format_example, nlu_answer
+from lori.data.sources import DataError
+from lori.eval.answers import extract_nlu_answer
+from lori.eval.generate import generate
+from lori.eval.metrics import ExactMatch, MultipleChoiceAccuracy, PassAtK, RefusalRate
+from lori.eval.passk import HUMANEVAL_STOP
+from lori.eval.sandbox import run_many
+from lori.eval.scoring import score_options
+
+REFUSAL_SOURCES = ("harmbench", "strongreject", "donotanswer", "hexphi")
+CODE_TASKS = ("humaneval", "mbpp")
+EVAL_TASKS = ("gsm8k", *CODE_TASKS, *REFUSAL_SOURCES, "over_refusal", "nlu", *sources.NLU_TASKS)
+NLU_MODES = ("loglik", "generate", "both")
+
+
+class EvalError(ValueError):
+    """Evaluation settings that cannot work (unknown task, bad sample counts, ...)."""
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how to generate.
+
+    Args:
+        tasks: task names (see the module docstring); ``nlu`` = all eight NLU sets.
+        max_examples: evaluate the first N items of each set (None = all of them).
+        held_out: for tasks evaluated on a held-out split of their training pool (gsm8k, mbpp):
+            the held-out size, as in the training config's ``data.held_out``.
+        split_seed: the seed of that split (``data.split_seed``).
+        template: prompt template: ``alpaca``, ``chat`` or ``plain`` (as in training).
+        paper_compat: the original code's prompt whitespace.
+        batch_size: prompts per generation / scoring batch.
+        max_new_tokens: generation budget (code and math need a few hundred).
+        do_sample: sample instead of greedy decoding (math, safety, NLU generation).
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        n_samples: generations per code problem; pass@k is reported for every k in (1, 5, 10)
+            with k <= n_samples. With more than one, code is always sampled (temperature, top_p).
+        seed: random seed of sampling.
+        nlu_mode: ``loglik`` (answer-option log-likelihood), ``generate`` (paper style) or ``both``.
+        hexphi_path: folder of HEx-PHI ``category_*.csv`` files (task ``hexphi``).
+        sandbox_timeout: seconds per generated program.
+        sandbox_workers: programs run in parallel.
+        progress: progress bars.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k"])
+    max_examples: int | None = None
+    held_out: int | float = 200
+    split_seed: int = 0
+    template: str = "alpaca"
+    paper_compat: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 0.95
+    n_samples: int = 1
+    seed: int = 0
+    nlu_mode: str = "loglik"
+    hexphi_path: str | None = None
+    sandbox_timeout: float = 5.0
+    sandbox_workers: int = 2
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise EvalError for settings that cannot work, before any model is loaded."""
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        if unknown or not self.tasks:
+            raise EvalError(f"unknown evaluation task(s) {unknown or self.tasks}; choose from {list(EVAL_TASKS)}")
+        if self.n_samples < 1:
+            raise EvalError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.nlu_mode not in NLU_MODES:
+            raise EvalError(f"nlu_mode must be one of {list(NLU_MODES)}, got {self.nlu_mode!r}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise EvalError(f"max_examples must be >= 1 or None, got {self.max_examples}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise EvalError("batch_size and max_new_tokens must be >= 1")
+        if "hexphi" in self.tasks and not self.hexphi_path:
+            raise EvalError("task 'hexphi' needs hexphi_path: a folder of HEx-PHI category_*.csv files")
+
+
+def _expand(tasks: list[str]) -> list[str]:
+    out: list[str] = []
+    for task in tasks:
+        for name in sources.NLU_TASKS if task == "nlu" else (task,):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def eval_records(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
+    """The evaluation set of ``task``: never items the matching training split trains on."""
+    if task in ("gsm8k", "mbpp"):
+        pool = sources.load_gsm8k() if task == "gsm8k" else sources.load_mbpp()
+        records = sources.split_records(pool, settings.held_out, settings.split_seed)[1]
+    elif task == "humaneval":
+        records = sources.load_humaneval()
+    elif task in sources.NLU_TASKS:
+        records = sources.load_nlu(task, "test")
+    elif task == "harmbench":
+        records = sources.load_harmbench("test")
+    elif task == "strongreject":
+        records = sources.load_strongreject()
+    elif task == "donotanswer":
+        records = sources.load_donotanswer()
+    elif task == "hexphi":
+        records = sources.load_hexphi(settings.hexphi_path or "")
+    elif task == "over_refusal":
+        records = sources.load_benign("trivia_qa")  # the safety training set mixes in NQ-open
+    else:
+        raise EvalError(f"unknown evaluation task {task!r}; choose from {list(EVAL_TASKS)}")
+    if not records:
+        raise DataError(f"task {task!r}: the evaluation set is empty")
+    return records[: settings.max_examples] if settings.max_examples else records
+
+
+def load_eval_sets(settings: EvalSettings) -> dict[str, list[dict[str, Any]]]:
+    """Check the settings and load every evaluation set (cheap; before the model loads)."""
+    settings.check()
+    return {task: eval_records(task, settings) for task in _expand(settings.tasks)}
+
+
+# --- code -------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
+
+
+def extract_code(completion: str) -> str:
+    """The code of a completion: the first fenced block if there is one, else the text."""
+    match = _FENCE.search(completion)
+    return match.group(1) if match else completion
+
+
+def _defines(code: str, name: str | None) -> bool:
+    return bool(name) and re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+
+
+def code_program(record: dict[str, Any], completion: str) -> str:
+    """A runnable test program for one completion of a code problem.
+
+    An instruction-tuned model writes the whole function (the paper's prompt asks it to complete
+    the code): the prompt's stub is kept first (its imports and helpers) and the completion's
+    definition replaces it. A completion that only continues the stub is appended to it, cut at
+    the first new top-level statement (Codex-style).
+    """
+    code = extract_code(completion)
+    entry, test = record["entry_point"], record["test"]
+    if record.get("source") == "humaneval":
+        if _defines(code, entry):
+            return f"{record['prompt']}\n    pass\n\n{code}\n\n{test}\ncheck({entry})\n"
+        body = code
+        for stop in HUMANEVAL_STOP:
+            body = body.split(stop, 1)[0]
+        return f"{record['prompt']}{body}\n\n{test}\ncheck({entry})\n"
+    return f"{code}\n\n{test}\n"  # MBPP: the tests are asserts on the function
+
+
+def _pass_ks(n: int) -> list[int]:
+    return [k for k in (1, 5, 10) if k <= n]
+
+
+# --- the evaluators ---------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Runs the tasks on one model; results are plain floats by task and metric."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: EvalSettings) -> None:
+        self.model, self.tokenizer, self.s = model, tokenizer, settings
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+
+    def prompts(self, task: str, records: list[dict[str, Any]]) -> list[str]:
+        prompt_task = "safety" if task in (*REFUSAL_SOURCES, "over_refusal") else task
+        return [format_example(r, prompt_task, self.s.template, self.s.paper_compat, stage="eval",
+                               tokenizer=self.tokenizer)[0] for r in records]
+
+    def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int | None = None) -> list[list[str]]:
+        s = self.s
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens or s.max_new_tokens,
+                        batch_size=s.batch_size, do_sample=s.do_sample or n > 1, temperature=s.temperature,
+                        top_p=s.top_p, num_return_sequences=n, progress=s.progress, seed=s.seed)
+
+    def run(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        if task == "gsm8k":
+            return self.gsm8k(records)
+        if task in CODE_TASKS:
+            return self.code(task, records)
+        if task in sources.NLU_TASKS:
+            return self.nlu(task, records)
+        return self.refusal(task, records)
+
+    def gsm8k(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        outputs = [o[0] for o in self.generate(self.prompts("gsm8k", records))]
+        metric = ExactMatch()
+        metric.update(outputs, [r["final"] for r in records])
+        self.samples["gsm8k"] = [{"id": r["id"], "output": o, "gold": r["final"]} for r, o in zip(records, outputs)]
+        return {"accuracy": float(metric.compute()), "n": len(records)}
+
+    def code(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        n = self.s.n_samples
+        completions = self.generate(self.prompts(task, records), n=n)
+        programs = [code_program(r, c) for r, comps in zip(records, completions) for c in comps]
+        results = run_many(programs, workers=self.s.sandbox_workers, timeout=self.s.sandbox_timeout)
+        passed = [sum(res.passed for res in results[i * n:(i + 1) * n]) for i in range(len(records))]
+        metric = PassAtK(ks=_pass_ks(n))
+        metric.update([n] * len(records), passed)
+        self.samples[task] = [{"id": r["id"], "completions": c, "passed": p}
+                              for r, c, p in zip(records, completions, passed)]
+        out = {k: float(v) for k, v in metric.compute().items()}
+        return out | {"n": len(records), "samples_per_problem": n}
+
+    def refusal(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        prompts = self.prompts(task, records)
+        outputs = [o[0] for o in self.generate(prompts, max_new_tokens=min(self.s.max_new_tokens, 128))]
+        metric = RefusalRate()
+        metric.update([r["prompt"] for r in records], outputs)
+        verdicts = metric.judge([r["prompt"] for r in records], outputs)
+        self.samples[task] = [{"id": r["id"], "output": o, "refused": bool(v)}
+                              for r, o, v in zip(records, outputs, verdicts)]
+        return {"refusal_rate": float(metric.compute()), "n": len(records)}
+
+    def nlu(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        prompts = self.prompts(task, records)
+        labels = [int(r["label"]) for r in records]
+        out: dict[str, float] = {"n": len(records)}
+        if self.s.nlu_mode in ("loglik", "both"):
+            options = [[nlu_answer({**r, "label": i}) for i in range(len(r["choices"]))] for r in records]
+            contexts = [p + NLU_ANSWER_PREFIX for p in prompts]
+            picks = score_options(self.model, self.tokenizer, contexts, options, batch_size=self.s.batch_size,
+                                  progress=self.s.progress)
+            metric = MultipleChoiceAccuracy([task])
+            metric.update(picks, labels, task)
+            out["accuracy_loglik"] = float(metric.compute()["average"])
+        if self.s.nlu_mode in ("generate", "both"):
+            outputs = [o[0] for o in self.generate(prompts, max_new_tokens=min(self.s.max_new_tokens, 32))]
+            metric = MultipleChoiceAccuracy([task])
+            metric.update([extract_nlu_answer(task, o) for o in outputs], labels, task)
+            out["accuracy_generate"] = float(metric.compute()["average"])
+        return out
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, settings: EvalSettings, logger: Callable[[str, float], None] | None = None,
+    eval_sets: dict[str, list[dict[str, Any]]] | None = None, samples: dict[str, Any] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` on every task of ``settings``.
+
+    Args:
+        model: a causal LM (any adapters merged or active).
+        tokenizer: its tokenizer.
+        settings: tasks and generation options.
+        logger: called as ``logger(tag, value)`` for every metric (e.g. a tensorboard writer).
+        eval_sets: evaluation sets already loaded by :func:`load_eval_sets`.
+        samples: if given, filled with the per-item outputs by task.
+
+    Returns:
+        ``{task: {metric: value}}``; with several NLU tasks also ``nlu_average``.
+    """
+    eval_sets = eval_sets if eval_sets is not None else load_eval_sets(settings)
+    evaluator = Evaluator(model, tokenizer, settings)
+    results: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for task, records in eval_sets.items():
+            results[task] = evaluator.run(task, records)
+    nlu = [t for t in results if t in sources.NLU_TASKS]
+    if len(nlu) > 1:
+        results["nlu_average"] = {
+            key: sum(results[t][key] for t in nlu) / len(nlu)
+            for key in ("accuracy_loglik", "accuracy_generate") if key in results[nlu[0]]
+        }
+    if logger is not None:
+        for task, metrics in results.items():
+            for name, value in metrics.items():
+                if name not in ("n", "samples_per_problem"):
+                    logger(f"eval/{task}/{name}", value)
+    if samples is not None:
+        samples.update(evaluator.samples)
+    return results
+
+
+def headline(task: str, metrics: dict[str, float]) -> tuple[str, float]:
+    """The one number the paper reports for a task (accuracy, pass@1, refusal rate)."""
+    for key in ("accuracy", "pass@1", "refusal_rate", "accuracy_generate", "accuracy_loglik"):
+        if key in metrics:
+            return key, metrics[key]
+    raise EvalError(f"no headline metric for {task}: {sorted(metrics)}")

@@ -247,8 +247,8 @@ def test_merge_config(path):
     cfg = yaml.safe_load(path.read_text())
     model, n, method, adaptation = re.fullmatch(r"(\w+?_\d+b)_(\d)tasks_(\w+?)_(lora|lori_d|lori_s)", path.stem).groups()
     n = int(n)
-    assert set(cfg) == {"base_model", "adaptation", "adapters", "tasks", "method", "weights", "density", "evaluate",
-                        "output_dir"}
+    assert {"base_model", "adaptation", "adapters", "tasks", "method", "weights", "density", "evaluate",
+            "output_dir"} <= set(cfg)
     assert (cfg["base_model"], cfg["method"], cfg["adaptation"]) == (MODELS[model], method, adaptation)
     assert len(cfg["weights"]) == len(cfg["adapters"]) == len(cfg["tasks"]) == n
     assert cfg["tasks"] == TASKS[n]
@@ -262,6 +262,16 @@ def test_merge_config(path):
         else:  # a lori_d/ or lori_s/ folder that a paper config writes
             run, stage = adapter.rsplit("/", 1)
             assert run in OUTPUTS and run.endswith(f"{model}_r32_{task}") and stage == cfg["adaptation"]
+
+
+@pytest.mark.parametrize("path", MERGE, ids=_ids)
+def test_merge_config_parses_with_lori_merge(path):
+    merging = pytest.importorskip("lori.merging")
+    cfg, settings = merging.parse_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert (cfg.adapters, cfg.weights, cfg.density) == (raw["adapters"], raw["weights"], raw["density"])
+    assert settings.paper_compat and settings.held_out == 1319  # all GSM8K test problems
+    assert cfg.single_task == (path.stem.endswith("concat_lori_d"))
 
 
 @pytest.mark.parametrize("path", CONTINUAL, ids=_ids)

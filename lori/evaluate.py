@@ -64,6 +64,8 @@ class EvalSettings:
         seed: random seed of sampling.
         nlu_mode: ``loglik`` (answer-option log-likelihood), ``generate`` (paper style) or ``both``.
         hexphi_path: folder of HEx-PHI ``category_*.csv`` files (task ``hexphi``).
+        system_prompt: a system prompt for the safety tasks (HEx-PHI-style evaluation): a system
+            message with ``template: chat``, else a paragraph before the instruction.
         sandbox_timeout: seconds per generated program.
         sandbox_workers: programs run in parallel.
         progress: progress bars.
@@ -84,6 +86,7 @@ class EvalSettings:
     seed: int = 0
     nlu_mode: str = "loglik"
     hexphi_path: str | None = None
+    system_prompt: str | None = None
     sandbox_timeout: float = 5.0
     sandbox_workers: int = 2
     progress: bool = True
@@ -196,9 +199,16 @@ class Evaluator:
         self.samples: dict[str, list[dict[str, Any]]] = {}
 
     def prompts(self, task: str, records: list[dict[str, Any]]) -> list[str]:
-        prompt_task = "safety" if task in (*REFUSAL_SOURCES, "over_refusal") else task
-        return [format_example(r, prompt_task, self.s.template, self.s.paper_compat, stage="eval",
-                               tokenizer=self.tokenizer)[0] for r in records]
+        safety = task in (*REFUSAL_SOURCES, "over_refusal")
+        system = self.s.system_prompt if safety else None
+        if system and self.s.template == "chat":
+            return [self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}],
+                tokenize=False, add_generation_prompt=True) for r in records]
+        if system:
+            records = [{**r, "prompt": f"{system}\n\n{r['prompt']}"} for r in records]
+        return [format_example(r, "safety" if safety else task, self.s.template, self.s.paper_compat,
+                               stage="eval", tokenizer=self.tokenizer)[0] for r in records]
 
     def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int | None = None) -> list[list[str]]:
         s = self.s

@@ -184,3 +184,14 @@ def test_missing_adapter_and_missing_hexphi_files(tmp_path, capsys):
     (tmp_path / "hex").mkdir()
     msg = expect_error(capsys, tmp_path, "--eval.tasks", "[hexphi]", "--eval.hexphi_path", str(tmp_path / "hex"))
     assert "HEx-PHI" in msg
+
+
+def test_system_prompt_reaches_safety_prompts_only(tiny):
+    model, tokenizer = tiny
+    records = eval_records("harmbench", EvalSettings(max_examples=2))
+    for template in ("alpaca", "chat"):
+        ev = Evaluator(model, tokenizer, EvalSettings(system_prompt="Be safe and lawful.", template=template))
+        prompts = ev.prompts("harmbench", records)
+        assert all("Be safe and lawful." in p and r["prompt"] in p for p, r in zip(prompts, records))
+        gsm = ev.prompts("gsm8k", eval_records("gsm8k", EvalSettings(max_examples=1)))
+        assert "Be safe and lawful." not in gsm[0]

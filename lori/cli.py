@@ -25,19 +25,22 @@ from lori import diagnostics, eval_command, merging
 from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
 from lori.data.datamodule import TaskDataModule
 from lori.data.sources import DataError
-from lori.evaluate import EvalError
+from lori.continual import ContinualConfig, ContinualConfigError, run_continual
+from lori.continual import format_results as format_continual
+from lori.evaluate import EvalError, EvalSettings
 from lori.models import ModelLoadError
 from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
 from lori.rng_state import RNGState
 
-USAGE = """usage: lori {pipeline,fit,validate,test,predict,eval,merge,diagnose} [--config FILE] [options]
+USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose} [--config FILE] [options]
 
   pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
   fit        one Trainer.fit of the configured module (LightningCLI)
   validate   held-out loss (LightningCLI)
   test       test loop (LightningCLI)
   predict    predict loop (LightningCLI)
+  continual  safety adapter -> task t under M_t, evaluated after each phase (paper Fig. 3)
   eval       evaluate a base model, an adapter or a merged model on the paper's tasks (lori.eval_command)
   merge      merge T adapters, evaluate on every task, write a Table-3-style table (lori.merging)
   diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
@@ -50,6 +53,7 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,eval,merge,diagnose} 
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
     DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
+    ContinualConfigError,
 )
 
 
@@ -127,6 +131,37 @@ def pipeline(argv: list[str]) -> dict[str, Any]:
     return summary
 
 
+class ContinualCLI(LoRICLI):
+    """The pipeline's parser with the continual phases, the task's data and evaluation settings."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(ContinualConfig, "continual")
+        parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
+        parser.add_class_arguments(EvalSettings, "eval")
+
+
+def continual(argv: list[str]) -> dict[str, Any]:
+    """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""
+    cli = ContinualCLI(
+        LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
+        parser_kwargs={"prog": "lori continual", "description": "safety adapter -> task t under M_t"},
+    )
+    cfg = ContinualConfig(**cli.config["continual"])
+    settings = cli.config_init["eval"]
+    cfg.check()
+    settings.check()
+    task_data = TaskDataModule(**cli.config["task_data"])
+    task_data.set_tokenizer(cli.model.tokenizer)
+    task_data.validate()  # the task's data is checked before the safety phase trains
+    make = make_trainer_factory({**cli.config_init["trainer"]}, Path(cfg.output_dir), cfg.checkpoint_every)
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
+    if rank_zero_only.rank == 0:
+        print(format_continual(summary))
+        print(f"results: {Path(cfg.output_dir) / 'results.json'}   plot: {Path(cfg.output_dir) / 'continual.png'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lori`` command; input errors end with one line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -136,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "pipeline":
             pipeline(argv[1:])
+        elif argv[0] == "continual":
+            continual(argv[1:])
         elif argv[0] == "eval":
             eval_command.main(argv[1:])
         elif argv[0] == "merge":

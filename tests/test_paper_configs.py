@@ -293,3 +293,27 @@ def test_continual_config(path):
 def test_continual_configs_cover_figure_3():
     runs = {(yaml.safe_load(p.read_text())["task"], yaml.safe_load(p.read_text())["adaptation"]) for p in CONTINUAL}
     assert runs == {(t, a) for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")}
+
+
+# ---- a paper config runs end to end (tiny model, tiny data, CPU) ----------------------------
+@pytest.mark.slow
+def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
+    """configs/paper/mistral_7b_r64_gsm8k.yaml with only the model, data file and device swapped."""
+    import json
+
+    from lori.cli import pipeline
+
+    data = tmp_path / "gsm8k_train.jsonl"
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(12)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    summary = pipeline([
+        "--config", str(ROOT / "configs" / "paper" / "mistral_7b_r64_gsm8k.yaml"),
+        "--model.model", "tiny-llama", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        "--data.train_file", str(data), "--data.max_length", "96", "--pipeline.output_dir", str(out),
+        "--pipeline.dense_epochs", "1", "--pipeline.sparse_epochs", "1",
+    ])
+    assert summary["lori_d"]["steps"] == summary["lori_s"]["steps"] == 1  # 12 examples / (4 x 8) -> 1 step
+    alphas = [json.loads((out / s / "adapter_config.json").read_text())["lora_alpha"] for s in ("lori_d", "lori_s")]
+    assert alphas == [32, 64]  # the two alphas of Table 5
+    assert summary["lori_s"]["trainable"] == keep_count(summary["lori_d"]["trainable"], 0.9)

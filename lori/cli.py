@@ -85,6 +85,12 @@ def parse_config(path: str | Path) -> Any:
     ).config
 
 
+def parse_configs(*paths: str | Path) -> Any:
+    """Parse several YAMLs composed in order (e.g. an experiment + a trainer preset), loading nothing."""
+    args = [a for path in paths for a in ("--config", str(path))]
+    return _ParseOnlyCLI(LoRIModule, TaskDataModule, run=False, args=args, save_config_callback=None).config
+
+
 def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
     """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
 
@@ -160,6 +166,18 @@ def continual(argv: list[str]) -> dict[str, Any]:
         print(format_continual(summary))
         print(f"results: {Path(cfg.output_dir) / 'results.json'}   plot: {Path(cfg.output_dir) / 'continual.png'}")
     return summary
+
+
+class _ParseOnlyContinualCLI(ContinualCLI):
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_continual_config(path: str | Path) -> Any:
+    """Parse and check a ``lori continual`` YAML without loading anything."""
+    return _ParseOnlyContinualCLI(
+        LoRIModule, TaskDataModule, run=False, args=["--config", str(path)], save_config_callback=None
+    ).config
 
 
 def main(argv: list[str] | None = None) -> None:

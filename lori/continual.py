@@ -59,6 +59,7 @@ class ContinualConfig:
         safety_dense_steps: LoRI-D steps of the safety adapter.
         safety_sparse_steps: LoRI-S steps of the safety adapter (0 = keep the dense safety
             adapter, the paper's LoRI-D continual setting).
+        safety_sparse_lr: learning rate of the safety LoRI-S (None = the model's ``lr``).
         task_mask: mask file of task t (lori's masks.safetensors or the original code's file);
             None = calibrate one with a LoRI-D run of ``task_mask_steps`` on the task.
         task_mask_steps: LoRI-D steps of that calibration run.
@@ -74,6 +75,7 @@ class ContinualConfig:
     safety_adapter: str | None = None
     safety_dense_steps: int = 20
     safety_sparse_steps: int = 20
+    safety_sparse_lr: float | None = None
     task_mask: str | None = None
     task_mask_steps: int = 20
     task_steps: int = 20
@@ -121,8 +123,8 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
         return adapter
     out = Path(cfg.output_dir) / "safety"
     pipe = PipelineConfig(output_dir=str(out), dense_steps=cfg.safety_dense_steps,
-                          sparse_steps=max(cfg.safety_sparse_steps, 1), checkpoint_every=cfg.checkpoint_every,
-                          validate=cfg.validate)
+                          sparse_steps=max(cfg.safety_sparse_steps, 1), sparse_lr=cfg.safety_sparse_lr,
+                          checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     if cfg.safety_sparse_steps > 0:
         summary["safety"] = run_pipeline(module, datamodule, make_trainer, pipe, config_text)
         return load_adapter(out / "lori_s")

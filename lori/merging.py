@@ -1,12 +1,13 @@
 """Merge T adapters into the base model and evaluate it on every task (paper Sec. 3.3, Table 3).
 
     lori merge --config configs/merge/example_tiny.yaml
+    lori merge --config configs/paper/merge/llama3_8b_4tasks_concat_lori_d.yaml --eval.max_examples 50
 
-One run merges one adapter set (LoRI-D, LoRI-S or LoRA adapters, one per task) with each of
-``methods`` (one table row each), merges every result into the base weights, evaluates the merged
-model on every task and writes:
+One run merges one adapter set (LoRI-D, LoRI-S or LoRA adapters, one per task) with each of its
+merge methods (one table row each), adds every result into the base weights, evaluates the merged
+model on every benchmark and writes:
 
-    <output_dir>/results.md                 table: rows = merge methods, columns = task metrics + average
+    <output_dir>/results.md                 rows = merge methods, columns = task metrics + average
     <output_dir>/results.json               the same numbers, weights, densities, adapters
     <output_dir>/merge_config.yaml          the resolved config
     <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged)
@@ -21,9 +22,9 @@ What each method computes (``lori.core.merge``; s_t = alpha_t / r_t, w_t the wei
     dare       "sparsification of the A and B matrices"), or the same operator on each ΔW_t
                (``space: delta``)
 
-Every check (adapter dirs, DoRA, weights, densities, ranks, targets, base fingerprints) runs
-before the base model loads; the base's own fingerprint is checked before any merge; the output
-directory appears only complete (it is built beside the target and renamed in).
+Every check (adapter dirs, DoRA, adaptation, weights, densities, ranks, targets, base
+fingerprints, evaluation settings and data) runs before the base model loads; the base's own
+fingerprint is checked before any merge; the output directory appears only complete.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ from lori.core.merge import (
 )
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "magnitude": "Magnitude", "ties": "TIES", "dare": "DARE"}
+LABELS = {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "lora": "LoRA"}
 PRUNING = ("magnitude", "ties", "dare")
 PAPER_DENSITY = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7}  # paper Tables 8-10
 # uniform weight per adapter by (number of adapters, LoRI-S?) (paper Tables 8-10)
 PAPER_WEIGHTS = {(4, False): 0.4, (4, True): 0.3, (3, False): 0.5, (3, True): 0.4}
+NOT_SCORES = ("n", "samples_per_problem")  # counts that evaluate_model reports beside the metrics
 
-Evaluate = Callable[..., dict[str, dict[str, float]]]
+MergeMethod = Literal["concat", "linear", "magnitude", "ties", "dare"]
+# evaluate(model, tokenizer, tasks) -> {task: {metric: value}}
+Evaluate = Callable[[nn.Module, Any, list[str]], dict[str, dict[str, float]]]
 
 
 class MergeConfigError(ValueError):
@@ -70,49 +75,65 @@ class MergeConfigError(ValueError):
 
 @dataclass
 class MergeConfig:
-    """One merge run: T adapters, one table row per merge method, evaluation on every task.
+    """One merge run: T adapters, one table row per merge method, evaluation on every benchmark.
 
     Args:
+        base_model: the base model, as LoRIModule's ``model`` (name, folder, hub id, ``tiny-llama``).
+        adaptation: ``lori_d``, ``lori_s`` or ``lora``: what the adapters must be (checked);
+            None = whatever they are.
         adapters: adapter directories, one per task (lori adapters or PEFT LoRA adapters).
-        names: a label per adapter, the task it was trained for (default: directory names);
-            the single-task row evaluates adapter i on the eval task ``names[i]``.
-        methods: merge methods, one row each: ``concat``, ``linear``, ``magnitude``, ``ties``, ``dare``.
+        tasks: the task each adapter was trained for, as labels (default: directory names).
+        method: a merge method or a list of them, one table row each: ``concat``, ``linear``,
+            ``magnitude``, ``ties``, ``dare``.
         weights: one weight per adapter; None = the paper's uniform weights (0.4 each for four
             LoRI-D / LoRA adapters, 0.3 for LoRI-S; 0.5 / 0.4 for three).
-        density: kept fraction of the pruning methods, by method (paper: magnitude 0.3, ties and
-            dare 0.7); methods not named keep the paper's value.
+        density: kept fraction for magnitude / ties / dare: one number, or one per method; None =
+            the paper's (magnitude 0.3, ties and dare 0.7).
+        evaluate: the benchmarks (``lori.evaluate`` task names) run on every merged model;
+            empty = merge and write adapters and ΔW stats only.
+        output_dir: the results directory (replaced as a whole when the run finishes).
         seed: seed of DARE's random drop.
         space: where magnitude / ties / dare act: ``factors`` (on A and B, as PEFT and the paper)
             or ``delta`` (on each ΔW = s B A).
-        model: the base model, as LoRIModule's ``model`` (None / name / path / ``tiny-llama``).
-        gguf_file: GGUF file inside ``model`` when it is a folder of GGUF files.
+        single_task: also evaluate each adapter alone on ``evaluate[i]`` (the "Single-Task" row;
+            ``evaluate`` then lists one benchmark per adapter, in order).
+        save_merged: write each factor-space merged adapter (loadable by PEFT and lori).
+        gguf_file: GGUF file inside ``base_model`` when it is a folder of GGUF files.
         dtype: base weight dtype.
         cache_dir: GGUF conversion cache.
         device: where the merged model is evaluated (``auto``: cuda when available, else cpu).
-        output_dir: the results directory (replaced atomically).
-        save_merged: write each factor-space merged adapter (loadable by PEFT and lori).
-        single_task: also evaluate each adapter alone on its own task (the "Single-Task" row).
-        evaluate: evaluate the merged models; false merges and writes adapters and ΔW stats only.
     """
 
+    base_model: str | None = "smollm2-135m-instruct"
+    adaptation: Literal["lori_d", "lori_s", "lora"] | None = None
     adapters: list[str] = field(default_factory=list)
-    names: list[str] | None = None
-    methods: list[Literal["concat", "linear", "magnitude", "ties", "dare"]] = field(
-        default_factory=lambda: ["concat", "linear"]
-    )
+    tasks: list[str] | None = None
+    method: MergeMethod | list[MergeMethod] = "concat"
     weights: list[float] | None = None
-    density: dict[str, float] = field(default_factory=dict)
+    density: float | dict[str, float] | None = None
+    evaluate: list[str] = field(default_factory=list)
+    output_dir: str = "runs/merge"
     seed: int = 0
     space: Literal["factors", "delta"] = "factors"
-    model: str | None = "smollm2-135m-instruct"
+    single_task: bool = False
+    save_merged: bool = True
     gguf_file: str | None = None
     dtype: str = "float32"
     cache_dir: str | None = None
     device: str = "auto"
-    output_dir: str = "runs/merge"
-    save_merged: bool = True
-    single_task: bool = False
-    evaluate: bool = True
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks) if self.tasks is not None else [Path(a).name for a in self.adapters]
+
+    def density_of(self, method: str) -> float:
+        if isinstance(self.density, dict):
+            return self.density.get(method, PAPER_DENSITY[method])
+        return PAPER_DENSITY[method] if self.density is None else float(self.density)
 
 
 @dataclass
@@ -121,93 +142,81 @@ class AdapterSet:
 
     adapters: list[Adapter]
     names: list[str]
-    kind: str  # "lori" (frozen random A) or "lora"
-    label: str  # the paper's "Adaptation" column: LoRI-D, LoRI-S or LoRA
+    adaptation: str  # lori_d, lori_s or lora
     weights: list[float]
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.adaptation]
 
 
 # ---- checks, before anything heavy ------------------------------------------------------------
 def check_config(cfg: MergeConfig) -> None:
     """Refuse bad values in the config itself (no file is read)."""
-    if len(cfg.adapters) < 2:
-        raise MergeConfigError(f"merge needs two or more adapters, got {len(cfg.adapters)}: {cfg.adapters}")
+    n = len(cfg.adapters)
+    if n < 2:
+        raise MergeConfigError(f"merge needs two or more adapters, got {n}: {cfg.adapters}")
     unknown = [m for m in cfg.methods if m not in LORA_METHODS]
-    if unknown or not cfg.methods:
+    if unknown or not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise MergeConfigError(
-            f"unknown merge methods {unknown or cfg.methods}; choose from {list(LORA_METHODS)}"
+            f"bad merge method list {cfg.methods}; use each of {list(LORA_METHODS)} at most once"
         )
-    if len(set(cfg.methods)) != len(cfg.methods):
-        raise MergeConfigError(f"methods listed twice: {cfg.methods}")
-    if cfg.weights is not None and len(cfg.weights) != len(cfg.adapters):
-        raise MergeConfigError(
-            f"{len(cfg.weights)} weights {cfg.weights} given for {len(cfg.adapters)} adapters"
-        )
-    for method, value in cfg.density.items():
+    if cfg.weights is not None and len(cfg.weights) != n:
+        raise MergeConfigError(f"{len(cfg.weights)} weights {cfg.weights} given for {n} adapters")
+    if cfg.tasks is not None and len(cfg.tasks) != n:
+        raise MergeConfigError(f"{len(cfg.tasks)} tasks {cfg.tasks} given for {n} adapters")
+    if len(set(cfg.names)) != n:
+        raise MergeConfigError(f"adapter labels must differ, got {cfg.names}; set tasks: [...]")
+    given = cfg.density if isinstance(cfg.density, dict) else {m: cfg.density for m in PRUNING}
+    for method, value in given.items():
         if method not in PRUNING:
             raise MergeConfigError(f"density given for {method!r}; only {list(PRUNING)} take a density")
-        if not 0.0 < value <= 1.0:
-            raise MergeConfigError(f"density for {method} must be in (0, 1], got {value!r}")
-    if cfg.space not in ("factors", "delta"):
-        raise MergeConfigError(f"space must be 'factors' or 'delta', got {cfg.space!r}")
-    if cfg.names is not None and len(cfg.names) != len(cfg.adapters):
-        raise MergeConfigError(f"{len(cfg.names)} names given for {len(cfg.adapters)} adapters")
-    names = adapter_names(cfg)
-    if len(set(names)) != len(names):
-        raise MergeConfigError(f"adapter names must differ, got {names}; set names: [...]")
-
-
-def adapter_names(cfg: MergeConfig) -> list[str]:
-    return list(cfg.names) if cfg.names is not None else [Path(a).name for a in cfg.adapters]
-
-
-def densities(cfg: MergeConfig) -> dict[str, float]:
-    return PAPER_DENSITY | cfg.density
+        if value is not None and not 0.0 < value <= 1.0:
+            raise MergeConfigError(f"density must be in (0, 1], got density={value!r}")
+    if cfg.single_task and len(cfg.evaluate) != n:
+        raise MergeConfigError(
+            f"single_task evaluates adapter i on evaluate[i]: give one benchmark per adapter, "
+            f"got {cfg.evaluate}"
+        )
 
 
 def _read_adapter(directory: Path) -> Adapter:
     if not directory.is_dir():
         raise MergeConfigError(f"adapter directory {str(directory)!r} does not exist")
     config_file = directory / CONFIG_FILE
-    if config_file.is_file():
-        peft = json.loads(config_file.read_text())
-        if peft.get("use_dora"):
-            raise MergeConfigError(f"{directory} is a DoRA adapter; merging takes LoRI and LoRA adapters")
+    if config_file.is_file() and json.loads(config_file.read_text()).get("use_dora"):
+        raise MergeConfigError(f"{directory} is a DoRA adapter; merging takes LoRI and LoRA adapters")
     return load_adapter(directory)
 
 
-def adapter_kind(adapter: Adapter) -> str:
-    """``lori`` for adapters with a seeded, frozen A (LoRI, LoRA-FA), else ``lora``."""
+def adaptation_of(adapter: Adapter) -> str:
+    """``lori_d`` / ``lori_s`` for a seeded, frozen A (LoRI, LoRA-FA), else ``lora``."""
     frozen_A = adapter.meta.get("method", "lori") in ("lori", "lora_fa") and adapter.config.seed >= 0
-    return "lori" if frozen_A else "lora"
-
-
-def _label(kind: str, adapters: Sequence[Adapter]) -> str:
-    if kind == "lora":
-        return "LoRA"
-    masked = {a.masks is not None for a in adapters}
-    return "LoRI-S" if masked == {True} else "LoRI-D" if masked == {False} else "LoRI-D/S"
+    if not frozen_A:
+        return "lora"
+    return "lori_s" if adapter.masks is not None else "lori_d"
 
 
 def load_adapter_set(cfg: MergeConfig) -> AdapterSet:
     """Read the adapters and check they can be merged by every method (before the base loads)."""
     check_config(cfg)
-    names = adapter_names(cfg)
     adapters = [_read_adapter(Path(d)) for d in cfg.adapters]
-    kinds = {adapter_kind(a) for a in adapters}
+    found = {name: adaptation_of(a) for name, a in zip(cfg.names, adapters)}
+    kinds = set(found.values())
     if len(kinds) > 1:
-        kinds_by_name = {n: adapter_kind(a) for n, a in zip(names, adapters)}
-        raise MergeConfigError(f"cannot merge LoRI and LoRA adapters together: {kinds_by_name}")
-    kind = kinds.pop()
-    label = _label(kind, adapters)
-    weights = list(cfg.weights) if cfg.weights is not None else paper_weights(len(adapters), label)
+        raise MergeConfigError(f"adapters of different kinds cannot be merged together: {found}")
+    adaptation = kinds.pop()
+    if cfg.adaptation is not None and cfg.adaptation != adaptation:
+        raise MergeConfigError(f"adaptation is {cfg.adaptation!r} but the adapters are {adaptation!r}: {found}")
+    weights = list(cfg.weights) if cfg.weights is not None else paper_weights(len(adapters), adaptation)
     for method in cfg.methods:
         check_mergeable(adapters, weights, same_rank=needs_equal_rank(method, cfg.space))
-    return AdapterSet(adapters, names, kind, label, weights)
+    return AdapterSet(adapters, cfg.names, adaptation, weights)
 
 
-def paper_weights(n: int, label: str) -> list[float]:
+def paper_weights(n: int, adaptation: str) -> list[float]:
     """The paper's uniform merge weights for ``n`` adapters."""
-    key = (n, label == "LoRI-S")
+    key = (n, adaptation == "lori_s")
     if key not in PAPER_WEIGHTS:
         raise MergeConfigError(f"the paper gives merge weights for 3 or 4 adapters; give weights for {n}")
     return [PAPER_WEIGHTS[key]] * n
@@ -226,7 +235,7 @@ def merge_result(aset: AdapterSet, method: str, cfg: MergeConfig) -> Adapter | N
     if method == "linear":
         return merge_linear(ads, w)
     if cfg.space == "factors":
-        return merge_factors(ads, w, method, densities(cfg)[method], cfg.seed)
+        return merge_factors(ads, w, method, cfg.density_of(method), cfg.seed)
     return None
 
 
@@ -242,10 +251,9 @@ def merged_deltas(
             yield path, merged.delta(path)
         return
     generator = torch.Generator().manual_seed(cfg.seed)
-    density = densities(cfg).get(method, 1.0)
     for path in aset.adapters[0].A:
         deltas = [a.delta(path) for a in aset.adapters]
-        yield path, combine(deltas, aset.weights, method, density, generator)
+        yield path, combine(deltas, aset.weights, method, cfg.density_of(method), generator)
 
 
 class BaseWeights:
@@ -271,6 +279,21 @@ def apply_merge(model: nn.Module, deltas: Iterator[tuple[str, Tensor]]) -> dict[
 
 
 # ---- the run -------------------------------------------------------------------------------
+def make_evaluator(cfg: MergeConfig, settings: Any) -> Evaluate:
+    """``lori.evaluate.evaluate_model`` on a subset of ``cfg.evaluate``; settings and evaluation
+    data are checked and loaded here, before the base model."""
+    from lori.evaluate import EvalSettings, evaluate_model, load_eval_sets
+
+    settings = settings if settings is not None else EvalSettings()
+    sets = {task: load_eval_sets(replace(settings, tasks=[task])) for task in cfg.evaluate}
+
+    def evaluate(model: nn.Module, tokenizer: Any, tasks: list[str]) -> dict[str, dict[str, float]]:
+        eval_sets = {name: records for task in tasks for name, records in sets[task].items()}
+        return evaluate_model(model, tokenizer, replace(settings, tasks=tasks), eval_sets=eval_sets)
+
+    return evaluate
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -281,12 +304,12 @@ def load_base(cfg: MergeConfig, aset: AdapterSet) -> tuple[nn.Module, Any]:
     """The base model and tokenizer, refused unless every adapter fits it (shapes and fingerprint)."""
     from lori.module import build_model
 
-    model, tokenizer = build_model(cfg.model, cfg.gguf_file, cfg.dtype, cfg.cache_dir)
+    model, tokenizer = build_model(cfg.base_model, cfg.gguf_file, cfg.dtype, cfg.cache_dir)
     for name, adapter in zip(aset.names, aset.adapters):
         try:
             check_fits(model, adapter, strict_base=True)
         except ValueError as err:
-            raise type(err)(f"adapter {name!r} does not fit base {cfg.model!r}: {err}") from None
+            raise type(err)(f"adapter {name!r} does not fit base {cfg.base_model!r}: {err}") from None
     return model.to(_device(cfg.device)).eval(), tokenizer
 
 
@@ -298,50 +321,34 @@ def run_merge(
 
     Args:
         cfg: the merge run.
-        eval_settings: ``lori.evaluate.EvalSettings`` (its ``tasks`` are the table's tasks).
-        evaluate: ``evaluate_model(model, tokenizer, settings)``; default
-            ``lori.evaluate.evaluate_model``.
+        eval_settings: ``lori.evaluate.EvalSettings`` for everything but the tasks (``cfg.evaluate``).
+        evaluate: ``evaluate(model, tokenizer, tasks)``; default: ``make_evaluator(cfg, eval_settings)``.
         config_text: the resolved YAML, written beside the results.
 
     Returns:
         The results (as in ``results.json``).
     """
     aset = load_adapter_set(cfg)
-    tasks = _check_evaluation(cfg, aset, eval_settings)
-    if cfg.evaluate:
-        evaluate = evaluate or _default_evaluate()
+    if cfg.evaluate and evaluate is None:
+        evaluate = make_evaluator(cfg, eval_settings)
     model, tokenizer = load_base(cfg, aset)
     base = BaseWeights(model, list(aset.adapters[0].A))
-    results = _results_header(cfg, aset, tasks)
+    results = _results_header(cfg, aset)
     with _building(Path(cfg.output_dir)) as tmp:
-        if cfg.single_task and cfg.evaluate:
-            results["rows"].append(_single_task_row(model, tokenizer, aset, eval_settings, evaluate, base))
+        if cfg.single_task:
+            results["rows"].append(_single_task_row(model, tokenizer, aset, cfg.evaluate, evaluate, base))
         for method in cfg.methods:
-            row = _merge_row(model, tokenizer, aset, method, cfg, eval_settings, evaluate, tmp / method)
+            row = _merge_row(model, tokenizer, aset, method, cfg, evaluate, tmp / method)
             base.restore()
             results["rows"].append(row)
+        results["columns"] = table_columns(results["rows"])
         for row in results["rows"]:
-            row["average"] = row_average(row["scores"], tasks)
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+            row["average"] = row_average(row["scores"], [t for t, _ in results["columns"]])
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (tmp / "results.md").write_text(results_table(results) + "\n")
         if config_text is not None:
             (tmp / "merge_config.yaml").write_text(config_text)
     return results
-
-
-def _check_evaluation(cfg: MergeConfig, aset: AdapterSet, settings: Any) -> list[str]:
-    """The tasks of the table; refuses an evaluation that cannot run as configured."""
-    if not cfg.evaluate:
-        return []
-    tasks = list(_get(settings, "tasks") or [])
-    if not tasks:
-        raise MergeConfigError("evaluate is true but eval.tasks is empty; list tasks or set evaluate: false")
-    missing = [n for n in aset.names if n not in tasks]
-    if cfg.single_task and missing:
-        raise MergeConfigError(
-            f"single_task evaluates adapter i on task names[i]; {missing} are not in eval.tasks {tasks}"
-        )
-    return tasks
 
 
 @contextlib.contextmanager
@@ -361,28 +368,18 @@ def _building(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _get(settings: Any, key: str) -> Any:
-    return settings.get(key) if isinstance(settings, dict) else getattr(settings, key, None)
-
-
-def _default_evaluate() -> Evaluate:
-    from lori.evaluate import evaluate_model
-
-    return evaluate_model
-
-
-def _results_header(cfg: MergeConfig, aset: AdapterSet, tasks: list[str]) -> dict[str, Any]:
+def _results_header(cfg: MergeConfig, aset: AdapterSet) -> dict[str, Any]:
     adapters = [
-        {"name": n, "path": str(p), "rank": a.rank, "scale": a.config.scale,
+        {"task": n, "path": str(p), "rank": a.rank, "scale": a.config.scale,
          "base_fingerprint": a.base_fingerprint}
         for n, p, a in zip(aset.names, cfg.adapters, aset.adapters)
     ]
-    return {"adaptation": aset.label, "kind": aset.kind, "tasks": tasks, "weights": aset.weights,
+    return {"adaptation": aset.adaptation, "evaluate": list(cfg.evaluate), "weights": aset.weights,
             "adapters": adapters, "config": asdict(cfg), "rows": []}
 
 
 def _merge_row(
-    model: nn.Module, tokenizer: Any, aset: AdapterSet, method: str, cfg: MergeConfig, settings: Any,
+    model: nn.Module, tokenizer: Any, aset: AdapterSet, method: str, cfg: MergeConfig,
     evaluate: Evaluate | None, out: Path,
 ) -> dict[str, Any]:
     merged = merge_result(aset, method, cfg)
@@ -391,37 +388,55 @@ def _merge_row(
     (out / "delta_stats.json").write_text(json.dumps(stats, indent=2))
     if merged is not None and cfg.save_merged:
         save_adapter(merged, out / "merged_adapter")
-    density = densities(cfg)[method] if method in PRUNING else None
-    scores = evaluate(model, tokenizer, settings) if cfg.evaluate else {}
-    space = "factors" if merged is not None else "delta"
+    scores = evaluate(model, tokenizer, list(cfg.evaluate)) if cfg.evaluate else {}
     return {"method": method, "merging": ROW_NAMES[method], "adaptation": aset.label,
-            "weights": aset.weights, "density": density, "space": space, "scores": scores}
+            "weights": aset.weights, "density": cfg.density_of(method) if method in PRUNING else None,
+            "space": "factors" if merged is not None else "delta", "scores": scores}
 
 
 def _single_task_row(
-    model: nn.Module, tokenizer: Any, aset: AdapterSet, settings: Any, evaluate: Evaluate,
+    model: nn.Module, tokenizer: Any, aset: AdapterSet, benchmarks: list[str], evaluate: Evaluate,
     base: BaseWeights,
 ) -> dict[str, Any]:
-    """Each adapter alone (weight 1) on its own task: the reference row."""
+    """Each adapter alone (weight 1) on its own benchmark: the reference row."""
     scores: dict[str, dict[str, float]] = {}
-    for name, adapter in zip(aset.names, aset.adapters):
+    for adapter, benchmark in zip(aset.adapters, benchmarks):
         apply_merge(model, ((p, adapter.delta(p)) for p in adapter.A))
-        scores |= {name: evaluate(model, tokenizer, replace(settings, tasks=[name]))[name]}
+        scores |= evaluate(model, tokenizer, [benchmark])
         base.restore()
     return {"method": "single", "merging": "Single-Task", "adaptation": aset.label, "weights": None,
             "density": None, "space": None, "scores": scores}
 
 
 # ---- the table -----------------------------------------------------------------------------
+def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) columns in the order evaluated; the eight NLU sets show as their average."""
+    columns: list[tuple[str, str]] = []
+    for row in rows:
+        scores = row["scores"]
+        hidden = _nlu_sets() if "nlu_average" in scores else ()
+        for task, metrics in scores.items():
+            if task not in hidden:
+                columns += [(task, m) for m in metrics if m not in NOT_SCORES and (task, m) not in columns]
+    return columns
+
+
+def _nlu_sets() -> tuple[str, ...]:
+    from lori.data.sources import NLU_TASKS
+
+    return tuple(NLU_TASKS)
+
+
 def row_average(scores: dict[str, dict[str, float]], tasks: Sequence[str]) -> float | None:
-    """Mean over tasks of each task's first (primary) metric; None when a task has no score."""
-    primary = [next(iter(scores[t].values())) for t in tasks if scores.get(t)]
+    """Mean over the table's tasks of each task's first metric; None when one is missing."""
+    tasks = list(dict.fromkeys(tasks))
+    primary = [next(m for k, m in scores[t].items() if k not in NOT_SCORES) for t in tasks if scores.get(t)]
     return sum(primary) / len(primary) if primary and len(primary) == len(tasks) else None
 
 
 def results_table(results: dict[str, Any]) -> str:
     """Markdown like the paper's Table 3: Merging | Adaptation | task metrics ... | Average."""
-    columns = _columns(results)
+    columns = [tuple(c) for c in results["columns"]]
     head = ["Merging", "Adaptation"] + [f"{t} {m}" for t, m in columns] + ["Average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["rows"]:
@@ -431,69 +446,50 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
-    columns: list[tuple[str, str]] = []
-    for task in results["tasks"]:
-        for row in results["rows"]:
-            columns += [(task, m) for m in row["scores"].get(task, {}) if (task, m) not in columns]
-    return columns
-
-
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{100 * value:.1f}" if abs(value) <= 1.0 else f"{value:.2f}"
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return str(value)
-
-
 # ---- command line --------------------------------------------------------------------------
 def build_parser():
-    """``lori merge`` options: a ``merge:`` group (MergeConfig) and an ``eval:`` group."""
+    """``lori merge`` options: MergeConfig at the top level, EvalSettings (but tasks) under ``eval:``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from lori.evaluate import EvalSettings
+
     parser = ArgumentParser(prog="lori merge", description="Merge T adapters and evaluate on every task")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with merge: and eval: sections")
-    parser.add_class_arguments(MergeConfig, "merge")
-    _add_eval_arguments(parser)
+    parser.add_argument("--config", action=ActionConfigFile, help="a merge YAML (configs/merge/)")
+    parser.add_class_arguments(MergeConfig, None, help="the adapters and how to merge them")
+    parser.add_class_arguments(EvalSettings, "eval", skip={"tasks"}, help="evaluation settings but tasks")
     return parser
 
 
-def _add_eval_arguments(parser) -> None:
-    try:
-        from lori.evaluate import EvalSettings
-    except ImportError:  # evaluation not available: eval settings pass through as a mapping
-        parser.add_argument("--eval", type=dict | None, default=None, help="evaluation settings")
-        return
-    parser.add_class_arguments(EvalSettings, "eval")
+def parse_args(argv: list[str]) -> tuple[MergeConfig, Any, str]:
+    """MergeConfig, EvalSettings and the resolved YAML; only the config is checked (no file read)."""
+    from lori.evaluate import EvalSettings
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_text = parser.dump(args)
+    settings = EvalSettings(**args.pop("eval").as_dict())
+    args.pop("config", None)
+    cfg = MergeConfig(**args.as_dict())
+    check_config(cfg)
+    return cfg, settings, config_text
 
 
 def parse_config(path: str | Path) -> tuple[MergeConfig, Any]:
     """Parse and check a merge YAML without reading adapters or loading anything."""
-    parser = build_parser()
-    args = parser.parse_args(["--config", str(path)])
-    cfg, settings = _instantiate(parser, args)
-    check_config(cfg)
+    cfg, settings, _ = parse_args(["--config", str(path)])
     return cfg, settings
 
 
-def _instantiate(parser, args) -> tuple[MergeConfig, Any]:
-    init = parser.instantiate(args)
-    cfg = init.merge if isinstance(init.merge, MergeConfig) else MergeConfig(**dict(init.merge))
-    return cfg, init.get("eval")
-
-
-def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> dict[str, Any]:
-    """``lori merge --config FILE [--merge.<option> ...]``: run and print the table."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg, settings = _instantiate(parser, args)
-    config_text = parser.dump(args)
-    results = run_merge(cfg, settings, evaluate, config_text)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``lori merge --config FILE [--<option> ...]``: run and print the table."""
+    cfg, settings, config_text = parse_args(list(argv or []))
+    results = run_merge(cfg, settings, config_text=config_text)
     print(results_table(results))
-    print(f"written: {cfg.output_dir}/results.md, results.json")
+    print(f"written: {Path(cfg.output_dir) / 'results.md'}, results.json")
     return results

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,41 +28,37 @@ from lori.core import (
     save_adapter,
     set_masks,
 )
-from lori.merging import MergeConfig, MergeConfigError, results_table, run_merge
+from lori.merging import MergeConfig, MergeConfigError, parse_config, results_table, run_merge
 from lori.models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PATHS = sorted(target_paths(tiny_llama(), TARGETS))
 
 
-@dataclass
-class Settings:
-    """Stands in for lori.evaluate.EvalSettings: the merge code reads ``tasks`` only."""
-
-    tasks: list[str] = field(default_factory=lambda: ["math", "code"])
-
-
 class Recorder:
-    """A fake evaluate_model: records the adapted weights it was shown, returns fixed scores."""
+    """A fake evaluator: records the adapted weights it was shown, returns fixed scores."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, torch.Tensor]] = []
         self.tasks: list[list[str]] = []
 
-    def __call__(self, model, tokenizer, settings, logger=None):
+    def __call__(self, model, tokenizer, tasks):
         self.seen.append({p: model.get_submodule(p).weight.detach().clone() for p in PATHS})
-        self.tasks.append(list(settings.tasks))
+        self.tasks.append(list(tasks))
         n = len(self.seen)
-        return {t: {"acc": 0.1 * n + 0.01 * i, "pass@5": 0.5} for i, t in enumerate(settings.tasks)}
+        return {t: {"acc": 0.1 * n + 0.01 * i, "pass@5": 0.5, "n": 10} for i, t in enumerate(tasks)}
 
 
 @pytest.fixture(autouse=True)
 def tiny_base(monkeypatch):
-    """The base model is a tiny random Llama; ``other-base`` is another random one."""
-    loaded = []
+    """The base model is a tiny random Llama; ``other-base`` is another random one; ``tiny-llama``
+    is lori's own (with the default model's tokenizer)."""
+    loaded, real = [], lori.module.build_model
 
     def build(name, *args, **kwargs):
         loaded.append(name)
+        if name == "tiny-llama":
+            return real(name, *args, **kwargs)
         return tiny_llama(seed=1 if name == "other-base" else 0), None
 
     monkeypatch.setattr(lori.module, "build_model", build)
@@ -100,11 +95,12 @@ def _lora_dir(tmp_path: Path, seed: int, dora: bool = False) -> str:
     return str(save_peft_adapter(model, tmp_path / f"lora{seed}", "tiny", fingerprint, {"method": "lora"}))
 
 
-def _run(tmp_path: Path, adapters: list[str], methods: list[str], **kwargs):
+def _run(tmp_path: Path, adapters: list[str], methods: list[str], evaluate: bool = True, **kwargs):
     recorder = Recorder()
-    cfg = MergeConfig(adapters=adapters, names=["math", "code", "nlu", "safety"][: len(adapters)], methods=methods,
-                      model="tiny", device="cpu", output_dir=str(tmp_path / "out"), **kwargs)
-    results = run_merge(cfg, Settings(cfg.names), recorder)
+    tasks = ["math", "code", "nlu", "safety"][: len(adapters)]
+    cfg = MergeConfig(base_model="tiny", adapters=adapters, tasks=tasks, method=methods, device="cpu",
+                      evaluate=tasks if evaluate else [], output_dir=str(tmp_path / "out"), **kwargs)
+    results = run_merge(cfg, evaluate=recorder)
     return results, recorder
 
 
@@ -174,7 +170,7 @@ def test_lori_concat_and_linear_equal_the_formulas(tmp_path, sparsity):
         want = _expected(adapters, method, [0.3, 0.5, 0.2], 1.0, "factors")
         for p in PATHS:
             assert torch.allclose(seen[p], want[p], atol=1e-6), (method, p)
-    assert results["adaptation"] == ("LoRI-S" if sparsity else "LoRI-D")
+    assert results["adaptation"] == ("lori_s" if sparsity else "lori_d")
 
 
 @pytest.mark.parametrize("space", ["factors", "delta"])
@@ -187,7 +183,7 @@ def test_lora_methods_equal_the_formulas(tmp_path, method, space):
     for p in PATHS:
         assert torch.allclose(rec.seen[0][p], want[p], atol=1e-6), p
     row = results["rows"][0]
-    assert results["adaptation"] == "LoRA" and row["density"] == (density if method in ("magnitude", "ties", "dare")
+    assert row["adaptation"] == "LoRA" and row["density"] == (density if method in ("magnitude", "ties", "dare")
                                                                   else None)
 
 
@@ -236,10 +232,12 @@ def test_table_rows_methods_columns_tasks_and_average(tmp_path):
     concat = results["rows"][1]
     assert concat["average"] == pytest.approx((0.3 + 0.31) / 2)  # mean of each task's first metric
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.splitlines()[0] == "| Merging | Adaptation | math acc | math pass@5 | code acc | code pass@5 | Average |"
+    header = "| Merging | Adaptation | math acc | math pass@5 | code acc | code pass@5 | Average |"
+    assert table.splitlines()[0] == header  # counts such as n are not columns
     assert "| Concat | LoRI-D | 30.0 | 50.0 | 31.0 | 50.0 | 30.5 |" in table
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert on_disk["rows"][2]["scores"] == results["rows"][2]["scores"] and on_disk["tasks"] == ["math", "code"]
+    assert on_disk["rows"][2]["scores"] == results["rows"][2]["scores"]
+    assert on_disk["evaluate"] == ["math", "code"]
     assert results_table(on_disk) == table.strip()
 
 
@@ -262,8 +260,8 @@ def test_evaluate_false_merges_without_evaluating(tmp_path):
 # ---- bad input: one line, before work, no output --------------------------------------------------
 def _cli_fails(tmp_path, capsys, tiny_base, merge: dict, *fragments, loads_base: bool = False):
     out = tmp_path / "out"
-    config = {"merge": {"model": "tiny", "device": "cpu", "output_dir": str(out), "evaluate": False,
-                        "weights": [0.4] * len(merge.get("adapters", []))} | merge}
+    config = {"base_model": "tiny", "device": "cpu", "output_dir": str(out),
+              "weights": [0.4] * len(merge.get("adapters", []))} | merge
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exc:
@@ -294,13 +292,13 @@ def test_adapters_of_another_architecture(tmp_path, capsys, tiny_base):
 
 def test_adapters_that_fit_each_other_but_not_the_base(tmp_path, capsys, tiny_base):
     dirs = _lori_dirs(tmp_path, 2)
-    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "model": "other-base"}, "'task0'", "fingerprint",
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "base_model": "other-base"}, "'task0'", "fingerprint",
                loads_base=True)
 
 
 def test_different_ranks_where_the_method_needs_one(tmp_path, capsys, tiny_base):
     a, b = save_adapter(_lori(0, r=4), tmp_path / "a"), save_adapter(_lori(1, r=8), tmp_path / "b")
-    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)], "methods": ["concat", "linear"]},
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)], "method": ["concat", "linear"]},
                "rank 8", "rank 4")
 
 
@@ -328,14 +326,13 @@ def test_a_directory_that_is_not_an_adapter(tmp_path, capsys, tiny_base):
 
 def test_density_out_of_range(tmp_path, capsys, tiny_base):
     dirs = [_lora_dir(tmp_path, s) for s in range(2)]
-    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "methods": ["ties"], "density": {"ties": 1.5}},
-               "density", "1.5")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "method": "ties", "density": 1.5}, "density", "1.5")
 
 
 def test_dora_and_mixed_adapter_sets(tmp_path, capsys, tiny_base):
     lora, dora = _lora_dir(tmp_path, 0), _lora_dir(tmp_path / "d", 1, dora=True)
     _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [lora, dora]}, "DoRA")
-    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [lora, _lori_dirs(tmp_path, 1)[0]]}, "LoRI and LoRA")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [lora, _lori_dirs(tmp_path, 1)[0]]}, "different kinds")
 
 
 def test_no_paper_weights_for_two_adapters(tmp_path):
@@ -352,18 +349,72 @@ def test_output_dir_is_replaced_whole(tmp_path):
 
 def test_merge_command_runs_from_yaml(tmp_path, capsys):
     dirs = _lori_dirs(tmp_path, 2)
-    config = {"merge": {"adapters": dirs, "names": ["math", "code"], "methods": ["concat", "linear"],
-                        "weights": [0.4, 0.4], "model": "tiny", "device": "cpu", "evaluate": False,
-                        "output_dir": str(tmp_path / "out")}}
+    config = {"base_model": "tiny", "adapters": dirs, "tasks": ["math", "code"], "method": ["concat", "linear"],
+              "weights": [0.4, 0.4], "device": "cpu", "output_dir": str(tmp_path / "out")}
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
-    lori_main(["merge", "--config", str(tmp_path / "merge.yaml"), "--merge.methods", "[concat]"])
+    lori_main(["merge", "--config", str(tmp_path / "merge.yaml"), "--method", "concat"])
     assert "| Concat | LoRI-D |" in capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["method"] for r in results["rows"]] == ["concat"]
-    assert yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())["merge"]["methods"] == ["concat"]
+    assert yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())["method"] == "concat"
+
+
+def test_adaptation_is_checked(tmp_path, capsys, tiny_base):
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": _lori_dirs(tmp_path, 2), "adaptation": "lori_s"},
+               "'lori_s'", "'lori_d'")
+
+
+def test_shipped_merge_configs_parse():
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("merge/*.yaml"))
+    assert any(p.parent.name == "merge" and p.parent.parent.name == "configs" for p in configs)
+    for path in configs:
+        cfg, settings = parse_config(path)
+        assert cfg.adapters and cfg.methods, path
+        weights = cfg.weights or []
+        assert len(weights) in (0, len(cfg.adapters)), path
 
 
 def test_usage_lists_merge_and_diagnose(capsys):
     lori_main([])
     usage = capsys.readouterr().out
     assert "merge" in usage and "diagnose" in usage
+
+
+def test_real_evaluation_on_a_tiny_model(tmp_path):
+    """End to end with lori.evaluate: generation (GSM8K) and option scoring (BoolQ), two items each."""
+    from lori.evaluate import EvalSettings
+
+    model, _ = lori.module.build_model("tiny-llama", None, "float32", None)
+    dirs = []
+    for seed in range(2):
+        base = {n: t.clone() for n, t in model.state_dict().items()}
+        cfg = LoRIConfig(r=4, alpha=8.0, dropout=0.0, target_modules=TARGETS, seed=seed)
+        inject_lori(model, cfg)
+        for layer in lori_layers(model).values():
+            layer.lori_B.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+        dirs.append(str(save_adapter(adapter_from_model(model, cfg, "tiny-llama"), tmp_path / f"a{seed}")))
+        from lori.core import unload
+
+        unload(model, merge=False)
+        model.load_state_dict(base)
+    cfg = MergeConfig(base_model="tiny-llama", adapters=dirs, tasks=["gsm8k", "boolq"], method=["concat", "linear"],
+                      weights=[0.5, 0.5], evaluate=["gsm8k", "boolq"], single_task=True, device="cpu",
+                      output_dir=str(tmp_path / "out"))
+    settings = EvalSettings(max_examples=2, max_new_tokens=4, batch_size=2, progress=False)
+    results = run_merge(cfg, settings)
+    assert [r["merging"] for r in results["rows"]] == ["Single-Task", "Concat", "Linear"]
+    assert [tuple(c) for c in results["columns"]] == [("gsm8k", "accuracy"), ("boolq", "accuracy_loglik")]
+    for row in results["rows"]:
+        assert row["scores"]["gsm8k"]["n"] == 2 and 0.0 <= row["scores"]["boolq"]["accuracy_loglik"] <= 1.0
+        assert row["average"] is not None
+    assert "| Concat | LoRI-D |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_bad_evaluation_settings_stop_before_the_base_loads(tmp_path, tiny_base):
+    from lori.evaluate import EvalError, EvalSettings
+
+    cfg = MergeConfig(base_model="tiny", adapters=_lori_dirs(tmp_path, 2), weights=[0.5, 0.5],
+                      evaluate=["no_such_benchmark"], output_dir=str(tmp_path / "out"))
+    with pytest.raises(EvalError, match="no_such_benchmark"):
+        run_merge(cfg, EvalSettings())
+    assert not tiny_base and not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ The same YAML serves every subcommand: ``model:`` (LoRIModule), ``data:`` (TaskD
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import diagnostics, eval_command, merging
+from lori import diagnostics, dryrun, eval_command, merging
 from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
 from lori.data.datamodule import TaskDataModule
 from lori.data.sources import DataError
@@ -33,7 +34,7 @@ from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
 from lori.rng_state import RNGState
 
-USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose} [--config FILE] [options]
+USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]
 
   pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
   fit        one Trainer.fit of the configured module (LightningCLI)
@@ -43,6 +44,7 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,
   continual  safety adapter -> task t under M_t, evaluated after each phase (paper Fig. 3)
   eval       evaluate a base model, an adapter or a merged model on the paper's tasks (lori.eval_command)
   merge      merge T adapters, evaluate on every task, write a Table-3-style table (lori.merging)
+  dryrun     trainable parameters and memory of a config on the meta device (no weights, no GPU)
   diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
 
 `lori <subcommand> --help` lists every option with its default.
@@ -100,6 +102,8 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
     ) -> L.Trainer:
         kwargs = dict(trainer_config)
         kwargs.pop("logger", None)
+        if not isinstance(kwargs.get("strategy"), str | None):  # a strategy object serves one Trainer
+            kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
         if max_epochs is not None:  # an epoch budget replaces the step budget
             kwargs.update(max_steps=-1, max_epochs=max_epochs)
         else:
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "pipeline":
             pipeline(argv[1:])
+        elif argv[0] == "dryrun":
+            dryrun.main(argv[1:])
         elif argv[0] == "continual":
             continual(argv[1:])
         elif argv[0] == "eval":

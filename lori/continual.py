@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -64,6 +65,9 @@ class ContinualConfig:
             None = calibrate one with a LoRI-D run of ``task_mask_steps`` on the task.
         task_mask_steps: LoRI-D steps of that calibration run.
         task_steps: phase-2 steps on the task.
+        task_epochs: phase-2 epochs instead of ``task_steps`` (the paper counts epochs).
+        masked_task: train phase 2 inside the task mask (LoRI-S continual). False trains all of B
+            from the safety values (the paper's LoRI-D continual setting; no mask is calibrated).
         task_lr: phase-2 learning rate (None = the model's ``lr``).
         protect_safety: train only M_t minus the safety mask, so every safety entry is kept.
         evaluate_base: also evaluate the base model (the reference bars of Fig. 3).
@@ -79,6 +83,8 @@ class ContinualConfig:
     task_mask: str | None = None
     task_mask_steps: int = 20
     task_steps: int = 20
+    task_epochs: int | None = None
+    masked_task: bool = True
     task_lr: float | None = None
     protect_safety: bool = False
     evaluate_base: bool = True
@@ -91,6 +97,8 @@ class ContinualConfig:
             raise ContinualConfigError(f"safety_adapter {self.safety_adapter} is not an adapter directory")
         if self.task_mask is not None and not Path(self.task_mask).is_file():
             raise ContinualConfigError(f"task_mask file {self.task_mask} does not exist")
+        if self.protect_safety and not self.masked_task:
+            raise ContinualConfigError("protect_safety needs masked_task: true (a dense phase 2 trains every entry)")
         if self.task_steps < 1 or self.safety_dense_steps < 1 or self.task_mask_steps < 1:
             raise ContinualConfigError("task_steps, safety_dense_steps and task_mask_steps must be >= 1")
 
@@ -172,19 +180,25 @@ def run_continual(
         apply_adapter(module.model, load_adapter(task_dir))
         summary["task"] = {"reused": True}
     else:
-        task_mask = _task_mask(module, task_data, make_trainer, cfg, safety, summary)
-        train_mask = training_mask(task_mask, safety.masks, cfg.protect_safety)
         if cfg.task_lr is not None:
             module.hparams.lr = cfg.task_lr
         pipe = PipelineConfig(output_dir=str(out), checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
-        set_masks(module.model, train_mask, reset=False)  # keep the safety B; train inside the mask only
-        module.phase = "sparse"
-        step, stats = _fit_stage(module, task_data, make_trainer, pipe, "task", cfg.task_steps,
-                                 SparsePhase(train_mask, reset=False))
-        stats["task_mask_density"] = mask_density(task_mask)
-        stats["trained_density"] = mask_density(get_masks(module.model))
-        if safety.masks:
-            stats["overlap_with_safety_mask"] = mask_overlap(task_mask, safety.masks)
+        stats: dict[str, Any] = {}
+        if cfg.masked_task:
+            task_mask = _task_mask(module, task_data, make_trainer, cfg, safety, summary)
+            train_mask = training_mask(task_mask, safety.masks, cfg.protect_safety)
+            set_masks(module.model, train_mask, reset=False)  # keep the safety B; train inside the mask only
+            module.phase, callback = "sparse", SparsePhase(train_mask, reset=False)
+            stats["task_mask_density"] = mask_density(task_mask)
+            if safety.masks:
+                stats["overlap_with_safety_mask"] = mask_overlap(task_mask, safety.masks)
+        else:
+            set_masks(module.model, None, reset=False)  # dense B from the safety values
+            module.phase, callback = "dense", L.Callback()
+        step, fit_stats = _fit_stage(module, task_data, make_trainer, pipe, "task", cfg.task_steps, callback,
+                                     max_epochs=cfg.task_epochs)
+        stats |= fit_stats
+        stats["trained_density"] = mask_density(get_masks(module.model)) if cfg.masked_task else 1.0
         _save_stage(module, "task", step, stats, task_dir, summary, config_text)
     _evaluate(module, settings, eval_sets, "task", results, writer)
 

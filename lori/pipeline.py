@@ -227,7 +227,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     lines = [
         "LoRI run summary",
-        f"  model: {summary['model']}   r={summary['lori']['r']} alpha={summary['lori']['alpha']}",
+        f"  model: {summary['model']}   r={summary['lori']['r']} alpha={summary['lori']['alpha']}"
+        + (f" (LoRI-S alpha={summary['pipeline']['sparse_alpha']})" if summary["pipeline"].get("sparse_alpha") else ""),
         f"  LoRI-D: {losses(d)}; trainable params {d.get('trainable', 0):,}",
         f"  LoRI-S: {losses(s)}; trainable params {s.get('trainable', 0):,}"
         f" ({s.get('trainable', 0) / max(1, d.get('trainable', 1)):.3f}x of LoRI-D)",

@@ -86,3 +86,16 @@ def test_missing_task_mask_file_stops_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lori: error:") and "task_mask" in err[-1]
     assert not (tmp_path / "bad").exists()
+
+
+def test_dense_phase_two_trains_all_of_B_from_the_safety_values(first_run):
+    tmp, _ = first_run
+    cfg = continual_config(tmp, "dense", masked_task=False, task_epochs=1,
+                           safety_adapter=str(tmp / "run" / "safety" / "lori_s"))
+    summary = continual(["--config", str(cfg)])
+    assert summary["task"]["steps"] == 4  # one epoch: 8 GSM8K training examples, batch 2
+    task = load_adapter(tmp / "dense" / "task")
+    assert task.masks is None and not (tmp / "dense" / "task_mask").exists()
+    safety = load_adapter(tmp / "run" / "safety" / "lori_s")
+    outside = sum(int((task.B[p][~safety.masks[p]] != 0).sum()) for p in task.B)
+    assert outside > 0  # entries outside the safety mask were trained too

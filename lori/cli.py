@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(f"lori: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except FloatingPointError as err:  # a diverged run: say where, keep the checkpoints
+        print(f"lori: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

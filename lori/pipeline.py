@@ -158,6 +158,8 @@ def run_dense(
     step, stats = _fit_stage(
         module, datamodule, make_trainer, cfg, "lori_d", cfg.dense_steps, calib, max_epochs=cfg.dense_epochs
     )
+    if calib.masks is None:  # resumed from a checkpoint of the last step: calibrate the restored B
+        calib.calibrate(make_trainer(stage="eval", max_steps=-1, callbacks=[], logger=False, checkpoint=False), module)
     stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": step,
                             "density": mask_density(calib.masks)}
     _save_stage(module, "lori_d", step, stats, d_dir, summary, config_text)

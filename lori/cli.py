@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -30,6 +31,7 @@ from lori.continual import ContinualConfig, ContinualConfigError, run_continual
 from lori.continual import format_results as format_continual
 from lori.evaluate import EvalError, EvalSettings
 from lori.models import ModelLoadError
+from lori.models import _resolve_dtype as resolve_dtype
 from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
 from lori.rng_state import RNGState
@@ -65,14 +67,26 @@ class LoRICLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(PipelineConfig, "pipeline")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # parse errors raise (reported as one line by main) instead of printing the whole usage
+        kwargs["parser_kwargs"] = {"exit_on_error": False, **kwargs.get("parser_kwargs", {})}
+        super().__init__(*args, **kwargs)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        LoRIModule.check_options(cfg["model"])  # bad values stop here, before the model loads
+        try:  # bad values stop here, before the model loads
+            LoRIModule.check_options(cfg["model"])
+        except ValueError as err:
+            raise LoRIConfigError(str(err)) from None
+        if cfg["model"].get("dtype") is not None:
+            resolve_dtype(cfg["model"]["dtype"])
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule.set_tokenizer(self.model.tokenizer)
         self.datamodule.validate()  # missing data / fields stop here, before training
+        if self.subcommand in (None, "fit"):  # tokenise now (once): examples all too long stop here too
+            self.datamodule.setup("fit")
 
 
 class _ParseOnlyCLI(LoRICLI):
@@ -207,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
             LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
     except USER_ERRORS as err:
         print(f"lori: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ArgumentError as err:  # a config or command-line option the parser refuses
+        print(f"lori: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except FloatingPointError as err:  # a diverged run: say where, keep the checkpoints
         print(f"lori: error: {err}", file=sys.stderr)

@@ -56,7 +56,7 @@ class EvalTarget:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lori eval", description="Evaluate a base model or an adapter on the paper's tasks",
-                            default_meta=False)
+                            default_meta=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     parser.add_class_arguments(EvalTarget, None, help="what to evaluate")
     parser.add_class_arguments(EvalSettings, "eval", help="tasks and generation settings")

@@ -19,10 +19,13 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy, St
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-from lori.cli import parse_config
+from lori.cli import parse_config, parse_continual_config
+from lori.continual import ContinualConfig, ContinualConfigError
 from lori.core import LoRIConfig, calibrate, get_B, inject_lori
+from lori.core.io import CONFIG_FILE
 from lori.core.masks import keep_count
 from lori.dryrun import adapter_shape, dry_run, format_table, main, sparse_trainable
+from lori.evaluate import EvalSettings
 from lori.models import tiny_llama
 from lori.pipeline import PipelineConfig
 
@@ -274,25 +277,83 @@ def test_merge_config_parses_with_lori_merge(path):
     assert cfg.single_task == (path.stem.endswith("concat_lori_d"))
 
 
+# Fig. 3 (continual learning): the task's benchmark and its paper evaluation settings
+CONTINUAL_BENCH = {"nlu": ("nlu", {"nlu_mode": "generate"}), "gsm8k": ("gsm8k", {"held_out": 1319}),
+                   "codealpaca": ("humaneval", {"n_samples": 20, "temperature": 0.8, "top_p": 0.95})}
+
+
+def _continual_key(path: Path) -> tuple[str, int, str, str]:
+    """(model, r, task, adaptation) of configs/paper/continual/<model>_r<r>_safety_then_<task>_<adaptation>.yaml."""
+    model, r, task, adaptation = re.fullmatch(r"(\w+?_\d+b)_r(\d+)_safety_then_(\w+)_(lori_[ds])", path.stem).groups()
+    return model, int(r), task, adaptation
+
+
 @pytest.mark.parametrize("path", CONTINUAL, ids=_ids)
 def test_continual_config(path):
-    cfg = yaml.safe_load(path.read_text())
-    assert cfg["adaptation"] in ("lori_d", "lori_s") and cfg["task"] in ("nlu", "gsm8k", "codealpaca")
-    assert cfg["safety_adapter"] == f"runs/paper/llama3_8b_r32_saferpaca/{cfg['adaptation']}"
-    task_cfg = parse_config(ROOT / cfg["task_config"])
-    assert task_cfg["pipeline"]["output_dir"] == f"runs/paper/llama3_8b_r32_{cfg['task']}"
-    expected_lr = task_cfg["pipeline"]["sparse_lr"] if cfg["adaptation"] == "lori_s" else task_cfg["model"]["lr"]
-    assert cfg["lr"] == pytest.approx(expected_lr)
-    if cfg["adaptation"] == "lori_s":
-        assert cfg["task_masks"] == f"{task_cfg['pipeline']['output_dir']}/calibration/masks.safetensors"
+    model, r, task, adaptation = _continual_key(path)
+    cfg = parse_continual_config(path)
+    cont = cfg["continual"]
+    assert ContinualConfig(**cont).task_steps >= 1  # the run uses task_epochs; steps must still be valid
+    safety_cfg = parse_config(ROOT / "configs" / "paper" / f"{model}_r{r}_saferpaca.yaml")
+    task_cfg = parse_config(ROOT / "configs" / "paper" / f"{model}_r{r}_{task}.yaml")
+    # phase 2: the task's Appendix D learning rate (LoRI-D or LoRI-S column) and epochs
+    _, _, lr_d, lr_s = APPENDIX_D[task, model, r]
+    assert cont["task_lr"] == pytest.approx(lr_s if adaptation == "lori_s" else lr_d)
+    assert cont["task_epochs"] == TASK_OF_TABLE[task][1] == task_cfg["pipeline"]["dense_epochs"]
+    # phase 1: the paper run's Saferpaca adapter; LoRI-S trains inside the task's calibrated masks
+    assert cont["safety_adapter"] == f"{safety_cfg['pipeline']['output_dir']}/{adaptation}"
+    if adaptation == "lori_s":
+        assert cont["masked_task"] is True
+        assert cont["task_mask"] == f"{task_cfg['pipeline']['output_dir']}/calibration/masks.safetensors"
     else:
-        assert cfg["task_masks"] is None
-    assert cfg["evaluate"][0] == "hexphi"
+        assert cont["masked_task"] is False and cont["task_mask"] is None
+    assert not cont["protect_safety"]
+    assert cont["output_dir"] == f"runs/paper/continual/{path.stem}"
+    # the paper run's model, data, trainer, precision and batch
+    m, lori = cfg["model"], cfg["model"]["lori"]
+    alpha = APPENDIX_D["saferpaca", model, r][0]
+    assert m["model"] == MODELS[model] and m["dtype"] == "float32"
+    assert (lori["r"], lori["alpha"], lori["dropout"], list(lori["target_modules"])) == (r, alpha, 0.05, TARGETS)
+    assert lori["seed"] == safety_cfg["model"]["lori"]["seed"]  # A is the safety adapter's
+    assert (m["scheduler"], m["warmup_steps"], m["loss_normalization"]) == ("constant", 0, "sequence_sum")
+    assert cfg["data"] == safety_cfg["data"]
+    assert cfg["task_data"] == task_cfg["data"] and cfg["task_data"]["task"] == TASK_OF_TABLE[task][0]
+    assert cfg["trainer"] == task_cfg["trainer"] and cfg["trainer"]["precision"] == "bf16-mixed"
+    trainer = cfg["trainer"]
+    assert (cfg["task_data"]["batch_size"] * trainer["devices"] * trainer["num_nodes"]
+            * trainer["accumulate_grad_batches"]) == 32
+    # evaluation: HEx-PHI (+ HarmBench offline) refusal and the task's benchmark, paper settings
+    settings = EvalSettings(**cfg["eval"])
+    settings.check()
+    bench, extra = CONTINUAL_BENCH[task]
+    assert settings.tasks == ["hexphi", "harmbench", bench]
+    assert settings.hexphi_path == "data/paper/HEx-PHI" and settings.max_examples is None
+    assert settings.paper_compat and not settings.do_sample
+    assert {k: getattr(settings, k) for k in extra} == extra
+    text = path.read_text()
+    assert "Fig. 3" in text and f"lori continual --config configs/paper/continual/{path.name}" in text
+
+
+@pytest.mark.parametrize("path", CONTINUAL, ids=_ids)
+def test_continual_config_inputs_are_checked_at_run_time(path, tmp_path, monkeypatch):
+    cont = ContinualConfig(**parse_continual_config(path)["continual"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ContinualConfigError, match="safety_adapter"):
+        cont.check()
+    (tmp_path / cont.safety_adapter).mkdir(parents=True)
+    (tmp_path / cont.safety_adapter / CONFIG_FILE).write_text("{}")
+    if cont.task_mask is not None:
+        with pytest.raises(ContinualConfigError, match="task_mask"):
+            cont.check()
+        (tmp_path / cont.task_mask).parent.mkdir(parents=True)
+        (tmp_path / cont.task_mask).write_bytes(b"")
+    cont.check()
 
 
 def test_continual_configs_cover_figure_3():
-    runs = {(yaml.safe_load(p.read_text())["task"], yaml.safe_load(p.read_text())["adaptation"]) for p in CONTINUAL}
+    runs = {_continual_key(p)[2:] for p in CONTINUAL}
     assert runs == {(t, a) for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")}
+    assert {_continual_key(p)[:2] for p in CONTINUAL} == {("llama3_8b", 32)}
 
 
 # ---- a paper config runs end to end (tiny model, tiny data, CPU) ----------------------------

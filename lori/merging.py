@@ -356,6 +356,7 @@ def _building(target: Path) -> Iterator[Path]:
     """A directory built beside ``target`` that replaces it only when the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; results are for everyone who can read the parent
     try:
         yield tmp
         old = target.parent / f".{target.name}.old"

@@ -217,13 +217,13 @@ def write_toy_gsm8k(path: str | Path, n: int = 16, op: str = "+") -> Path:
     return path
 
 
-def toy_config(workdir: str | Path, op: str = "+", steps: int = 3) -> dict[str, Any]:
+def toy_config(workdir: str | Path, op: str = "+", steps: int = 2) -> dict[str, Any]:
     """A seconds-long config: the tiny random Llama on a toy GSM8K file written into ``workdir``."""
     data_file = write_toy_gsm8k(Path(workdir) / f"toy_gsm8k_{'add' if op == '+' else 'mul'}.jsonl", op=op)
     return {
         "seed_everything": 0,
         "model": {"model": TOY_MODEL, "lori": {"r": 4, "alpha": 8, "sparsity": 0.9, "dropout": 0.0, "seed": 0},
-                  "lr": 0.01},
+                  "lr": 0.05},
         "data": {"task": "gsm8k", "train_file": str(data_file), "held_out": 4, "max_length": 64,
                  "batch_size": 2},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_model_summary": False,

@@ -10,10 +10,12 @@ import torch
 from conftest import make_tiny_llama, make_tiny_qwen2
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lori.core import layer as lori_layer
 from lori.core import (
     InjectionError,
     LoRIConfig,
     LoRIConfigError,
+    LoRILinear,
     adapter_listing,
     calibrate,
     count_trainable,
@@ -24,6 +26,7 @@ from lori.core import (
     set_masks,
     trainable_parameters,
 )
+from lori.core.layer import dropout_draw
 
 
 def test_init_output_equals_base(tiny_llama, tokens):
@@ -165,3 +168,144 @@ def test_paper_trainable_counts_on_llama3_8b_meta():
     bs = {p: torch.randn(m.out_features, m.r, generator=g) for p, m in lori_layers(model).items()}
     set_masks(model, calibrate(bs, 0.9, "model"))
     assert count_trainable(model) == 4_404_019  # paper: 4.4M (0.05%)
+
+
+# ---- the fused forward/backward (lori.core.layer._LoRIMatmul) ------------------------------
+def _layer(p: float, masked: bool, dtype: torch.dtype = torch.float64) -> LoRILinear:
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=p, seed=0, path="m")
+    layer.lori_B.data.normal_()
+    if masked:
+        layer.set_mask(torch.rand(10, 4) < 0.5)  # entries outside keep their (non-zero) values
+    return layer.to(dtype).train()
+
+
+def _reference(layer: LoRILinear, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """y = W0 x + b + scale * B_eff A dropout(x), in plain autograd."""
+    p = layer.lori_dropout.p if keep is not None else 0.0
+    xd = x if keep is None else x * keep.view_as(x) / (1 - p)
+    return layer.base_layer(x) + layer.scale * xd @ layer.lori_A.t() @ layer.B().t()
+
+
+def _grads(layer: LoRILinear, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> list:
+    trainable = layer.lori_B if layer.lori_B_values is None else layer.lori_B_values
+    return list(torch.autograd.grad(y, [x, trainable], g))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_step_equals_autograd_reference(masked, p):
+    layer = _layer(p, masked)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 10, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = layer(x)
+    keep = None
+    if p > 0:  # the same draw from the same RNG state
+        torch.manual_seed(7)
+        drops = dropout_draw(x.numel(), p, x.device)
+        keep = torch.ones(x.numel(), dtype=torch.float64).index_fill_(0, drops, 0.0)
+        assert 0 < len(drops) < x.numel()
+    ref = _reference(layer, x, keep)
+    assert torch.allclose(y, ref, atol=1e-12)
+    for got, want in zip(_grads(layer, y, x, g), _grads(layer, ref, x, g)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_backward_passes_gradcheck(monkeypatch, p):
+    layer = _layer(p, masked=True)
+    fixed = dropout_draw(3 * 12, p, torch.device("cpu")) if p else None
+    monkeypatch.setattr(lori_layer, "dropout_draw", lambda n, p, device: fixed)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    # gradcheck perturbs the inputs in place: the second one is the layer's own parameter
+    assert torch.autograd.gradcheck(lambda x, values: layer(x), (x, layer.lori_B_values))
+
+
+def test_grad_of_kept_values_is_gather_of_dense_grad():
+    dense, sparse = _layer(0.0, masked=False), _layer(0.0, masked=True)
+    sparse.lori_B.data.copy_(dense.lori_B.data)  # same B_eff: scatter of the same values
+    sparse.lori_B_values.data.copy_(dense.lori_B.data.view(-1)[sparse.lori_index])
+    x = torch.randn(6, 12, dtype=torch.float64)
+    dense(x).pow(2).sum().backward()
+    sparse(x).pow(2).sum().backward()
+    assert torch.allclose(sparse.lori_B_values.grad, dense.lori_B.grad.view(-1)[sparse.lori_index])
+
+
+def test_fused_path_equals_fallback_path(monkeypatch):
+    """Autocast, mixed dtypes or a trainable base take plain autograd; both give the same step."""
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 10, dtype=torch.float64)
+    layer = _layer(0.0, masked=True)
+    fused = layer(x)
+    fused_grads = _grads(layer, fused, x, g)
+    monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+    plain = layer(x)
+    assert plain.grad_fn.name() != fused.grad_fn.name()
+    assert torch.allclose(fused, plain, atol=1e-12)
+    for got, want in zip(fused_grads, _grads(layer, plain, x, g)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_trainable_base_weight_gets_its_gradient():
+    layer = _layer(0.0, masked=True)
+    layer.base_layer.weight.requires_grad_(True)
+    layer(torch.randn(3, 12, dtype=torch.float64)).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.lori_B_values.grad is not None
+
+
+def test_dropout_inactive_in_eval_equals_p0():
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    with_dropout, without = _layer(0.3, masked=True).eval(), _layer(0.0, masked=True).eval()
+    assert torch.equal(with_dropout(x), without(x))
+    assert not torch.equal(with_dropout.train()(x), with_dropout(x))  # live in training
+
+
+def test_masked_entries_untouched_by_adamw_weight_decay_through_fused_step():
+    layer = _layer(0.3, masked=True, dtype=torch.float32)
+    outside = ~layer.lori_mask
+    before = layer.B().detach().clone()
+    opt = torch.optim.AdamW(trainable_parameters(layer), lr=1e-2, weight_decay=0.5)
+    for _ in range(5):
+        layer(torch.randn(8, 12)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = layer.B().detach()
+    assert torch.equal(after[outside], before[outside]) and not torch.equal(after, before)
+    assert opt.state[layer.lori_B_values]["exp_avg"].numel() == int(layer.lori_mask.sum())
+
+
+def test_no_copy_of_x_is_saved_for_backward():
+    """Saved for backward: h (n x r), B_eff, frozen weights, drops; never an (n x d_in) tensor."""
+    layer = _layer(0.3, masked=True, dtype=torch.float32)
+    x = torch.randn(64, 12, requires_grad=True)
+    shapes = []
+    pack = lambda t: shapes.append(tuple(t.shape)) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert shapes and (64, 12) not in shapes
+
+
+@pytest.mark.parametrize("n, p", [(1, 0.5), (7, 0.9), (1000, 0.05), (200_000, 0.05), (50_000, 0.5)])
+def test_dropout_draw_is_bernoulli(n, p):
+    torch.manual_seed(0)
+    draws = [dropout_draw(n, p, torch.device("cpu")) for _ in range(max(1, 200_000 // n))]
+    for d in draws:
+        assert d.dtype == torch.int64 and (d >= 0).all() and (d < n).all()
+        assert (d[1:] > d[:-1]).all()  # sorted, no repeats
+    hits = torch.zeros(n)
+    for d in draws:
+        hits[d] += 1
+    total = len(draws) * n
+    assert abs(hits.sum() / total - p) < 5 * (p * (1 - p) / total) ** 0.5 + 1e-9
+    if n >= 1000:  # neighbours independent: P(both dropped) = p^2
+        masks = torch.stack([torch.zeros(n).index_fill_(0, d, 1.0) for d in draws])
+        pair = (masks[:, 1:] * masks[:, :-1]).mean()
+        assert abs(pair - p * p) < 0.01 * p
+
+
+def test_dropout_draw_follows_global_seed():
+    torch.manual_seed(3)
+    a = dropout_draw(5000, 0.1, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout_draw(5000, 0.1, torch.device("cpu")))

@@ -19,6 +19,13 @@ is kept for the kept entries only (a (1 - s) fraction of LoRI-D's).
 
 A is a buffer drawn from a CPU ``torch.Generator`` seeded by (seed, module path), so it is the same
 in any process and on any machine, and no optimizer can pick it up.
+
+Cost: forward and backward are one autograd node (``_LoRIMatmul``) with the backward written out:
+dx = g W0 + c (g B_eff) A (masked by dropout), dB_eff = c g^T h, and in LoRI-S the gradient of the
+kept entries is a gather of dB_eff. No gradient is formed for A; x is never copied when dropout
+is off (p = 0 or eval) and otherwise only to zero the dropped entries, whose positions are all
+that is saved (not a float mask); the adapter's product is added into the base output in place.
+Measured in ``experiments/bench_train.py``, written up in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -144,9 +151,33 @@ class LoRILinear(nn.Module):
             self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
+        trainable = self.lori_B if self.lori_B_values is None else self.lori_B_values
+        if not self._fusable(x, trainable):
+            return self._forward_autograd(x)
+        dropout = self.lori_dropout
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+        drop = dropout_draw(x.numel(), p, x.device) if p > 0 else None  # 1/(1-p) joins the scale
+        base = self.base_layer
+        return _LoRIMatmul.apply(
+            x, trainable, base.weight, base.bias, self.lori_A, self.lori_B, self.lori_index, drop,
+            self.scale / (1.0 - p),
+        )
+
+    def _fusable(self, x: Tensor, trainable: Tensor) -> bool:
+        """One dtype throughout, no autocast, a frozen base: the hand-written backward applies."""
+        base = self.base_layer
+        return (
+            x.dtype == base.weight.dtype == self.lori_A.dtype == trainable.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+        )
+
+    def _forward_autograd(self, x: Tensor) -> Tensor:
+        """Mixed dtypes, autocast or a trainable base: plain autograd over the same formula."""
+        result = self.base_layer(x)
         h = F.linear(self.lori_dropout(x), _as(self.lori_A, x.dtype))  # (..., r)
         B = _as(self.B(), h.dtype)  # (d_out, r)
         if result.dtype == h.dtype and result.is_contiguous():
@@ -172,3 +203,90 @@ class LoRILinear(nn.Module):
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def dropout_draw(n: int, p: float, device: torch.device) -> Tensor:
+    """Which of ``n`` entries dropout zeroes, each independently with probability ``p``.
+
+    Returns the sorted flat positions of the dropped entries (int64) on CPU, a bool keep mask
+    elsewhere (``bernoulli_``). On CPU the positions are drawn directly: the gaps between drops
+    of a Bernoulli(p) sequence are i.i.d. Geometric(p) = ceil(log U / log(1 - p)), so about
+    ``n * p`` uniforms are drawn instead of ``n`` (``bernoulli_`` costs several ns per entry on CPU,
+    as much as the adapter's matmuls at small widths) and zeroing touches only the dropped entries.
+    Same distribution as ``nn.Dropout`` up to U's float32 resolution, from the same global RNG.
+    """
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+    log_q, mean = math.log1p(-p), n * p
+    chunk = int(mean + 8.0 * math.sqrt(mean) + 16)  # reaches n in all but ~1e-15 of draws
+
+    def after(last: int) -> Tensor:  # positions of the next ``chunk`` drops after ``last``
+        u = torch.empty(chunk).uniform_(2.0**-24, 1.0)  # never 0, so log U is finite
+        return u.log_().div_(log_q).ceil_().long().cumsum_(0).add_(last)
+
+    drops = after(-1)
+    while (last := int(drops[-1])) < n:
+        drops = torch.cat([drops, after(last)])
+    return drops[: int(torch.searchsorted(drops, n))]
+
+
+def _zero_dropped(t: Tensor, drop: Tensor) -> Tensor:
+    """Zero, in place, the entries of contiguous ``t`` that ``dropout_draw`` dropped."""
+    if drop.dtype == torch.bool:
+        return t.mul_(drop.view_as(t))
+    t.view(-1).index_fill_(0, drop, 0)
+    return t
+
+
+class _LoRIMatmul(torch.autograd.Function):
+    """y = W0 x + b + c * B_eff A (x ⊙ keep), with c = scale / (1 - p), as one autograd node.
+
+    Forward, with x flattened to (n, d_in) and ``keep`` the dropout mask (all ones when p = 0):
+
+        h = (x ⊙ keep) A^T            (n, r)      x is copied only with dropout, to zero the drops
+        y = x W0^T + b;  y += c h B_eff^T         in place, (n, d_out)
+
+    Backward, from g = dL/dy (n, d_out):
+
+        dh = g B_eff                  (n, r)
+        dx = c (dh A) ⊙ keep + g W0   (n, d_in)   one addmm, the other term's scale as its beta
+        dB_eff = c g^T h              (d_out, r); in LoRI-S d(values) = dB_eff.flat[index]
+
+    Nothing is formed for A, W0 or b (frozen). Saved: h, B_eff and the drops (not a copy of x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, trainable, weight, bias, A, B_rest, index, drop, c):  # type: ignore
+        if index is None:
+            B = trainable  # LoRI-D: dense B
+        else:
+            B = B_rest.reshape(-1).scatter(0, index, trainable).view_as(B_rest)
+        x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
+        if drop is None:
+            xa = x2
+        else:
+            xa = _zero_dropped(x2.clone(memory_format=torch.contiguous_format), drop)
+        h = torch.mm(xa, A.t())  # (n, r)
+        y = F.linear(x2, weight, bias)  # (n, d_out)
+        y.addmm_(h, B.t(), alpha=c)
+        ctx.save_for_backward(weight, A, B, h, index, drop)
+        ctx.c = c
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        weight, A, B, h, index, drop = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
+        dx = dtrainable = None
+        if ctx.needs_input_grad[0]:
+            dh = torch.mm(g, B)  # (n, r), c is applied below
+            if drop is None:
+                dx = torch.mm(g, weight).addmm_(dh, A, alpha=ctx.c)
+            else:
+                dx = _zero_dropped(torch.mm(dh, A), drop).addmm_(g, weight, beta=ctx.c)
+            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dB = torch.mm(g.t(), h)  # (d_out, r)
+            dtrainable = (dB if index is None else dB.view(-1).index_select(0, index)).mul_(ctx.c)
+        return dx, dtrainable, None, None, None, None, None, None, None

@@ -193,3 +193,28 @@ def test_merge_weight_sweep_starts_at_the_base_and_leaves_the_base_unchanged():
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ab.AblationError, match="unknown merge method"):
         ab.merge_weight_sweep(model, adapters, loaders, [0.3], methods=("ties",))
+
+
+def test_format_rows_aligns_columns_and_shortens_keys():
+    text = ab.format_rows([{"model.lori.sparsity": 0.5, "loss": 1.23456}, {"model.lori.sparsity": 0.9}],
+                          ["model.lori.sparsity", "loss"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["sparsity", "loss"] and lines[1].split() == ["0.5000", "1.2346"]
+    assert lines[2].split() == ["0.9000", "None"] and len({len(line) for line in lines}) == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.lori.sparsity": 0.0, "pipeline.sparse_lr": 0.02},  # the notebooks' full-size values
+    {"model.lori.granularity": "projection"},
+    {"pipeline.calibrate_at_step": 5},
+    {"data.task": "mbpp", "model.lori.seed": 1},
+])
+def test_full_size_overrides_give_valid_default_configs(tmp_path, overrides):
+    from lori.cli import parse_config
+
+    config = ab.point_config(ab.load_config(ab.DEFAULT_CONFIG), overrides, tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parsed = parse_config(path)
+    for key, value in overrides.items():
+        assert ab.get_key(parsed.as_dict(), key) == value

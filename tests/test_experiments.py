@@ -1,0 +1,54 @@
+"""The paper-claim experiments run end to end at toy size (so they cannot rot) and write their
+results and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_single_task(tmp_path):
+    results = load("single_task").main(["--tiny", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"base", "LoRI-D", "LoRI-S", "LoRA"}
+    assert rows["LoRI-S"]["trainable"] == round(0.1 * rows["LoRI-D"]["trainable"])
+    assert rows["LoRA"]["trainable"] > rows["LoRI-D"]["trainable"]  # LoRA also trains A
+    for method in ("LoRI-D", "LoRI-S", "LoRA"):
+        assert rows[method]["loss/gsm8k"] < rows["base"]["loss/gsm8k"]  # each learned something
+    assert (tmp_path / "single_task.png").is_file()
+    assert json.loads((tmp_path / "single_task.json").read_text())["rows"]
+
+
+def test_merge_tasks(tmp_path):
+    results = load("merge_tasks").main(["--tiny", "--out", str(tmp_path)])
+    names = [r["model"] for r in results["rows"]]
+    assert {"base", "LoRI-D concat", "LoRI-D linear", "LoRI-S concat", "LoRI-S linear"} <= set(names)
+    diag = results["diagnostics"]["add-mul"]
+    assert 0.0 <= diag["lori_d_mean_abs_cos"] < 0.5
+    assert diag["lori_s_mask_overlap"]["intersection"] < 0.05  # ~ (1 - s)^2 = 0.01
+    assert (tmp_path / "merge_tasks.png").is_file()
+
+
+@pytest.mark.parametrize("run", ["unprotected", "protected"])
+def test_continual(tmp_path_factory, run):
+    out = tmp_path_factory.getbasetemp() / "continual_experiment"
+    if not (out / "continual.json").is_file():
+        load("continual").main(["--tiny", "--out", str(out)])
+    results = json.loads((out / "continual.json").read_text())["runs"][run]["results"]
+    assert {"safety", "task"} <= set(results)
+    assert "refusal_rate" in results["task"]["harmbench"]
+    assert (out / run / "continual.png").is_file()

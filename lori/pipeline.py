@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
 from lori.core import (
+    LoRIConfigError,
     apply_adapter,
     count_trainable,
     get_masks,
@@ -202,6 +203,10 @@ def run_pipeline(
     cfg: PipelineConfig, config_text: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) LoRI-D -> calibration -> LoRI-S and write ``summary.json``."""
+    method = module.hparams.get("method", "lori")
+    if method != "lori":
+        raise LoRIConfigError(f"lori pipeline runs LoRI-D -> calibration -> LoRI-S; model.method is {method!r}: "
+                              "train baselines with `lori fit --config ...`")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"pipeline": asdict(cfg), "model": module.hparams.model,

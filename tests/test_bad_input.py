@@ -162,3 +162,13 @@ def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys):
 
 def test_the_catalogue_is_at_least_fifteen_cases():
     assert len(CASES) >= 15
+
+
+def test_pipeline_refuses_a_baseline_method(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / OUT))
+    cfg["model"]["method"] = "lora"
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
+    assert info.value.code == 2
+    assert "lori fit" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / OUT).exists()

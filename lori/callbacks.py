@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,9 @@ class MaskCalibration(Callback):
             from safetensors.torch import save_file
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_file(self.masks, str(self.output_dir / "masks.safetensors"))
+            partial = self.output_dir / ".masks.safetensors.partial"  # a kill mid-write leaves no bad file
+            save_file(self.masks, str(partial))
+            os.replace(partial, self.output_dir / "masks.safetensors")
             save_heatmap(self.masks, self.output_dir / "sparsity_heatmap.png")
         return self.masks
 
@@ -135,12 +138,13 @@ class SaveAdapter(Callback):
 
 def table_figure(layers: list[int], columns: list[str], table: torch.Tensor, title: str, label: str):
     """A layer x projection heatmap (rows = layers, columns = projections) as a matplotlib figure."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.22 * len(layers)))
+    # a Figure with its own Agg canvas: no pyplot state, no global backend switch (notebooks keep theirs)
+    fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.22 * len(layers)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     image = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
@@ -161,10 +165,8 @@ def heatmap_figure(masks: dict[str, torch.Tensor]):
 
 def save_figure(fig, path: Path) -> None:
     """Write a figure as a PNG and free it."""
-    import matplotlib.pyplot as plt
-
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.clear()
 
 
 def save_heatmap(masks: dict[str, torch.Tensor], path: Path) -> None:

@@ -212,6 +212,22 @@ def test_fused_step_equals_autograd_reference(masked, p):
         assert torch.allclose(got, want, atol=1e-12)
 
 
+def test_keep_mask_form_of_dropout_equals_positions(monkeypatch):
+    """Off CPU, dropout_draw returns a bool keep mask instead of positions: same step."""
+    layer = _layer(0.3, masked=True)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 10, dtype=torch.float64)
+    drops = dropout_draw(x.numel(), 0.3, x.device)
+    keep = torch.ones(x.numel(), dtype=torch.bool).index_fill_(0, drops, False)
+    results = []
+    for draw in (drops, keep):
+        monkeypatch.setattr(lori_layer, "dropout_draw", lambda n, p, device, draw=draw: draw)
+        y = layer(x)
+        results.append([y, *_grads(layer, y, x, g)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fused_backward_passes_gradcheck(monkeypatch, p):
     layer = _layer(p, masked=True)

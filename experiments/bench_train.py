@@ -1,0 +1,519 @@
+"""Benchmark a training step of LoRI-S against PEFT LoRA, LoRI-D and the frozen-model floor.
+
+Every method trains the same random-init model (same rank, alpha, dropout, target modules, batch,
+sequence length, dtype and threads), with AdamW built as ``LoRIModule.configure_optimizers``
+builds it (``lori.core.trainable_parameters``, lr 1e-4, no weight decay). One step is zero_grad,
+forward, token-mean cross-entropy, backward and optimizer step. Steps of all methods are
+interleaved, the order rotating every round, so that load from other processes falls on all of
+them alike; every figure is the median of ``--steps`` steps after ``--warmup``.
+
+The floor is the cost no adapter on these modules can avoid: the same model with every weight
+frozen, its forward, and the backward any adapter needs, i.e. the gradient of the loss with
+respect to the output of every target module (a forward hook makes those outputs require grad;
+nothing else does). An adapter adds only its own work to that. Backpropagating to the input
+embeddings instead (``floor_embed``, reported beside it) also forms the input gradients of layer
+0's q/k/v/gate/up, which no adapter needs since the embeddings are frozen: a higher floor that
+would flatter the adapters, so the targets use ``floor``.
+
+Reported per size, one JSON line each:
+  * ``step_ms`` (wall clock) and ``step_cpu_ms`` (process CPU time) per method; ratios LoRI-S /
+    LoRA (target <= 0.80) and LoRI-S / floor (target <= 1.10);
+  * ``matmul_bound``: each method's linear-layer matmul FLOPs over the floor's, the ratio an
+    implementation with no overhead at all would reach (attention, norms, softmax left out);
+  * ``optimizer_state_bytes`` after the steps; LoRI-S / LoRI-D (target <= 0.12);
+  * ``trainable`` counts, and for LoRI-S the mask count (they must be equal);
+  * ``peak_rss_bytes``: each method trains in a fresh process (no method sees another's
+    allocations); ``peak`` is the resident-set high-water mark over warm-up and two more steps
+    (``VmHWM``, reset once the model is built), ``over_base`` that peak minus the resident set of
+    the bare base model; LoRI-S <= LoRA is the target. On CUDA also peak allocated device memory;
+  * ``forward``: eval-mode forward of the base, LoRI-S unmerged and merged (merged / base ~ 1).
+
+Threads default to 1: on a few cores shared with other jobs, two OpenMP threads spin-wait
+whenever the other is descheduled, which made steps 5-10x slower and far noisier when measured.
+
+Sizes: ``smollm2-135m`` (SmolLM2-135M shape: 30 layers, width 576, tied 49k vocabulary) and
+``llama3-8b-2l`` (Llama-3-8B widths, 2 layers; the 128k vocabulary cut to 32000 by default,
+``--vocab`` to change it, so that the output layer does not swamp the adapted layers).
+
+    python experiments/bench_train.py                                 # both sizes, CPU fp32
+    python experiments/bench_train.py --sizes smollm2-135m --steps 9
+    python experiments/bench_train.py --device cuda --dtype bfloat16 --threads 0
+    python experiments/bench_train.py --table experiments/results/bench_train.json  # markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lori.core import (
+    LoRIConfig,
+    calibrate,
+    count_trainable,
+    get_B,
+    get_masks,
+    inject_lori,
+    lori_layers,
+    merge_lori,
+    set_masks,
+    trainable_parameters,
+    unmerge_lori,
+)
+from lori.models import load_arch_config
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FIRST_LAYER_NO_DX = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the embeddings
+SIZES = {"smollm2-135m": (2, 64), "llama3-8b-2l": (1, 64)}  # name -> default (batch, seq)
+METHODS = ["floor", "floor_embed", "lori_d", "lori_s", "lora", "lori_s_p0", "lora_p0"]
+RSS_METHODS = ["floor", "lori_d", "lori_s", "lora"]
+TARGET_RATIOS = {
+    "lori_s_vs_lora": 0.80, "lori_s_vs_floor": 1.10, "opt_state_lori_s_vs_lori_d": 0.12,
+    "peak_rss_lori_s_vs_lora": 1.0,
+}
+
+
+# ---- models ------------------------------------------------------------------------------
+def model_config(size: str, vocab: int) -> LlamaConfig:
+    """The architecture of a benchmark size, without a KV cache (training)."""
+    if size == "smollm2-135m":
+        return LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+            head_dim=64, num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, use_cache=False,
+        )
+    return load_arch_config("llama3_8b", num_hidden_layers=2, vocab_size=vocab, use_cache=False)
+
+
+def build_base(args: argparse.Namespace, size: str) -> nn.Module:
+    """Random-init (seeded) frozen base model on the benchmark device and dtype."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(model_config(size, args.vocab))
+    model.to(getattr(torch, args.dtype)).requires_grad_(False)
+    return model.train()
+
+
+def share_weights(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` holding the very same parameter tensors (all frozen, so safe)."""
+    return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+
+
+def require_grad_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    return output if output.requires_grad else output.requires_grad_()
+
+
+def make_method(name: str, base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The model a method trains, on ``base``'s weights; ``*_p0`` variants use dropout 0."""
+    model = share_weights(base)
+    dropout = 0.0 if name.endswith("_p0") else args.dropout
+    if name in ("floor", "floor_embed"):
+        hooked = ("embed_tokens",) if name == "floor_embed" else tuple(TARGETS)
+        for path, module in model.named_modules():
+            if path.rsplit(".", 1)[-1] in hooked:
+                module.register_forward_hook(require_grad_hook)
+    elif name.startswith("lori"):
+        config = LoRIConfig(r=args.r, alpha=args.alpha, dropout=dropout, target_modules=TARGETS)
+        inject_lori(model, config)
+        if name.startswith("lori_s"):
+            make_lori_s(model)
+    elif name.startswith("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS
+        )
+        # adapters in the model's dtype, as LoRI's B (PEFT would upcast bf16 adapters to fp32)
+        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    else:
+        raise ValueError(f"unknown method {name!r}; choose from {METHODS + ['floor_embed']}")
+    return model.train()
+
+
+def make_lori_s(model: nn.Module) -> None:
+    """The LoRI-S phase: a model-wise 90% mask calibrated on (random) dense B, then B reset."""
+    g = torch.Generator().manual_seed(1)
+    for layer in lori_layers(model).values():
+        layer.lori_B.data.copy_(torch.randn(layer.lori_B.shape, generator=g))
+    set_masks(model, calibrate(get_B(model), 0.9, "model"), reset=True)
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
+    """AdamW over the trainable parameters, as ``LoRIModule.configure_optimizers`` builds it."""
+    params = trainable_parameters(model)
+    if not params:
+        return None
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999))
+
+
+@dataclass
+class Runner:
+    """One method: its model, optimizer and training step."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+
+    @classmethod
+    def build(cls, name: str, base: nn.Module, args: argparse.Namespace) -> Runner:
+        model = make_method(name, base, args)
+        return cls(name, model, make_optimizer(model))
+
+    def step(self, ids: Tensor) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+
+# ---- timing ------------------------------------------------------------------------------
+def sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+Timings = dict[str, tuple[float, float]]  # name -> median (wall, CPU) seconds
+
+
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int, steps: int) -> Timings:
+    """Median (wall, CPU) seconds of each function over ``steps`` rounds after ``warmup``.
+
+    Every round calls each function once, starting one further along each time.
+    """
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(warmup + steps):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t = timed(fns[name])
+            if i >= warmup:
+                times[name].append(t)
+    return {
+        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        for k, v in times.items()
+    }
+
+
+def forward_times(base: nn.Module, lori_s: nn.Module, ids: Tensor, steps: int) -> dict:
+    """Eval-mode forward of the base, LoRI-S unmerged and LoRI-S merged, interleaved pairwise.
+
+    Merging edits the shared base weights in place: harmless, as every training step has been
+    timed already and the cost does not depend on the values. Unmerged again afterwards.
+    """
+    base.eval()
+    lori_s.eval()
+
+    def run(model: nn.Module) -> Callable[[], object]:
+        return lambda: model(input_ids=ids)
+
+    with torch.no_grad():
+        unmerged = interleaved({"base": run(base), "lori_s": run(lori_s)}, 1, steps)
+        merge_lori(lori_s)
+        merged = interleaved({"base": run(base), "lori_s": run(lori_s)}, 1, steps)
+        unmerge_lori(lori_s)
+    return {
+        "base_ms": ms(merged["base"][0]),
+        "lori_s_unmerged_ms": ms(unmerged["lori_s"][0]),
+        "lori_s_merged_ms": ms(merged["lori_s"][0]),
+        "unmerged_vs_base": round(unmerged["lori_s"][0] / unmerged["base"][0], 3),
+        "merged_vs_base": round(merged["lori_s"][0] / merged["base"][0], 3),
+        "merged_vs_base_cpu": round(merged["lori_s"][1] / merged["base"][1], 3),
+    }
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 1)
+
+
+# ---- counts ------------------------------------------------------------------------------
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    if optimizer is None:
+        return 0
+    tensors = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def matmul_flops(base: nn.Module, tokens: int, r: int) -> dict[str, float]:
+    """Linear-layer matmul FLOPs of one step: the floor's, and each method's over the floor's.
+
+    Floor: every linear layer's forward, and its input gradient unless its input needs none
+    (layer 0's q/k/v/gate/up read the frozen embeddings). An adapter on a d_in x d_out layer adds
+    forward A x and B h, backward B^T g, g h^T and A^T dh (LoRA also dh x^T, the gradient of A).
+    """
+    floor = adapter = lora_extra = 0
+    for path, m in base.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        name = path.rsplit(".", 1)[-1]
+        no_dx = ".layers.0." in path and name in FIRST_LAYER_NO_DX
+        floor += 2 * tokens * m.in_features * m.out_features * (1 if no_dx else 2)
+        if name in TARGETS:
+            dx = 0 if no_dx else m.in_features
+            adapter += 2 * tokens * r * (m.in_features + 3 * m.out_features + dx)
+            lora_extra += 2 * tokens * r * m.in_features
+    return {
+        "floor_gflop": round(floor / 1e9, 2),
+        "lori": round(1 + adapter / floor, 4),
+        "lora": round(1 + (adapter + lora_extra) / floor, 4),
+    }
+
+
+def trainable_counts(runners: dict[str, Runner]) -> dict[str, int]:
+    counts = {k: count_trainable(r.model) for k, r in runners.items() if r.optimizer is not None}
+    if "lori_s" in runners:
+        masks = get_masks(runners["lori_s"].model).values()
+        counts["lori_s_mask"] = sum(int(m.sum()) for m in masks)
+    return counts
+
+
+# ---- one size ----------------------------------------------------------------------------
+def input_ids(args: argparse.Namespace, size: str, vocab: int) -> Tensor:
+    batch, seq = args.batch or SIZES[size][0], args.seq or SIZES[size][1]
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
+
+
+def ratios_to(timings: dict[str, float], ref: str) -> dict[str, float]:
+    return {k: round(v / timings[ref], 3) for k, v in timings.items()} if ref in timings else {}
+
+
+def bench_size(args: argparse.Namespace, size: str) -> dict:
+    """All in-process figures for one size, then the per-method subprocess memory figures."""
+    base = build_base(args, size)
+    ids = input_ids(args, size, base.config.vocab_size)
+    runners = {name: Runner.build(name, base, args) for name in args.methods}
+    log(f"[{size}] timing {list(runners)} on {tuple(ids.shape)} tokens")
+    steps = {k: (lambda r=r: r.step(ids)) for k, r in runners.items()}
+    timings = interleaved(steps, args.warmup, args.steps)
+    wall = {k: w for k, (w, _) in timings.items()}
+    cpu = {k: c for k, (_, c) in timings.items()}
+    result = {
+        "size": size, "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
+        "params": sum(p.numel() for p in base.parameters()),
+        "step_ms": {k: ms(v) for k, v in wall.items()},
+        "step_cpu_ms": {k: ms(v) for k, v in cpu.items()},
+        "step_vs_floor": ratios_to(wall, "floor"),
+        "step_cpu_vs_floor": ratios_to(cpu, "floor"),
+        "matmul_bound": matmul_flops(base, ids.numel(), args.r),
+        "optimizer_state_bytes": {k: optimizer_state_bytes(r.optimizer)
+                                  for k, r in runners.items()},
+        "trainable": trainable_counts(runners),
+    }
+    if "lori_s" in runners:
+        log(f"[{size}] eval forward: base vs LoRI-S unmerged / merged")
+        result["forward"] = forward_times(base, runners["lori_s"].model, ids, args.steps)
+    del runners, steps, base
+    gc.collect()
+    result["peak_rss_bytes"] = peak_memory(args, size)
+    result["ratios"] = summary_ratios(result)
+    return result
+
+
+def summary_ratios(result: dict) -> dict:
+    """The issue's target ratios (with CPU-time companions) and whether each target is met."""
+    step, cpu = result["step_ms"], result["step_cpu_ms"]
+    opt, rss = result["optimizer_state_bytes"], result["peak_rss_bytes"]
+    pairs = [
+        ("lori_s_vs_lora", "lori_s", "lora"), ("lori_s_vs_floor", "lori_s", "floor"),
+        ("lori_s_vs_lora_p0", "lori_s_p0", "lora_p0"), ("lori_s_p0_vs_floor", "lori_s_p0", "floor"),
+    ]
+    ratios = {}
+    for key, a, b in pairs:
+        if a in step and b in step:
+            ratios[key] = round(step[a] / step[b], 3)
+            ratios[key + "_cpu"] = round(cpu[a] / cpu[b], 3)
+    if opt.get("lori_d"):
+        ratios["opt_state_lori_s_vs_lori_d"] = round(opt.get("lori_s", 0) / opt["lori_d"], 4)
+    if "lori_s" in rss and "lora" in rss:
+        s, lora = rss["lori_s"], rss["lora"]
+        ratios["peak_rss_lori_s_vs_lora"] = round(s["peak"] / lora["peak"], 4)
+        ratios["peak_over_base_lori_s_vs_lora"] = round(s["over_base"] / lora["over_base"], 4)
+    if "forward" in result:
+        ratios["merged_vs_base_forward"] = result["forward"]["merged_vs_base"]
+    ratios["met"] = {k: ratios[k] <= v for k, v in TARGET_RATIOS.items() if k in ratios}
+    return ratios
+
+
+# ---- peak memory: one fresh process per method -------------------------------------------
+def resident_bytes(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def release_free_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def rss_child(args: argparse.Namespace, size: str, method: str) -> None:
+    """Child process: build, reset the high-water mark, train, print the peak as JSON."""
+    base = build_base(args, size)
+    ids = input_ids(args, size, base.config.vocab_size)
+    release_free_memory()
+    rss_base = resident_bytes("VmRSS")
+    runner = Runner.build(method, base, args)
+    release_free_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup + 2):
+        runner.step(ids)
+    sync()
+    peak = resident_bytes("VmHWM")
+    out = {"peak": peak, "over_base": peak - rss_base}
+    if cuda:
+        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(out))
+
+
+def peak_memory(args: argparse.Namespace, size: str) -> dict[str, dict[str, int]]:
+    """Median over ``--rss-repeats`` fresh processes per method, methods interleaved."""
+    methods = [m for m in RSS_METHODS if m in args.methods]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    script = os.path.abspath(__file__)
+    for _ in range(args.rss_repeats):
+        for method in methods:
+            log(f"[{size}] peak memory of {method} in a fresh process")
+            cmd = [sys.executable, script, "--rss-child", size, method, *child_args(args)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[method].append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        m: {k: int(statistics.median(r[k] for r in rs)) for k in rs[0]}
+        for m, rs in runs.items() if rs
+    }
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    keep = ["threads", "device", "dtype", "r", "alpha", "dropout", "vocab", "batch", "seq"]
+    keep.append("warmup")
+    return [a for k in keep for a in (f"--{k}", str(getattr(args, k)))]
+
+
+# ---- report ------------------------------------------------------------------------------
+NAMES = {"floor": "floor", "floor_embed": "floor to embeddings", "lori_d": "LoRI-D",
+         "lori_s": "LoRI-S", "lora": "PEFT LoRA", "lori_s_p0": "LoRI-S, p = 0",
+         "lora_p0": "PEFT LoRA, p = 0"}
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One column per size: step times (x floor), target ratios, state, counts, memory."""
+    rows: list[tuple[str, list[str]]] = [
+        ("tokens per step (batch x seq)", [f"{r['batch']} x {r['seq']}" for r in results]),
+    ]
+    for m in METHODS:
+        rows.append((f"step ms: {NAMES[m]} (x floor)", [
+            f"{r['step_ms'][m]:.0f} ({r['step_vs_floor'][m]:.3f})" if m in r["step_ms"] else "-"
+            for r in results]))
+    rows.append(("matmul FLOP bound x floor: LoRI / LoRA", [
+        f"{r['matmul_bound']['lori']:.3f} / {r['matmul_bound']['lora']:.3f}" for r in results]))
+    for key, label in [("lori_s_vs_lora", "LoRI-S / LoRA step (<= 0.80)"),
+                       ("lori_s_vs_floor", "LoRI-S / floor step (<= 1.10)"),
+                       ("lori_s_vs_lora_cpu", "LoRI-S / LoRA step, CPU time"),
+                       ("lori_s_vs_floor_cpu", "LoRI-S / floor step, CPU time"),
+                       ("lori_s_vs_lora_p0", "LoRI-S / LoRA step, p = 0"),
+                       ("opt_state_lori_s_vs_lori_d", "LoRI-S / LoRI-D optimizer state (<= 0.12)"),
+                       ("peak_rss_lori_s_vs_lora", "LoRI-S / LoRA peak RSS (<= 1)"),
+                       ("merged_vs_base_forward", "merged LoRI-S / base forward (~1)")]:
+        rows.append((label, [f"{r['ratios'].get(key, float('nan')):.3f}" for r in results]))
+    for m in ("lori_d", "lori_s", "lora"):
+        rows.append((f"optimizer state MB: {NAMES[m]}", [
+            f"{r['optimizer_state_bytes'][m] / 1e6:.2f}" for r in results]))
+    rows.append(("trainable: LoRI-D / LoRI-S (mask) / LoRA", [
+        "{lori_d:,} / {lori_s:,} ({lori_s_mask:,}) / {lora:,}".format(**r["trainable"])
+        for r in results]))
+    for m in RSS_METHODS:
+        rows.append((f"peak RSS MB: {NAMES[m]} (over base)", [
+            "{:.0f} ({:.0f})".format(r["peak_rss_bytes"][m]["peak"] / 2**20,
+                                     r["peak_rss_bytes"][m]["over_base"] / 2**20)
+            if m in r["peak_rss_bytes"] else "-" for r in results]))
+    header = "| | " + " | ".join(r["size"] for r in results) + " |"
+    lines = [header, "|---" * (len(results) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per method (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: as is)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--alpha", type=float, default=64.0)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of llama3-8b-2l")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (0: per-size default)")
+    parser.add_argument("--seq", type=int, default=0, help="sequence length (0: per-size default)")
+    parser.add_argument("--rss-repeats", type=int, default=1, help="processes per method (0: skip)")
+    parser.add_argument("--table", metavar="JSONL", help="print a results file as markdown")
+    parser.add_argument("--rss-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args, *args.rss_child)
+        return
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_table([json.loads(line) for line in f if line.strip()]))
+        return
+    for size in args.sizes:
+        start = time.perf_counter()
+        result = bench_size(args, size)
+        result.update(
+            benchmark="train_step", device=args.device, dtype=args.dtype,
+            threads=torch.get_num_threads(), r=args.r, alpha=args.alpha, dropout=args.dropout,
+            sparsity=0.9, targets=TARGETS, steps=args.steps, warmup=args.warmup,
+            torch=torch.__version__, target_ratios=TARGET_RATIOS,
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

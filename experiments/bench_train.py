@@ -4,8 +4,9 @@ Every method trains the same random-init model (same rank, alpha, dropout, targe
 sequence length, dtype and threads), with AdamW built as ``LoRIModule.configure_optimizers``
 builds it (``lori.core.trainable_parameters``, lr 1e-4, no weight decay). One step is zero_grad,
 forward, token-mean cross-entropy, backward and optimizer step. Steps of all methods are
-interleaved, the order rotating every round, so that load from other processes falls on all of
-them alike; every figure is the median of ``--steps`` steps after ``--warmup``.
+interleaved, in a new random order every round, so that load from other processes falls on all
+of them alike; every time is the median of ``--steps`` steps after ``--warmup``, every time ratio
+the median over rounds of the ratio within a round.
 
 The floor is the cost no adapter on these modules can avoid: the same model with every weight
 frozen, its forward, and the backward any adapter needs, i.e. the gradient of the loss with
@@ -49,6 +50,7 @@ import ctypes
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -199,24 +201,32 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-Timings = dict[str, tuple[float, float]]  # name -> median (wall, CPU) seconds
+Samples = dict[str, list[tuple[float, float]]]  # name -> (wall, CPU) seconds, one per round
 
 
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int, steps: int) -> Timings:
-    """Median (wall, CPU) seconds of each function over ``steps`` rounds after ``warmup``.
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int, steps: int) -> Samples:
+    """(wall, CPU) seconds of each function in each of ``steps`` rounds after ``warmup``.
 
-    Every round calls each function once, starting one further along each time.
+    Every round calls each function once, in a fresh seeded random order, so that no function
+    always follows the same one (whose freed memory or cache state it would inherit).
     """
-    names, times = list(fns), {k: [] for k in fns}
+    order, times = random.Random(0), {k: [] for k in fns}
     for i in range(warmup + steps):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in order.sample(list(fns), len(fns)):
             t = timed(fns[name])
             if i >= warmup:
                 times[name].append(t)
-    return {
-        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
-        for k, v in times.items()
-    }
+    return times
+
+
+def median_s(samples: Samples, name: str, col: int = 0) -> float:
+    """Median seconds of ``name``: wall clock (col 0) or CPU time (col 1)."""
+    return statistics.median(t[col] for t in samples[name])
+
+
+def paired_ratio(samples: Samples, a: str, b: str, col: int = 0) -> float:
+    """Median over rounds of a's time over b's in the same round (cancels drifting load)."""
+    return round(statistics.median(x[col] / y[col] for x, y in zip(samples[a], samples[b])), 3)
 
 
 def forward_times(base: nn.Module, lori_s: nn.Module, ids: Tensor, steps: int) -> dict:
@@ -237,12 +247,12 @@ def forward_times(base: nn.Module, lori_s: nn.Module, ids: Tensor, steps: int) -
         merged = interleaved({"base": run(base), "lori_s": run(lori_s)}, 1, steps)
         unmerge_lori(lori_s)
     return {
-        "base_ms": ms(merged["base"][0]),
-        "lori_s_unmerged_ms": ms(unmerged["lori_s"][0]),
-        "lori_s_merged_ms": ms(merged["lori_s"][0]),
-        "unmerged_vs_base": round(unmerged["lori_s"][0] / unmerged["base"][0], 3),
-        "merged_vs_base": round(merged["lori_s"][0] / merged["base"][0], 3),
-        "merged_vs_base_cpu": round(merged["lori_s"][1] / merged["base"][1], 3),
+        "base_ms": ms(median_s(merged, "base")),
+        "lori_s_unmerged_ms": ms(median_s(unmerged, "lori_s")),
+        "lori_s_merged_ms": ms(median_s(merged, "lori_s")),
+        "unmerged_vs_base": paired_ratio(unmerged, "lori_s", "base"),
+        "merged_vs_base": paired_ratio(merged, "lori_s", "base"),
+        "merged_vs_base_cpu": paired_ratio(merged, "lori_s", "base", col=1),
     }
 
 
@@ -298,10 +308,6 @@ def input_ids(args: argparse.Namespace, size: str, vocab: int) -> Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
 
 
-def ratios_to(timings: dict[str, float], ref: str) -> dict[str, float]:
-    return {k: round(v / timings[ref], 3) for k, v in timings.items()} if ref in timings else {}
-
-
 def bench_size(args: argparse.Namespace, size: str) -> dict:
     """All in-process figures for one size, then the per-method subprocess memory figures."""
     base = build_base(args, size)
@@ -309,16 +315,16 @@ def bench_size(args: argparse.Namespace, size: str) -> dict:
     runners = {name: Runner.build(name, base, args) for name in args.methods}
     log(f"[{size}] timing {list(runners)} on {tuple(ids.shape)} tokens")
     steps = {k: (lambda r=r: r.step(ids)) for k, r in runners.items()}
-    timings = interleaved(steps, args.warmup, args.steps)
-    wall = {k: w for k, (w, _) in timings.items()}
-    cpu = {k: c for k, (_, c) in timings.items()}
+    samples = interleaved(steps, args.warmup, args.steps)
+    floor = "floor" if "floor" in samples else None
     result = {
         "size": size, "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
         "params": sum(p.numel() for p in base.parameters()),
-        "step_ms": {k: ms(v) for k, v in wall.items()},
-        "step_cpu_ms": {k: ms(v) for k, v in cpu.items()},
-        "step_vs_floor": ratios_to(wall, "floor"),
-        "step_cpu_vs_floor": ratios_to(cpu, "floor"),
+        "step_ms": {k: ms(median_s(samples, k)) for k in samples},
+        "step_cpu_ms": {k: ms(median_s(samples, k, col=1)) for k in samples},
+        "step_vs_floor": {k: paired_ratio(samples, k, floor) for k in samples} if floor else {},
+        "step_cpu_vs_floor": {
+            k: paired_ratio(samples, k, floor, col=1) for k in samples} if floor else {},
         "matmul_bound": matmul_flops(base, ids.numel(), args.r),
         "optimizer_state_bytes": {k: optimizer_state_bytes(r.optimizer)
                                   for k, r in runners.items()},
@@ -330,13 +336,12 @@ def bench_size(args: argparse.Namespace, size: str) -> dict:
     del runners, steps, base
     gc.collect()
     result["peak_rss_bytes"] = peak_memory(args, size)
-    result["ratios"] = summary_ratios(result)
+    result["ratios"] = summary_ratios(result, samples)
     return result
 
 
-def summary_ratios(result: dict) -> dict:
+def summary_ratios(result: dict, samples: Samples) -> dict:
     """The issue's target ratios (with CPU-time companions) and whether each target is met."""
-    step, cpu = result["step_ms"], result["step_cpu_ms"]
     opt, rss = result["optimizer_state_bytes"], result["peak_rss_bytes"]
     pairs = [
         ("lori_s_vs_lora", "lori_s", "lora"), ("lori_s_vs_floor", "lori_s", "floor"),
@@ -344,9 +349,9 @@ def summary_ratios(result: dict) -> dict:
     ]
     ratios = {}
     for key, a, b in pairs:
-        if a in step and b in step:
-            ratios[key] = round(step[a] / step[b], 3)
-            ratios[key + "_cpu"] = round(cpu[a] / cpu[b], 3)
+        if a in samples and b in samples:
+            ratios[key] = paired_ratio(samples, a, b)
+            ratios[key + "_cpu"] = paired_ratio(samples, a, b, col=1)
     if opt.get("lori_d"):
         ratios["opt_state_lori_s_vs_lori_d"] = round(opt.get("lori_s", 0) / opt["lori_d"], 4)
     if "lori_s" in rss and "lora" in rss:

@@ -100,10 +100,8 @@ class LoRILinear(nn.Module):
 
     def B(self) -> Tensor:
         """The effective B (d_out x r): dense B, or the buffer with kept entries scattered in."""
-        if self.lori_B_values is None:
-            return self.lori_B
-        flat = self.lori_B.reshape(-1).scatter(0, self.lori_index, self.lori_B_values)
-        return flat.view_as(self.lori_B)
+        trainable = self.lori_B if self.lori_B_values is None else self.lori_B_values
+        return _effective_B(trainable, self.lori_B, self.lori_index)
 
     def set_mask(self, mask: Tensor | None, reset: bool = False) -> None:
         """Install (or remove, with None) a bool mask of B's shape; optionally zero B first.
@@ -252,15 +250,13 @@ class _LoRIMatmul(torch.autograd.Function):
         dx = c (dh A) ⊙ keep + g W0   (n, d_in)   one addmm, the other term's scale as its beta
         dB_eff = c g^T h              (d_out, r); in LoRI-S d(values) = dB_eff.flat[index]
 
-    Nothing is formed for A, W0 or b (frozen). Saved: h, B_eff and the drops (not a copy of x).
+    Nothing is formed for A, W0 or b (frozen). Saved: h and the drops, not a copy of x; in
+    LoRI-S B_eff is scattered again for the backward rather than kept from the forward.
     """
 
     @staticmethod
     def forward(ctx, x, trainable, weight, bias, A, B_rest, index, drop, c):  # type: ignore
-        if index is None:
-            B = trainable  # LoRI-D: dense B
-        else:
-            B = B_rest.reshape(-1).scatter(0, index, trainable).view_as(B_rest)
+        B = _effective_B(trainable, B_rest, index)
         x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
         if drop is None:
             xa = x2
@@ -269,18 +265,18 @@ class _LoRIMatmul(torch.autograd.Function):
         h = torch.mm(xa, A.t())  # (n, r)
         y = F.linear(x2, weight, bias)  # (n, d_out)
         y.addmm_(h, B.t(), alpha=c)
-        ctx.save_for_backward(weight, A, B, h, index, drop)
+        ctx.save_for_backward(weight, A, trainable, B_rest, h, index, drop)
         ctx.c = c
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        weight, A, B, h, index, drop = ctx.saved_tensors
+        weight, A, trainable, B_rest, h, index, drop = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
         dx = dtrainable = None
         if ctx.needs_input_grad[0]:
-            dh = torch.mm(g, B)  # (n, r), c is applied below
+            dh = torch.mm(g, _effective_B(trainable, B_rest, index))  # (n, r), c comes below
             if drop is None:
                 dx = torch.mm(g, weight).addmm_(dh, A, alpha=ctx.c)
             else:
@@ -290,3 +286,10 @@ class _LoRIMatmul(torch.autograd.Function):
             dB = torch.mm(g.t(), h)  # (d_out, r)
             dtrainable = (dB if index is None else dB.view(-1).index_select(0, index)).mul_(ctx.c)
         return dx, dtrainable, None, None, None, None, None, None, None
+
+
+def _effective_B(trainable: Tensor, B_rest: Tensor, index: Tensor | None) -> Tensor:
+    """Dense B (LoRI-D), or the frozen entries with the kept values scattered in (LoRI-S)."""
+    if index is None:
+        return trainable
+    return B_rest.reshape(-1).scatter(0, index, trainable).view_as(B_rest)

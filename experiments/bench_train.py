@@ -38,7 +38,7 @@ Sizes: ``smollm2-135m`` (SmolLM2-135M shape: 30 layers, width 576, tied 49k voca
 ``--vocab`` to change it, so that the output layer does not swamp the adapted layers).
 
     python experiments/bench_train.py                                 # both sizes, CPU fp32
-    python experiments/bench_train.py --sizes smollm2-135m --steps 9
+    python experiments/bench_train.py --sizes smollm2-135m --steps 25
     python experiments/bench_train.py --device cuda --dtype bfloat16 --threads 0
     python experiments/bench_train.py --table experiments/results/bench_train.json  # markdown
 """
@@ -81,7 +81,7 @@ from lori.models import load_arch_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIRST_LAYER_NO_DX = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the embeddings
-SIZES = {"smollm2-135m": (2, 64), "llama3-8b-2l": (1, 64)}  # name -> default (batch, seq)
+SIZES = {"smollm2-135m": (2, 64, 15), "llama3-8b-2l": (1, 64, 7)}  # default batch, seq, steps
 METHODS = ["floor", "floor_embed", "lori_d", "lori_s", "lora", "lori_s_p0", "lora_p0"]
 RSS_METHODS = ["floor", "lori_d", "lori_s", "lora"]
 TARGET_RATIOS = {
@@ -314,7 +314,8 @@ def trainable_counts(runners: dict[str, Runner]) -> dict[str, int]:
 
 # ---- one size ----------------------------------------------------------------------------
 def input_ids(args: argparse.Namespace, size: str, vocab: int) -> Tensor:
-    batch, seq = args.batch or SIZES[size][0], args.seq or SIZES[size][1]
+    batch, seq, _ = SIZES[size]
+    batch, seq = args.batch or batch, args.seq or seq
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
 
@@ -326,7 +327,8 @@ def bench_size(args: argparse.Namespace, size: str) -> dict:
     runners = {name: Runner.build(name, base, args) for name in args.methods}
     log(f"[{size}] timing {list(runners)} on {tuple(ids.shape)} tokens")
     steps = {k: (lambda r=r: r.step(ids)) for k, r in runners.items()}
-    samples = interleaved(steps, args.warmup, args.steps)
+    rounds = args.steps or SIZES[size][2]
+    samples = interleaved(steps, args.warmup, rounds)
     floor = "floor" if "floor" in samples else None
     result = {
         "size": size, "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
@@ -343,11 +345,12 @@ def bench_size(args: argparse.Namespace, size: str) -> dict:
     }
     if "lori_s" in runners:
         log(f"[{size}] eval forward: base vs LoRI-S unmerged / merged")
-        result["forward"] = forward_times(base, runners["lori_s"].model, ids, args.steps)
+        result["forward"] = forward_times(base, runners["lori_s"].model, ids, rounds)
     del runners, steps, base
     gc.collect()
     result["peak_rss_bytes"] = peak_memory(args, size)
     result["ratios"] = summary_ratios(result, samples)
+    result["steps"] = rounds
     return result
 
 
@@ -449,7 +452,8 @@ NAMES = {"floor": "floor", "floor_embed": "floor to embeddings", "lori_d": "LoRI
 def markdown_table(results: list[dict]) -> str:
     """One column per size: step times (x floor), target ratios, state, counts, memory."""
     rows: list[tuple[str, list[str]]] = [
-        ("tokens per step (batch x seq)", [f"{r['batch']} x {r['seq']}" for r in results]),
+        ("batch x seq; timed steps per method", [
+            f"{r['batch']} x {r['seq']}; {r['steps']}" for r in results]),
     ]
     for m in METHODS:
         rows.append((f"step ms: {NAMES[m]} (x floor)", [
@@ -493,7 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per method (median)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per method (0: 15 for "
+                        "smollm2-135m, 7 for llama3-8b-2l)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: as is)")
     parser.add_argument("--device", default="cpu")
@@ -527,7 +532,7 @@ def main() -> None:
         result.update(
             benchmark="train_step", device=args.device, dtype=args.dtype,
             threads=torch.get_num_threads(), r=args.r, alpha=args.alpha, dropout=args.dropout,
-            sparsity=0.9, targets=TARGETS, steps=args.steps, warmup=args.warmup,
+            sparsity=0.9, targets=TARGETS, warmup=args.warmup,
             torch=torch.__version__, target_ratios=TARGET_RATIOS,
             seconds=round(time.perf_counter() - start, 1),
         )

@@ -29,12 +29,8 @@ fingerprint is checked before any merge; the output directory appears only compl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,7 +41,7 @@ from torch import Tensor, nn
 
 from lori.core import Adapter, load_adapter, save_adapter
 from lori.core.adapter import check_fits
-from lori.core.io import CONFIG_FILE
+from lori.core.io import CONFIG_FILE, atomic_directory
 from lori.core.merge import (
     LORA_METHODS,
     DeltaMerge,
@@ -334,7 +330,7 @@ def run_merge(
     model, tokenizer = load_base(cfg, aset)
     base = BaseWeights(model, list(aset.adapters[0].A))
     results = _results_header(cfg, aset)
-    with _building(Path(cfg.output_dir)) as tmp:
+    with atomic_directory(Path(cfg.output_dir)) as tmp:
         if cfg.single_task:
             results["rows"].append(_single_task_row(model, tokenizer, aset, cfg.evaluate, evaluate, base))
         for method in cfg.methods:
@@ -349,24 +345,6 @@ def run_merge(
         if config_text is not None:
             (tmp / "merge_config.yaml").write_text(config_text)
     return results
-
-
-@contextlib.contextmanager
-def _building(target: Path) -> Iterator[Path]:
-    """A directory built beside ``target`` that replaces it only when the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; results are for everyone who can read the parent
-    try:
-        yield tmp
-        old = target.parent / f".{target.name}.old"
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _results_header(cfg: MergeConfig, aset: AdapterSet) -> dict[str, Any]:

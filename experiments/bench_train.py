@@ -25,8 +25,8 @@ Reported per size, one JSON line each:
   * ``optimizer_state_bytes`` after the steps; LoRI-S / LoRI-D (target <= 0.12);
   * ``trainable`` counts, and for LoRI-S the mask count (they must be equal);
   * ``peak_rss_bytes``: each method trains in a fresh process (no method sees another's
-    allocations); ``peak`` is the resident-set high-water mark over warm-up and two more steps
-    (``VmHWM``, reset once the model is built), ``over_base`` that peak minus the resident set of
+    allocations); ``peak`` is the resident-set high-water mark over two steps (``VmHWM``,
+    reset once the model is built), ``over_base`` that peak minus the resident set of
     the bare base model; LoRI-S <= LoRA is the target. On CUDA also peak allocated device memory;
   * ``forward``: eval-mode forward of the base, LoRI-S unmerged and merged (merged / base ~ 1).
 
@@ -81,7 +81,7 @@ from lori.models import load_arch_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIRST_LAYER_NO_DX = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the embeddings
-SIZES = {"smollm2-135m": (2, 64, 15), "llama3-8b-2l": (1, 64, 7)}  # default batch, seq, steps
+SIZES = {"smollm2-135m": (2, 64, 12), "llama3-8b-2l": (1, 64, 7)}  # default batch, seq, steps
 METHODS = ["floor", "floor_embed", "lori_d", "lori_s", "lora", "lori_s_p0", "lora_p0"]
 RSS_METHODS = ["floor", "lori_d", "lori_s", "lora"]
 TARGET_RATIOS = {
@@ -410,7 +410,7 @@ def rss_child(args: argparse.Namespace, size: str, method: str) -> None:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup + 2):
+    for _ in range(2):  # the first step allocates the optimizer state, the second runs with it
         runner.step(ids)
     sync()
     peak = resident_bytes("VmHWM")
@@ -439,7 +439,6 @@ def peak_memory(args: argparse.Namespace, size: str) -> dict[str, dict[str, int]
 
 def child_args(args: argparse.Namespace) -> list[str]:
     keep = ["threads", "device", "dtype", "r", "alpha", "dropout", "vocab", "batch", "seq"]
-    keep.append("warmup")
     return [a for k in keep for a in (f"--{k}", str(getattr(args, k)))]
 
 
@@ -497,7 +496,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per method (0: 15 for "
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per method (0: 12 for "
                         "smollm2-135m, 7 for llama3-8b-2l)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: as is)")

@@ -263,6 +263,26 @@ def test_fused_path_equals_fallback_path(monkeypatch):
         assert torch.allclose(got, want, atol=1e-12)
 
 
+def test_hooks_and_subclasses_of_the_base_layer_keep_working():
+    """A hooked base (e.g. ZeRO-3 gathering weights) or a Linear subclass takes plain autograd."""
+    x = torch.randn(3, 12, dtype=torch.float64)
+    layer = _layer(0.0, masked=True)
+    fused = layer(x)
+    calls = []
+    handle = layer.base_layer.register_forward_pre_hook(lambda m, args: calls.append(m))
+    assert torch.allclose(layer(x), fused, atol=1e-12) and calls == [layer.base_layer]
+    handle.remove()
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    base = layer.base_layer
+    plain = torch.nn.functional.linear(x, base.weight, base.bias)
+    base.__class__ = Doubled
+    assert torch.allclose(layer(x), fused + plain, atol=1e-12)  # the subclass's forward ran
+
+
 def test_trainable_base_weight_gets_its_gradient():
     layer = _layer(0.0, masked=True)
     layer.base_layer.weight.requires_grad_(True)

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 
 def module_seed(seed: int, path: str) -> int:
@@ -164,13 +165,21 @@ class LoRILinear(nn.Module):
         )
 
     def _fusable(self, x: Tensor, trainable: Tensor) -> bool:
-        """One dtype throughout, no autocast, a frozen base: the hand-written backward applies."""
+        """Whether the fused node may stand in for ``base_layer(x)`` plus the adapter.
+
+        It needs one dtype throughout, no autocast and a frozen base; and, since it reads the
+        base weight itself, a plain ``nn.Linear`` forward with no hooks (sharding such as
+        DeepSpeed ZeRO-3 gathers weights in hooks; subclasses may compute differently).
+        """
         base = self.base_layer
         return (
             x.dtype == base.weight.dtype == self.lori_A.dtype == trainable.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
+            and type(base).forward is nn.Linear.forward
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
         )
 
     def _forward_autograd(self, x: Tensor) -> Tensor:

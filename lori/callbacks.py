@@ -19,12 +19,14 @@ from lori.core import (
     adapter_from_model,
     calibrate,
     count_trainable,
+    full_parameters,
     get_B,
     load_masks,
     mask_density,
     set_masks,
     sparsity_by,
     sparsity_table,
+    unwrap_fsdp,
 )
 
 
@@ -67,7 +69,8 @@ class MaskCalibration(Callback):
             self.calibrate(trainer, pl_module)
 
     def calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
+        with full_parameters(trainer.strategy.model or pl_module):  # FSDP / ZeRO-3: whole B on every rank
+            masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
         self.masks = broadcast_masks(trainer, {p: m.cpu() for p, m in masks.items()})
         stats = {"calibration/density": mask_density(self.masks), "calibration/step": trainer.global_step}
         stats.update({f"sparsity/layer/{k}": v for k, v in sparsity_by(self.masks, "layer").items()})
@@ -132,8 +135,26 @@ class SaveAdapter(Callback):
         self.directory, self.stage = Path(directory), stage
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            pl_module.save_adapter(self.directory, self.stage)
+        with full_parameters(trainer.strategy.model or pl_module):  # every rank gathers, rank 0 writes
+            if trainer.is_global_zero:
+                pl_module.save_adapter(self.directory, self.stage)
+
+
+class Unshard(Callback):
+    """End a Trainer's FSDP wrapping: the LightningModule gets back plain modules with whole parameters.
+
+    Multi-stage commands (``lori pipeline``, ``lori continual``) chain several Trainers over one
+    module; between them the module is changed (masks installed, B reset) and wrapped again, which
+    needs ordinary tensors. A no-op without FSDP. Every Trainer those commands build carries it.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        wrapped = trainer.strategy.model
+        if wrapped is not None and wrapped is not pl_module:
+            plain = unwrap_fsdp(wrapped)
+            if plain is not wrapped:
+                assert plain is pl_module, "the FSDP root should wrap the LightningModule"
+                trainer.strategy.model = pl_module
 
 
 def table_figure(layers: list[int], columns: list[str], table: torch.Tensor, title: str, label: str):

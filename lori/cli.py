@@ -24,8 +24,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori import diagnostics, dryrun, eval_command, merging
+from lori.callbacks import Unshard
 from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
-from lori.data.datamodule import TaskDataModule
+from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
 from lori.continual import ContinualConfig, ContinualConfigError, run_continual
 from lori.continual import format_results as format_continual
@@ -61,8 +62,35 @@ USER_ERRORS = (
 )
 
 
+def _is_zero3(trainer: Any) -> bool:
+    """Whether the trainer config asks for DeepSpeed ZeRO stage 3 (by name or by class_path)."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        return strategy.startswith("deepspeed_stage_3")
+    class_path = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
+    if not class_path or not str(class_path).endswith("DeepSpeedStrategy"):
+        return False
+    init = getattr(strategy, "init_args", None) or (strategy.get("init_args") if isinstance(strategy, dict) else None) or {}
+    stage = init.get("stage", 2) if hasattr(init, "get") else 2
+    return stage == 3
+
+
+def _configured_world_size(trainer: Any) -> int | None:
+    """devices x num_nodes when the config fixes them (an int, a list or a digit string); None for "auto"."""
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, list | tuple):
+        devices = len(devices)
+    if isinstance(devices, int) and devices > 0 and isinstance(nodes, int):
+        return devices * nodes
+    return None
+
+
 class LoRICLI(LightningCLI):
     """LightningCLI over LoRIModule and TaskDataModule, with the pipeline's options."""
+
+    runs_stages = True  # without a subcommand: lori pipeline / continual, which chain Trainers
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(PipelineConfig, "pipeline")
@@ -80,6 +108,14 @@ class LoRICLI(LightningCLI):
             raise LoRIConfigError(str(err)) from None
         if cfg["model"].get("dtype") is not None:
             resolve_dtype(cfg["model"]["dtype"])
+        if self.subcommand is None and self.runs_stages and _is_zero3(cfg.get("trainer") or {}):
+            raise LoRIConfigError(
+                "DeepSpeed ZeRO-3 partitions the model in a way lori cannot hand from one stage to the next: "
+                "run lori pipeline / lori continual with configs/trainer/fsdp.yaml (ZeRO-3 serves lori fit)"
+            )
+        world = _configured_world_size(cfg.get("trainer") or {})
+        if cfg["data"].get("global_batch_size") is not None and world is not None:
+            accumulation_steps(cfg["data"]["global_batch_size"], cfg["data"]["batch_size"], world)  # before any output
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -88,8 +124,15 @@ class LoRICLI(LightningCLI):
         if self.subcommand in (None, "fit"):  # tokenise now (once): examples all too long stop here too
             self.datamodule.setup("fit")
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer | None:
+        if self.subcommand is None:  # pipeline / continual: make_trainer_factory builds one Trainer per stage
+            return None  # (a Trainer built here would bind the YAML's strategy object to itself)
+        return super().instantiate_trainer(**kwargs)
+
 
 class _ParseOnlyCLI(LoRICLI):
+    runs_stages = False  # parsing for checks and dry runs: any strategy preset may be composed
+
     def instantiate_classes(self) -> None:  # parse and check options, build nothing
         pass
 
@@ -125,6 +168,7 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
         # the pipeline measures held-out loss itself, before and after each stage
         kwargs.update(limit_val_batches=1.0 if stage == "eval" else 0.0, num_sanity_val_steps=0)
         extra = list(kwargs.pop("callbacks", None) or [])
+        extra.append(Unshard())  # FSDP: the next stage's Trainer gets a plain module with whole B
         if checkpoint:
             extra.append(ModelCheckpoint(
                 dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
@@ -187,6 +231,8 @@ def continual(argv: list[str]) -> dict[str, Any]:
 
 
 class _ParseOnlyContinualCLI(ContinualCLI):
+    runs_stages = False
+
     def instantiate_classes(self) -> None:
         pass
 

@@ -209,6 +209,8 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
         raise CheckpointMismatchError(
             f"checkpoint was trained with method {info.get('method', 'lori')!r}, this run uses {method!r}"
         )
+    if "state_dict" not in checkpoint:  # FSDP loaded the weights itself (the pipeline prechecks the file)
+        return
     if method in baselines.LORI_METHODS:
         # B changes names with the phase (lori_B / lori_B_values): the A keys fix the layout
         mine = {k: tuple(v.shape) for k, v in module.state_dict().items() if k.endswith(".lori_A")}

@@ -118,6 +118,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "unknown dtype": (pipeline_case(lambda c, t: c["model"].update(dtype="float13")), ["float13"]),
     "missing model path": (pipeline_case(lambda c, t: c["model"].update(model=str(t / "nope"))), ["nope"]),
     "unknown template": (pipeline_case(lambda c, t: c["data"].update(template="vicuna")), ["vicuna"]),
+    "world size does not divide the global batch": (pipeline_case(lambda c, t: (
+        c["data"].update(batch_size=2, global_batch_size=6), c["trainer"].update(devices=2, strategy="ddp"))),
+        ["global_batch_size 6", "world size 2"]),
+    "ZeRO-3 for a multi-stage command": (pipeline_case(lambda c, t: c["trainer"].update(strategy={
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}})), ["ZeRO-3"]),
     # data
     "empty dataset file": (pipeline_case(lambda c, t: c["data"].update(train_file=write_file(t, "e.jsonl", ""))),
                            ["no records"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -62,9 +63,17 @@ def inject_lori(model: nn.Module, config: LoRIConfig) -> dict[str, LoRILinear]:
     return layers
 
 
+_WRAPPER_SEGMENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+def plain_path(path: str) -> str:
+    """A module path without the segments FSDP and activation-checkpoint wrappers insert."""
+    return _WRAPPER_SEGMENTS.sub("", path)
+
+
 def lori_layers(model: nn.Module) -> dict[str, LoRILinear]:
-    """The LoRI layers of a model by module path, in model order."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, LoRILinear)}
+    """The LoRI layers of a model by module path (as if unwrapped by FSDP), in model order."""
+    return {plain_path(p): m for p, m in model.named_modules() if isinstance(m, LoRILinear)}
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, LoRILinear]:

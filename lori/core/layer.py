@@ -198,7 +198,9 @@ class LoRILinear(nn.Module):
         # A checkpoint taken after calibration holds the mask: install it before loading values.
         mask = state_dict.get(prefix + "lori_mask")
         if mask is not None:
-            self.set_mask(mask)
+            mask = mask.to(device="cpu", dtype=torch.bool)  # (also loads a lazily read checkpoint tensor)
+            if self.lori_mask is None or not torch.equal(self.lori_mask.cpu(), mask):
+                self.set_mask(mask)  # (an installed equal mask stays: FSDP may already manage lori_B_values)
         elif self.lori_mask is not None and prefix + "lori_B" in state_dict:
             self.set_mask(None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

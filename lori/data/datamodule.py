@@ -77,6 +77,17 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[skip * self.batch_size:])
 
 
+def accumulation_steps(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Accumulation steps giving ``global_batch_size`` examples per optimizer step; a clear error if none does."""
+    per_step = batch_size * world_size
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise DataError(
+            f"data.global_batch_size {global_batch_size} is not a multiple of data.batch_size {batch_size} x "
+            f"world size {world_size} (= {per_step}): change the batch size, the device count or the global batch"
+        )
+    return global_batch_size // per_step
+
+
 class TaskDataModule(L.LightningDataModule):
     """Train / held-out dataloaders of one task.
 
@@ -97,6 +108,10 @@ class TaskDataModule(L.LightningDataModule):
         paper_compat: reproduce the original prompt whitespace.
         shuffle_seed: seed of the training shuffle; epoch e uses ``shuffle_seed + e``, so a
             resumed run (even mid-epoch) sees the same batches as an uninterrupted one.
+        global_batch_size: examples per optimizer step over all devices and nodes (the paper's
+            "batch size 32"); sets the Trainer's ``accumulate_grad_batches`` to
+            ``global_batch_size / (batch_size x world size)``, which must be a whole number.
+            None = ``batch_size`` x world size x the Trainer's own ``accumulate_grad_batches``.
     """
 
     def __init__(self, task: str = "gsm8k", tokenizer: str | None = None,
@@ -105,7 +120,7 @@ class TaskDataModule(L.LightningDataModule):
                  max_train_examples: int | None = None, batch_size: int = 4,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  template: str = "alpaca", paper_compat: bool = False,
-                 shuffle_seed: int = 0) -> None:
+                 shuffle_seed: int = 0, global_batch_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._tokenizer: Any = None
@@ -181,6 +196,14 @@ class TaskDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenise (once; again only after ``set_tokenizer``)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and stage == "fit" and self.hparams.global_batch_size is not None:
+            steps = accumulation_steps(self.hparams.global_batch_size, self.hparams.batch_size, trainer.world_size)
+            if trainer.accumulate_grad_batches not in (1, steps):
+                raise DataError(f"data.global_batch_size {self.hparams.global_batch_size} asks for "
+                                f"{steps} accumulation steps, trainer.accumulate_grad_batches is "
+                                f"{trainer.accumulate_grad_batches}: set one of the two")
+            trainer.accumulate_grad_batches = steps
         if self.train_dataset is not None:
             return
         self.validate()

@@ -1,0 +1,126 @@
+"""Whole parameters from a sharded model: what calibration and adapter saving read under FSDP / ZeRO-3.
+
+Under FSDP (FULL_SHARD) or DeepSpeed ZeRO-3 each rank holds a slice of every flat parameter outside
+forward and backward, and a slice may end in the middle of a B. Code that reads B (the global
+top-k of mask calibration, the adapter file) must see the whole tensors on every rank, so:
+
+    with full_parameters(root):      # collective: every rank enters, every rank sees whole B
+        masks = calibrate(get_B(model), sparsity)
+
+``unwrap_fsdp(root)`` ends a fit's FSDP wrapping: it returns the plain module with whole
+parameters, so the next stage (set masks, reset B, wrap again) works on ordinary tensors.
+Plain torch; the Lightning callbacks call these with ``trainer.strategy.model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+_FSDP_FLATTENED = "_fsdp_flattened"  # torch marks parameters it manages with this attribute
+
+
+def _fsdp_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def has_fsdp(module: nn.Module) -> bool:
+    """Whether ``module`` is, or contains, an FSDP (FullyShardedDataParallel) unit."""
+    fsdp = _fsdp_class()
+    return fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())
+
+
+def zero3_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters DeepSpeed ZeRO-3 partitions (they carry ``ds_id``)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def _dtensor_parameter(module: nn.Module) -> str | None:
+    for name, p in module.named_parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def full_parameters(root: nn.Module) -> Iterator[None]:
+    """Inside, every rank sees whole parameters of ``root`` (read only); a no-op when nothing is sharded.
+
+    FSDP: ``summon_full_params`` over every unit of ``root``; ZeRO-3: ``GatheredParameters``.
+    Collective: call it on every rank, never inside forward or backward. Pass the outermost
+    wrapped module (``trainer.strategy.model``) so units above the adapters are gathered too.
+    """
+    if has_fsdp(root):
+        fsdp = _fsdp_class()
+        with fsdp.summon_full_params(root, writeback=False, rank0_only=False, offload_to_cpu=False):
+            yield
+        return
+    partitioned = zero3_parameters(root)
+    if partitioned:
+        import deepspeed  # present whenever ZeRO-3 partitioned the parameters
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            yield
+        return
+    name = _dtensor_parameter(root)
+    if name is not None:
+        raise NotImplementedError(
+            f"parameter {name!r} is a DTensor (FSDP2 / ModelParallelStrategy): lori gathers B under FSDP "
+            "(lightning FSDPStrategy, configs/trainer/fsdp.yaml) and DeepSpeed ZeRO-3 only"
+        )
+    yield
+
+
+def _strip(module: nn.Module) -> nn.Module:
+    """The module an FSDP unit or an activation-checkpoint wrapper stands for."""
+    fsdp = _fsdp_class()
+    while True:
+        if fsdp is not None and isinstance(module, fsdp):
+            module = module._fsdp_wrapped_module
+        elif hasattr(module, "_checkpoint_wrapped_module"):
+            module = module._checkpoint_wrapped_module
+        else:
+            return module
+
+
+def unwrap_fsdp(root: nn.Module) -> nn.Module:
+    """The plain module inside an FSDP-wrapped ``root``, with whole parameters on every rank.
+
+    Needs FSDP's ``use_orig_params=True`` (Lightning's default): the original parameter objects stay
+    registered in the wrapped modules and get their whole values back here. Collective (every rank
+    calls it). Returns ``root`` unchanged when it holds no FSDP unit. DeepSpeed ZeRO-3 cannot be
+    undone this way: a module it partitioned raises.
+    """
+    if not has_fsdp(root):
+        if zero3_parameters(root):
+            raise NotImplementedError(
+                "a model partitioned by DeepSpeed ZeRO-3 cannot be handed to the next stage: run multi-stage "
+                "commands (lori pipeline, lori continual) under FSDP (configs/trainer/fsdp.yaml); ZeRO-3 serves "
+                "single fits (lori fit)"
+            )
+        return root
+    fsdp = _fsdp_class()
+    with fsdp.summon_full_params(root, writeback=False, rank0_only=False, offload_to_cpu=False):
+        whole = {id(p): p.detach().clone() for n, p in root.named_parameters() if "_flat_param" not in n}
+    plain = _strip(root)
+    for parent in list(plain.modules()):
+        for name, child in list(parent.named_children()):
+            inner = _strip(child)
+            if inner is not child:
+                setattr(parent, name, inner)
+    missing = [n for n, p in plain.named_parameters() if id(p) not in whole]
+    if missing:
+        raise RuntimeError(
+            f"FSDP unwrapping lost track of {missing[:3]}: wrap with use_orig_params=True (Lightning's default)"
+        )
+    for p in plain.parameters():
+        p.data = whole[id(p)]
+        if hasattr(p, _FSDP_FLATTENED):
+            delattr(p, _FSDP_FLATTENED)
+    return plain

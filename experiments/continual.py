@@ -1,12 +1,12 @@
 """Paper claim (Fig. 3, small scale): a safety adapter fine-tuned on a task inside that task's LoRI
 mask keeps its safety behaviour, because every entry outside the task mask keeps its value.
 
-    python experiments/continual.py              # SmolLM2-135M-Instruct: safety -> GSM8K, ~15 min on 2 cores
+    python experiments/continual.py              # SmolLM2-135M-Instruct: safety -> GSM8K, three phase-2 variants; ~25 min on 2 cores
     python experiments/continual.py --tiny       # tiny random Llama and toy data, seconds (what CI runs)
 
-Runs `lori continual --config configs/experiment/continual_safety_gsm8k.yaml` twice, without and
-with protection of the safety mask (train M_t minus M_safety), the second reusing the first's
-safety adapter and task mask; refusal (HarmBench), over-refusal (TriviaQA) and GSM8K accuracy are
+Runs `lori continual --config configs/experiment/continual_safety_gsm8k.yaml` three times: phase 2
+inside the task mask, inside it minus the safety mask (protection), and over all of B (dense, the
+contrast); the later runs reuse the first's safety adapter and task mask; refusal (HarmBench), over-refusal (TriviaQA) and GSM8K accuracy are
 measured after every phase. Writes <out>/continual.json and each run's continual.png.
 """
 
@@ -52,14 +52,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     base = tiny_config(out) if args.tiny else load_config(CONFIG)
     runs = {}
-    for name, protect in (("unprotected", False), ("protected", True)):
+    # inside the task mask; inside it minus the safety mask; and, for contrast, all of B (dense, as LoRA-style
+    # continual fine-tuning would)
+    for name, protect, masked in (("unprotected", False, True), ("protected", True, True), ("dense", False, False)):
         cfg = json.loads(json.dumps(base))
-        cfg["continual"] |= {"output_dir": str(out / name), "protect_safety": protect}
-        if protect:  # the same safety adapter and task mask as the first run
+        cfg["continual"] |= {"output_dir": str(out / name), "protect_safety": protect, "masked_task": masked}
+        if name != "unprotected":  # the same safety adapter and task mask as the first run
             first = out / "unprotected"
-            cfg["continual"] |= {"safety_adapter": str(first / "safety" / "lori_s"),
-                                 "task_mask": str(first / "task_mask" / "calibration" / "masks.safetensors"),
-                                 "evaluate_base": False}
+            cfg["continual"] |= {"safety_adapter": str(first / "safety" / "lori_s"), "evaluate_base": False}
+            if masked:
+                cfg["continual"]["task_mask"] = str(first / "task_mask" / "calibration" / "masks.safetensors")
         summary = continual(["--config", str(write_yaml(cfg, out / f"{name}.yaml"))])
         runs[name] = {"results": summary["results"], "task": summary.get("task", {})}
     results = {"tiny": args.tiny, "runs": runs}

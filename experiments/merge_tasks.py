@@ -2,7 +2,7 @@
 little interference: concatenated merging keeps each task close to its single-task adapter, and
 the adapters' updates are nearly orthogonal (|cos(ΔW_s, ΔW_t)| ~ 0) with masks overlapping ~(1-s)^2.
 
-    python experiments/merge_tasks.py            # SmolLM2-135M-Instruct: GSM8K, MBPP, safety; ~15 min on 2 cores
+    python experiments/merge_tasks.py            # SmolLM2-135M-Instruct: GSM8K, MBPP, safety; ~25 min on 2 cores
     python experiments/merge_tasks.py --tiny     # tiny random Llama, two toy tasks, seconds (what CI runs)
 
 Trains one LoRI-D -> LoRI-S pipeline per task (a different A seed each), merges the three

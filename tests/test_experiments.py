@@ -43,7 +43,7 @@ def test_merge_tasks(tmp_path):
     assert (tmp_path / "merge_tasks.png").is_file()
 
 
-@pytest.mark.parametrize("run", ["unprotected", "protected"])
+@pytest.mark.parametrize("run", ["unprotected", "protected", "dense"])
 def test_continual(tmp_path_factory, run):
     out = tmp_path_factory.getbasetemp() / "continual_experiment"
     if not (out / "continual.json").is_file():

@@ -63,16 +63,14 @@ USER_ERRORS = (
 
 
 def _is_zero3(trainer: Any) -> bool:
-    """Whether the trainer config asks for DeepSpeed ZeRO stage 3 (by name or by class_path)."""
+    """Whether the trainer config asks for DeepSpeed ZeRO stage 3 (by registry name or by class_path)."""
     strategy = trainer.get("strategy")
     if isinstance(strategy, str):
         return strategy.startswith("deepspeed_stage_3")
-    class_path = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
-    if not class_path or not str(class_path).endswith("DeepSpeedStrategy"):
+    if not hasattr(strategy, "get"):  # None, or an object built elsewhere
         return False
-    init = getattr(strategy, "init_args", None) or (strategy.get("init_args") if isinstance(strategy, dict) else None) or {}
-    stage = init.get("stage", 2) if hasattr(init, "get") else 2
-    return stage == 3
+    init = strategy.get("init_args") or {}
+    return str(strategy.get("class_path", "")).endswith("DeepSpeedStrategy") and init.get("stage", 2) == 3
 
 
 def _configured_world_size(trainer: Any) -> int | None:

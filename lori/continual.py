@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.callbacks import SparsePhase
 from lori.core import (
+    adapter_from_model,
     apply_adapter,
     get_masks,
     load_adapter,
@@ -135,9 +136,10 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     if cfg.safety_sparse_steps > 0:
         summary["safety"] = run_pipeline(module, datamodule, make_trainer, pipe, config_text)
-        return load_adapter(out / "lori_s")
-    run_dense(module, datamodule, make_trainer, pipe, summary.setdefault("safety", {}), config_text)
-    return load_adapter(out / "lori_d")
+    else:
+        run_dense(module, datamodule, make_trainer, pipe, summary.setdefault("safety", {}), config_text)
+    # the adapter the module now holds (what rank 0 saved), read on every rank without waiting for the file
+    return adapter_from_model(module.model, module.lori_config, module.hparams.model)
 
 
 def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: ContinualConfig,

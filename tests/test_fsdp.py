@@ -10,6 +10,7 @@ from its last (full-state-dict) checkpoint to the same adapter.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pipeline_helpers import tiny_config, write_config
 from safetensors.torch import load_file
 
@@ -133,3 +135,27 @@ def test_per_layer_units_killed_mid_lori_s_resume_to_the_same_adapter(runs, tmp_
     for p in single.B:
         assert torch.equal(resumed.masks[p], single.masks[p]), p
         torch.testing.assert_close(resumed.B[p], single.B[p], rtol=0, atol=1e-4, msg=p)
+
+
+def test_continual_under_fsdp_keeps_every_entry_outside_the_task_mask(tmp_path):
+    """`lori continual` chains five fits over one module under FSDP: safety LoRI-D and LoRI-S, the task's
+    LoRI-D for its mask, the task phase inside M_t minus M_safety; evaluation runs on every rank."""
+    from test_continual import continual_config
+
+    path = continual_config(tmp_path, "run", protect_safety=True)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"].update(devices=2, strategy=ONE_UNIT)
+    cfg["model"]["lori"]["dropout"] = 0.0
+    cfg["eval"]["tasks"] = ["harmbench"]
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    finished(subprocess.run([sys.executable, "-m", "lori.cli", "continual", "--config", str(path)],
+                            env=env, capture_output=True, text=True, timeout=900))
+    safety, task = load_adapter(tmp_path / "run" / "safety" / "lori_s"), load_adapter(tmp_path / "run" / "task")
+    changed = 0
+    for p, trained in task.masks.items():
+        assert not (trained & safety.masks[p]).any(), p  # M_t minus M_safety
+        assert torch.equal(task.B[p][~trained], safety.B[p][~trained]), p  # bit-identical outside
+        changed += int((task.B[p][trained] != safety.B[p][trained]).sum())
+    assert changed > 0
+    assert "refusal_rate" in json.loads((tmp_path / "run" / "results.json").read_text())["results"]["task"]["harmbench"]

@@ -123,4 +123,7 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
         p.data = whole[id(p)]
         if hasattr(p, _FSDP_FLATTENED):
             delattr(p, _FSDP_FLATTENED)
+    for m in plain.modules():  # torch's mark of FSDP-managed modules (transformers' generate reads it)
+        if "_is_fsdp_managed_module" in m.__dict__:
+            del m._is_fsdp_managed_module
     return plain

@@ -114,7 +114,8 @@ def module_adapter(pl_module: L.LightningModule, stage: str, step: int, extra: d
     """The module's adapter as tensors, with the stage, step and trainable count in its metadata."""
     meta = {"stage": stage, "global_step": step, "trainable": count_trainable(pl_module.model)}
     meta.update(extra or {})
-    return adapter_from_model(pl_module.model, pl_module.lori_config, pl_module.hparams.model, meta)
+    return adapter_from_model(pl_module.model, pl_module.lori_config, pl_module.hparams.model, meta,
+                              pl_module.fingerprint)
 
 
 class SaveAdapter(Callback):

@@ -139,7 +139,7 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
     else:
         run_dense(module, datamodule, make_trainer, pipe, summary.setdefault("safety", {}), config_text)
     # the adapter the module now holds (what rank 0 saved), read on every rank without waiting for the file
-    return adapter_from_model(module.model, module.lori_config, module.hparams.model)
+    return adapter_from_model(module.model, module.lori_config, module.hparams.model, fingerprint=module.fingerprint)
 
 
 def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: ContinualConfig,

@@ -172,7 +172,7 @@ class LoRIModule(L.LightningModule):
                 "trainable": count_trainable(self.model)} | dict(extra or {})
         name, fingerprint = self.hparams.model, self.fingerprint
         if method in baselines.LORI_METHODS:
-            return save_adapter(adapter_from_model(self.model, self.lori_config, name, meta), directory)
+            return save_adapter(adapter_from_model(self.model, self.lori_config, name, meta, fingerprint), directory)
         if method in baselines.PEFT_METHODS:
             return baselines.save_peft_adapter(self.model, directory, name, fingerprint, meta)
         return baselines.save_full_model(self.model, self.tokenizer, directory, name, fingerprint, meta)

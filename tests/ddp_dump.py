@@ -22,6 +22,9 @@ class DumpState(L.Callback):
                  for p, m in lori_layers(pl_module.model).items()}
         with full_parameters(trainer.strategy.model):  # FSDP: whole B on every rank
             tensors = {f"B/{p}": b.detach().clone().contiguous() for p, b in get_B(pl_module.model).items()}
+            # frozen base weights are not gathered (FSDP: this rank's shard only, inside the context too)
+            tensors["frozen_numel/all"] = torch.tensor(sum(m.base_layer.weight.numel()
+                                                           for m in lori_layers(pl_module.model).values()))
         tensors |= {f"mask/{p}": m.contiguous() for p, m in get_masks(pl_module.model).items()}
         tensors |= local
         name = f"{pl_module.phase}_rank{trainer.global_rank}_of{trainer.world_size}.safetensors"

@@ -83,6 +83,13 @@ def test_shards_split_B_matrices(runs):
         assert int(local[0][p]) + int(local[1][p]) == full[p], p
 
 
+def test_gathering_reads_whole_B_but_leaves_the_frozen_weights_sharded(runs):
+    one, two = runs
+    full = int(dump(one, "dense", 0, 1)["frozen_numel/all"])
+    held = [int(dump(two, "dense", r, 2)["frozen_numel/all"]) for r in (0, 1)]
+    assert sum(held) == full and max(held) < full  # each rank kept its shard of the base weights
+
+
 def test_masks_are_the_global_calibration_and_the_same_on_every_rank(runs):
     _, two = runs
     dense = part(dump(two, "dense", 0, 2), "B")

@@ -97,13 +97,19 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str:
 
 
 def adapter_from_model(
-    model: nn.Module, config: LoRIConfig, base_model: str | None = None, meta: dict | None = None
+    model: nn.Module, config: LoRIConfig, base_model: str | None = None, meta: dict | None = None,
+    fingerprint: str | None = None,
 ) -> Adapter:
-    """Copy a model's LoRI adapters out into an Adapter (tensors cloned to CPU)."""
+    """Copy a model's LoRI adapters out into an Adapter (tensors cloned to CPU).
+
+    ``fingerprint``: the base's digest taken before training (sharded base weights cannot give it);
+    None = compute it from the model's base weights now.
+    """
     A = {p: t.detach().cpu().clone() for p, t in get_A(model).items()}
     B = {p: t.detach().cpu().clone() for p, t in get_B(model).items()}
     masks = {p: t.cpu().clone() for p, t in get_masks(model).items()} or None
-    return Adapter(config, A, B, masks, base_model, base_fingerprint(model, list(A)), dict(meta or {}))
+    fingerprint = fingerprint or base_fingerprint(model, list(A))
+    return Adapter(config, A, B, masks, base_model, fingerprint, dict(meta or {}))
 
 
 def check_fits(model: nn.Module, adapter: Adapter, strict_base: bool = True) -> None:

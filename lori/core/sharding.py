@@ -15,9 +15,10 @@ Plain torch; the Lightning callbacks call these with ``trainer.strategy.model``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 _FSDP_FLATTENED = "_fsdp_flattened"  # torch marks parameters it manages with this attribute
 
@@ -48,20 +49,52 @@ def _dtensor_parameter(module: nn.Module) -> str | None:
     return None
 
 
+def _gather_fsdp(root: nn.Module, keep: Callable[[nn.Parameter], bool], device: torch.device | None
+                 ) -> list[tuple[nn.Parameter, Tensor]]:
+    """Whole copies of the FSDP-managed parameters ``keep`` selects, one FSDP unit at a time.
+
+    Each unit is unsharded alone (``recurse=False``), its parameters copied (to ``device``, or where
+    they are), and resharded before the next: the peak is one unit, never the whole model. Units are
+    visited in module order and ``keep`` must answer alike on every rank (a collective per unit).
+    """
+    fsdp = _fsdp_class()
+    whole: list[tuple[nn.Parameter, Tensor]] = []
+    for unit in fsdp.fsdp_modules(root):
+        flat = unit._flat_param
+        if flat is None:
+            continue
+        if getattr(flat, "_params", None) is None:
+            raise RuntimeError("lori reads FSDP parameters through use_orig_params=True (Lightning's default)")
+        params = [p for p in list(flat._params) + list(getattr(flat, "_shared_params", None) or []) if keep(p)]
+        if not params:
+            continue
+        with fsdp.summon_full_params(unit, recurse=False, writeback=False, rank0_only=False, offload_to_cpu=False):
+            whole += [(p, p.detach().to(device or p.device, copy=True)) for p in params]
+    return whole
+
+
 @contextlib.contextmanager
 def full_parameters(root: nn.Module) -> Iterator[None]:
-    """Inside, every rank sees whole parameters of ``root`` (read only); a no-op when nothing is sharded.
+    """Inside, every rank sees the whole *trainable* parameters of ``root`` (read only).
 
-    FSDP: ``summon_full_params`` over every unit of ``root``; ZeRO-3: ``GatheredParameters``.
-    Collective: call it on every rank, never inside forward or backward. Pass the outermost
-    wrapped module (``trainer.strategy.model``) so units above the adapters are gathered too.
+    That is all calibration and adapter saving read (B; every weight under full fine-tuning); frozen
+    base weights stay sharded, so the extra memory is one copy of B. FSDP: gathered unit by unit;
+    ZeRO-3: ``GatheredParameters``; a no-op when nothing is sharded. Collective: call it on every
+    rank, never inside forward or backward. Pass the outermost wrapped module
+    (``trainer.strategy.model``).
     """
     if has_fsdp(root):
-        fsdp = _fsdp_class()
-        with fsdp.summon_full_params(root, writeback=False, rank0_only=False, offload_to_cpu=False):
+        whole = _gather_fsdp(root, lambda p: p.requires_grad, None)
+        sharded = [(p, p.data) for p, _ in whole]
+        for p, t in whole:
+            p.data = t
+        try:
             yield
+        finally:
+            for p, data in sharded:  # FSDP's own views back
+                p.data = data
         return
-    partitioned = zero3_parameters(root)
+    partitioned = [p for p in zero3_parameters(root) if p.requires_grad]
     if partitioned:
         import deepspeed  # present whenever ZeRO-3 partitioned the parameters
 
@@ -90,9 +123,9 @@ def _strip(module: nn.Module) -> nn.Module:
 
 
 def unwrap_fsdp(root: nn.Module) -> nn.Module:
-    """The plain module inside an FSDP-wrapped ``root``, with whole parameters on every rank.
+    """The plain module inside an FSDP-wrapped ``root``, with whole parameters on every rank, on the CPU.
 
-    Needs FSDP's ``use_orig_params=True`` (Lightning's default): the original parameter objects stay
+    Gathered one unit at a time, so no GPU ever holds the whole model. Needs FSDP's ``use_orig_params=True`` (Lightning's default): the original parameter objects stay
     registered in the wrapped modules and get their whole values back here. Collective (every rank
     calls it). Returns ``root`` unchanged when it holds no FSDP unit. DeepSpeed ZeRO-3 cannot be
     undone this way: a module it partitioned raises.
@@ -105,9 +138,7 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
                 "single fits (lori fit)"
             )
         return root
-    fsdp = _fsdp_class()
-    with fsdp.summon_full_params(root, writeback=False, rank0_only=False, offload_to_cpu=False):
-        whole = {id(p): p.detach().clone() for n, p in root.named_parameters() if "_flat_param" not in n}
+    whole = {id(p): t for p, t in _gather_fsdp(root, lambda p: True, torch.device("cpu"))}
     plain = _strip(root)
     for parent in list(plain.modules()):
         for name, child in list(parent.named_children()):
@@ -126,4 +157,4 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
     for m in plain.modules():  # torch's mark of FSDP-managed modules (transformers' generate reads it)
         if "_is_fsdp_managed_module" in m.__dict__:
             del m._is_fsdp_managed_module
-    return plain
+    return plain.cpu()  # as from_pretrained left it: the next FSDP wrap moves it to the GPU unit by unit

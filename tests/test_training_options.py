@@ -56,3 +56,18 @@ def test_gradient_clipping_limits_the_update(tmp_path):
     lr = 0.01
     assert max(b.abs().max() for b in free.values()) > 0.5 * lr
     assert max(b.abs().max() for b in clipped.values()) < 0.01 * lr
+
+
+def test_world_size_and_zero3_are_read_from_the_trainer_config():
+    from jsonargparse import Namespace
+
+    from lori.cli import _configured_world_size, _is_zero3
+
+    assert _configured_world_size({"devices": 8, "num_nodes": 2}) == 16
+    assert _configured_world_size({"devices": "4"}) == 4 and _configured_world_size({"devices": [0, 1]}) == 2
+    assert _configured_world_size({"devices": "auto"}) is None and _configured_world_size({"devices": -1}) is None
+    zero = "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert _is_zero3({"strategy": Namespace(class_path=zero, init_args=Namespace(stage=3))})
+    assert not _is_zero3({"strategy": Namespace(class_path=zero, init_args=Namespace(stage=2))})
+    assert _is_zero3({"strategy": "deepspeed_stage_3_offload"}) and not _is_zero3({"strategy": "ddp"})
+    assert not _is_zero3({})

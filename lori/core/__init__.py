@@ -31,13 +31,14 @@ from lori.core.io import AdapterFileError, load_adapter, load_masks, save_adapte
 from lori.core.layer import LoRILinear, draw_A
 from lori.core.masks import calibrate, mask_density, mask_overlap, sparsity_by, sparsity_table
 from lori.core.merge import DeltaMerge, merge_concat, merge_deltas, merge_factors, merge_linear
-from lori.core.sharding import full_parameters, has_fsdp, unwrap_fsdp
+from lori.core.sharding import full_parameters, unwrap_fsdp
 
 __all__ = [
     "DEFAULT_TARGETS", "GRANULARITIES", "Adapter", "AdapterFileError", "AdapterMismatchError",
     "DeltaMerge", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "adapter_from_model",
     "adapter_listing", "apply_adapter", "base_fingerprint", "calibrate", "count_trainable", "draw_A",
-    "full_parameters", "get_A", "get_B", "get_masks", "has_fsdp", "inject_lori", "load_adapter", "load_masks", "lori_layers",
+    "full_parameters", "get_A", "get_B", "get_masks", "inject_lori", "load_adapter", "load_masks",
+    "lori_layers",
     "mask_density", "mask_overlap", "merge_concat", "merge_deltas", "merge_factors", "merge_linear",
     "merge_lori", "reset_B", "save_adapter", "set_masks", "sparsity_by", "sparsity_table",
     "trainable_parameters", "unload", "unmerge_lori", "unwrap_fsdp",

@@ -80,9 +80,8 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str:
     Computed from unmerged weights only.
     """
     h = hashlib.sha256()
-    layers = lori_layers(model)  # paths as if unwrapped (FSDP units insert segments)
     for path in sorted(paths)[:4]:
-        module = layers[path] if path in layers else model.get_submodule(path)
+        module = model.get_submodule(path)
         if isinstance(module, LoRILinear):
             if module.merged:
                 raise AdapterMismatchError(f"{path} is merged; unmerge before fingerprinting the base")

@@ -125,8 +125,9 @@ def _strip(module: nn.Module) -> nn.Module:
 def unwrap_fsdp(root: nn.Module) -> nn.Module:
     """The plain module inside an FSDP-wrapped ``root``, with whole parameters on every rank, on the CPU.
 
-    Gathered one unit at a time, so no GPU ever holds the whole model. Needs FSDP's ``use_orig_params=True`` (Lightning's default): the original parameter objects stay
-    registered in the wrapped modules and get their whole values back here. Collective (every rank
+    Gathered one unit at a time, so no GPU ever holds the whole model. Needs FSDP's
+    ``use_orig_params=True`` (Lightning's default): the original parameter objects stay registered
+    in the wrapped modules and get their whole values back here. Collective (every rank
     calls it). Returns ``root`` unchanged when it holds no FSDP unit. DeepSpeed ZeRO-3 cannot be
     undone this way: a module it partitioned raises.
     """

@@ -195,7 +195,8 @@ class TaskDataModule(L.LightningDataModule):
             raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, split and tokenise (once; again only after ``set_tokenizer``)."""
+        """Load, split and tokenise (once; again only after ``set_tokenizer``). At each fit, with
+        ``global_batch_size`` set, also give the Trainer its accumulation steps."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and stage == "fit" and self.hparams.global_batch_size is not None:
             steps = accumulation_steps(self.hparams.global_batch_size, self.hparams.batch_size, trainer.world_size)

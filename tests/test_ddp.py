@@ -3,40 +3,20 @@ trained B as one process seeing the same global batches."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import tiny_config, write_config
+from pipeline_helpers import by_kind
+from pipeline_helpers import multiprocess_config, run_lori
 from safetensors.torch import load_file
 
 from lori.core import calibrate
 
-TESTS = Path(__file__).parent
-
-
 def run_pipeline(tmp_path: Path, name: str, devices: int) -> Path:
-    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), validate=False)
-    cfg["model"]["lori"]["dropout"] = 0.0
-    # per-sequence sums averaged over sequences: the mean of two ranks' means is the global mean
-    cfg["model"]["loss_normalization"] = "sequence_sum"
-    cfg["data"]["batch_size"] = 4 // devices  # the same global batch of 4
-    dump = tmp_path / name / "dump"
-    cfg["trainer"].update(devices=devices, strategy="ddp" if devices > 1 else "auto",
-                          callbacks=[{"class_path": "ddp_dump.DumpState", "init_args": {"directory": str(dump)}}])
-    path = write_config(tmp_path, cfg, f"{name}.yaml")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "lori.cli", "pipeline", "--config", str(path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run_lori("pipeline", "--config", str(multiprocess_config(tmp_path, name, devices, "ddp")))
     assert done.returncode == 0, done.stderr[-3000:]
-    return dump
-
-
-def split(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    return {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(kind + "/")}
+    return tmp_path / name / "dump"
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +36,8 @@ def test_every_rank_holds_the_same_masks_and_B(dumps):
 
 def test_ddp_masks_are_the_global_calibration_of_the_dense_B(dumps):
     _, two = dumps
-    dense = split(load_file(str(two / "dense_rank0_of2.safetensors")), "B")
-    masks = split(load_file(str(two / "sparse_rank1_of2.safetensors")), "mask")
+    dense = by_kind(load_file(str(two / "dense_rank0_of2.safetensors")), "B")
+    masks = by_kind(load_file(str(two / "sparse_rank1_of2.safetensors")), "mask")
     again = calibrate(dense, 0.9, "model")
     assert all(torch.equal(again[p], masks[p]) for p in masks)
 
@@ -71,7 +51,7 @@ def test_ddp_matches_one_process_on_the_same_global_batches(dumps):
             assert torch.equal(a[key], b[key]), key
         else:  # the gradient all-reduce sums in another order: float tolerance
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
-    dense_a = split(load_file(str(one / "dense_rank0_of1.safetensors")), "B")
-    dense_b = split(load_file(str(two / "dense_rank0_of2.safetensors")), "B")
+    dense_a = by_kind(load_file(str(one / "dense_rank0_of1.safetensors")), "B")
+    dense_b = by_kind(load_file(str(two / "dense_rank0_of2.safetensors")), "B")
     for p in dense_a:
         torch.testing.assert_close(dense_a[p], dense_b[p], rtol=1e-4, atol=1e-6)

@@ -11,20 +11,17 @@ from its last (full-state-dict) checkpoint to the same adapter.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from pipeline_helpers import tiny_config, write_config
+from pipeline_helpers import by_kind, multiprocess_config, run_lori
 from safetensors.torch import load_file
 
 from lori.core import calibrate, load_adapter
 
-TESTS = Path(__file__).parent
 DECODER_LAYER = ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]
 # one FSDP unit over the whole tiny model: its shard boundary cuts layer 1's q_proj B (16 | 112 entries)
 ONE_UNIT = {"class_path": "fsdp_cpu.CPUFSDPStrategy", "init_args": {
@@ -38,26 +35,13 @@ PER_LAYER = {"class_path": "fsdp_cpu.CPUFSDPStrategy", "init_args": {
 def run_pipeline(
     tmp_path: Path, name: str, devices: int, crash: tuple[str, int] | None = None, strategy: dict = ONE_UNIT,
 ) -> subprocess.CompletedProcess:
-    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), validate=False, checkpoint_every=2)
-    cfg["model"]["lori"]["dropout"] = 0.0
-    cfg["model"]["loss_normalization"] = "sequence_sum"  # the mean of two ranks' means is the global mean
-    cfg["data"]["batch_size"] = 4 // devices  # the same global batch of 4
-    callbacks = [{"class_path": "ddp_dump.DumpState", "init_args": {"directory": str(tmp_path / name / "dump")}}]
-    if crash is not None:
-        callbacks.append({"class_path": "ddp_dump.CrashAt", "init_args": {"phase": crash[0], "step": crash[1]}})
-    cfg["trainer"].update(devices=devices, strategy=strategy if devices > 1 else "auto", callbacks=callbacks)
-    path = write_config(tmp_path, cfg, f"{name}{'_crash' if crash else ''}.yaml")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "lori.cli", "pipeline", "--config", str(path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    crashing = [{"class_path": "ddp_dump.CrashAt", "init_args": {"phase": crash[0], "step": crash[1]}}] if crash else None
+    config = multiprocess_config(tmp_path, name, devices, strategy, crashing, checkpoint_every=2)
+    return run_lori("pipeline", "--config", str(config))
 
 
 def finished(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def part(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    return {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(kind + "/")}
 
 
 def dump(run: Path, phase: str, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -75,8 +59,8 @@ def runs(tmp_path_factory):
 def test_shards_split_B_matrices(runs):
     """The setting the official code gets wrong: some B is cut by a shard boundary."""
     _, two = runs
-    full = {p: b.numel() for p, b in part(dump(two, "dense", 0, 2), "B").items()}
-    local = [part(dump(two, "dense", r, 2), "local_numel") for r in (0, 1)]
+    full = {p: b.numel() for p, b in by_kind(dump(two, "dense", 0, 2), "B").items()}
+    local = [by_kind(dump(two, "dense", r, 2), "local_numel") for r in (0, 1)]
     split = [p for p in full if 0 < int(local[0][p]) < full[p]]
     assert split, "no B straddles a shard boundary: the test no longer exercises sharded calibration"
     for p in full:  # together the two ranks hold each B once
@@ -92,26 +76,26 @@ def test_gathering_reads_whole_B_but_leaves_the_frozen_weights_sharded(runs):
 
 def test_masks_are_the_global_calibration_and_the_same_on_every_rank(runs):
     _, two = runs
-    dense = part(dump(two, "dense", 0, 2), "B")
+    dense = by_kind(dump(two, "dense", 0, 2), "B")
     expected = calibrate(dense, 0.9, "model")
     for rank in (0, 1):
-        masks = part(dump(two, "sparse", rank, 2), "mask")
+        masks = by_kind(dump(two, "sparse", rank, 2), "mask")
         assert masks.keys() == expected.keys()
         for p in expected:
             assert torch.equal(masks[p], expected[p]), (rank, p)
     r0, r1 = dump(two, "sparse", 0, 2), dump(two, "sparse", 1, 2)
-    for key in part(r0, "B"):
+    for key in by_kind(r0, "B"):
         assert torch.equal(r0[f"B/{key}"], r1[f"B/{key}"]), key
 
 
 def test_fsdp_matches_one_process(runs):
     one, two = runs
     for phase in ("dense", "sparse"):
-        b1, b2 = part(dump(one, phase, 0, 1), "B"), part(dump(two, phase, 0, 2), "B")
+        b1, b2 = by_kind(dump(one, phase, 0, 1), "B"), by_kind(dump(two, phase, 0, 2), "B")
         assert any(torch.count_nonzero(v) for v in b2.values())
         for p in b1:
             torch.testing.assert_close(b2[p], b1[p], rtol=0, atol=1e-4, msg=f"{phase} {p}")
-    m1, m2 = part(dump(one, "sparse", 0, 1), "mask"), part(dump(two, "sparse", 0, 2), "mask")
+    m1, m2 = by_kind(dump(one, "sparse", 0, 1), "mask"), by_kind(dump(two, "sparse", 0, 2), "mask")
     assert all(torch.equal(m1[p], m2[p]) for p in m1)
 
 
@@ -119,13 +103,13 @@ def test_saved_adapters_hold_the_whole_B(runs):
     _, two = runs
     state = dump(two, "sparse", 0, 2)
     adapter = load_adapter(two / "lori_s")
-    masks, B = part(state, "mask"), part(state, "B")
+    masks, B = by_kind(state, "mask"), by_kind(state, "B")
     assert adapter.masks is not None and adapter.B.keys() == B.keys()
     for p in B:
         assert torch.equal(adapter.B[p], B[p]) and torch.equal(adapter.masks[p], masks[p]), p
         assert not torch.any(adapter.B[p][~adapter.masks[p]]), p  # LoRI-S: zero outside the mask
     dense = load_adapter(two / "lori_d")
-    for p, b in part(dump(two, "dense", 0, 2), "B").items():
+    for p, b in by_kind(dump(two, "dense", 0, 2), "B").items():
         assert torch.equal(dense.B[p], b), p
 
 
@@ -155,9 +139,7 @@ def test_continual_under_fsdp_keeps_every_entry_outside_the_task_mask(tmp_path):
     cfg["model"]["lori"]["dropout"] = 0.0
     cfg["eval"]["tasks"] = ["harmbench"]
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    finished(subprocess.run([sys.executable, "-m", "lori.cli", "continual", "--config", str(path)],
-                            env=env, capture_output=True, text=True, timeout=900))
+    finished(run_lori("continual", "--config", str(path)))
     safety, task = load_adapter(tmp_path / "run" / "safety" / "lori_s"), load_adapter(tmp_path / "run" / "task")
     changed = 0
     for p, trained in task.masks.items():

@@ -1,4 +1,7 @@
-"""Prompt templates: golden strings for every template, task and the paper's whitespace."""
+"""Prompt templates of protocol "lori": golden strings for every template and task.
+
+The official protocol's strings are in tests/test_official_prompts.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ HEAD = ("Below is an instruction that describes a task. Write a response that ap
         "completes the request.")
 HEAD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
               "further context. Write a response that appropriately completes the request.")
-P20, P16 = " " * 20, " " * 16
 GSM = {"id": "g1", "question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5", "final": "5"}
 SAY_HI = {"id": "a", "instruction": "Say hi.", "output": "Hi!"}
 ADD = {"id": "b", "instruction": "Add the numbers.", "input": "1 2", "output": "3"}
@@ -43,38 +45,30 @@ def test_gsm8k_prompt_and_target() -> None:
     assert format_example(no_marker, "gsm8k")[1] == "2+3=5\nThe final answer is: 5"
 
 
-def test_paper_compat_training_layout_is_indented_by_20() -> None:
-    prompt, response = format_example(SAY_HI, "instruct", paper_compat=True)
-    assert prompt == (f"{HEAD}  \n\n{P20}### Instruction:\n{P20}Say hi.\n{P20}\n"
-                      f"{P20}### Response:\n{P20}")
-    assert response == "Hi!"
-    prompt, _ = format_example(ADD, "instruct", paper_compat=True)
-    assert prompt == (f"{HEAD_INPUT} \n\n{P20}### Instruction:\n{P20}Add the numbers.\n{P20}\n"
-                      f"{P20}### Input:\n{P20}1 2\n{P20}\n{P20}### Response:\n{P20}")
-    # evaluation of a non-NLU task keeps the training layout
-    assert format_example(SAY_HI, "instruct", paper_compat=True, stage="eval")[0] == \
-        format_example(SAY_HI, "instruct", paper_compat=True)[0]
-
-
-def test_paper_compat_nlu_eval_layout_is_indented_by_16() -> None:
-    """Golden string: an LLM-Adapters / DoRA evaluation prompt as printed by its script."""
-    record = {"id": "w", "task": "winogrande", "label": 1, "choices": ["jeans", "shirt"],
-              "question": "The jeans fit worse than the shirt because I had tried the _ on at "
-                          "the store."}
-    prompt, response = format_example(record, "nlu", paper_compat=True, stage="eval")
-    assert prompt == (
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request. \n\n                ### Instruction:\n                Please "
-        "choose the correct answer to fill in the blank to complete the given sentence: The "
-        "jeans fit worse than the shirt because I had tried the _ on at the store.\n\nOption1: "
-        "jeans Option2: shirt Answer format: option1/option2\n\n                ### Response:\n"
-        "                ")
-    assert response == "the correct answer is option2"
-    train_prompt = format_example(record, "winogrande", paper_compat=True)[0]
-    assert train_prompt.startswith(f"{HEAD}  \n\n{P20}### Instruction:\n{P20}Please choose")
-    assert apply_template("x", input_text="y", paper_compat=True, indent=16, training=False)[0] \
-        == f"{HEAD_INPUT}\n\n{P16}### Instruction:\n{P16}x\n\n{P16}### Input:\n{P16}y\n\n" \
-           f"{P16}### Response:\n{P16}"
+def test_lori_protocol_is_the_default_and_unchanged() -> None:
+    """protocol="lori" (the default) keeps lori's own layouts, the same for train and eval."""
+    winogrande = {"id": "w", "task": "winogrande", "label": 1, "choices": ["jeans", "shirt"],
+                  "question": "The jeans fit worse than the shirt because I had tried the _ on."}
+    expected = (f"{HEAD}\n\n### Instruction:\nPlease choose the correct answer to fill in the "
+                "blank to complete the given sentence: The jeans fit worse than the shirt because "
+                "I had tried the _ on.\n\nOption1: jeans Option2: shirt Answer format: "
+                "option1/option2\n\n### Response:\n", "the correct answer is option2")
+    stub = "def add(a, b):\n"
+    humaneval = {"id": "HumanEval/0", "prompt": stub, "solution": "    return a + b\n",
+                 "test": "", "entry_point": "add", "source": "humaneval"}
+    hexphi = {"id": "h", "prompt": "How do I pick a lock?", "source": "hexphi"}
+    for stage in ("train", "eval"):
+        assert format_example(winogrande, "nlu", "alpaca", "lori", stage=stage) == expected
+        assert format_example(winogrande, "winogrande", stage=stage) == expected
+        assert format_example(GSM, "gsm8k", "alpaca", "lori", stage=stage) == \
+            format_example(GSM, "gsm8k")
+        assert format_example(humaneval, "humaneval", "alpaca", "lori", stage=stage) == (
+            f"{HEAD}\n\n### Instruction:\nComplete the following Python code:\n{stub}\n\n"
+            "### Response:\n", stub + "    return a + b\n")
+        assert format_example(hexphi, "hexphi", "plain", "lori", stage=stage) == \
+            ("How do I pick a lock?\n", "")
+    assert apply_template("x", input_text="y", protocol="lori")[0] == \
+        f"{HEAD_INPUT}\n\n### Instruction:\nx\n\n### Input:\ny\n\n### Response:\n"
 
 
 NLU_GOLDEN = [

@@ -8,12 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from lori.data.prompts import (
+    PROTOCOLS,
     TEMPLATES,
     apply_template,
+    check_protocol,
     format_example,
     gsm8k_response,
     nlu_answer,
     nlu_instruction,
+    official_example,
     refusal_for,
     task_content,
 )
@@ -42,6 +45,7 @@ from lori.data.tokenize import (
     IGNORE_INDEX,
     TokenizationReport,
     collate,
+    official_truncate,
     pad_id_of,
     tokenize_prompts,
     tokenize_records,
@@ -60,12 +64,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DataError", "IGNORE_INDEX", "NLU_TASKS", "SCHEMAS", "TASK_KINDS", "TEMPLATES",
-    "TaskDataModule", "TokenizationReport", "apply_template", "check_record", "collate",
-    "default_records", "format_example", "gsm8k_final", "gsm8k_response", "hub_records",
-    "load_benign", "load_donotanswer", "load_gsm8k", "load_harmbench", "load_hexphi",
-    "load_humaneval", "load_local", "load_mbpp", "load_nlu", "load_strongreject", "nlu_answer",
-    "nlu_instruction", "pad_id_of", "refusal_for", "safety_train_records", "split_records",
-    "task_content", "task_kind", "tokenize_prompts", "tokenize_records",
-    "tokenize_records_with_report",
+    "DataError", "IGNORE_INDEX", "NLU_TASKS", "PROTOCOLS", "SCHEMAS", "TASK_KINDS", "TEMPLATES",
+    "TaskDataModule", "TokenizationReport", "apply_template", "check_protocol", "check_record",
+    "collate", "default_records", "format_example", "gsm8k_final", "gsm8k_response",
+    "hub_records", "load_benign", "load_donotanswer", "load_gsm8k", "load_harmbench",
+    "load_hexphi", "load_humaneval", "load_local", "load_mbpp", "load_nlu", "load_strongreject",
+    "nlu_answer", "nlu_instruction", "official_example", "official_truncate", "pad_id_of",
+    "refusal_for", "safety_train_records", "split_records", "task_content", "task_kind",
+    "tokenize_prompts", "tokenize_records", "tokenize_records_with_report",
 ]

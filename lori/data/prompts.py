@@ -18,27 +18,31 @@ Templates (``template=``):
 * ``"chat"``: ``tokenizer.apply_chat_template`` with the instruction as the user turn and the
   response as the assistant turn (for instruct models; needs ``tokenizer=``).
 
-``paper_compat=True`` reproduces the whitespace of the original code (LoRI, built on the
-DoRA / LLM-Adapters scripts), where the Alpaca template is a triple-quoted f-string inside
-indented code, so every line after the first carries that indentation: 20 spaces in the
-training template, 16 in the NLU evaluation template (``stage="eval"``). The training
-template also keeps the trailing spaces after the header sentence ("request.  " without an
-input, "request. " with one) and indented blank separator lines; the NLU evaluation template
-has "request. " (no input) and empty separator lines. Lines inside a multi-line instruction
-are not indented (they come from the data). Other tasks are evaluated with the training
-layout. ``paper_compat`` only affects ``"alpaca"``.
+Protocols (``protocol=``, see ``PROTOCOLS``):
+
+* ``"lori"`` (default): the layouts above.
+* ``"official"``: the strings of the official LoRI code (``lori.data.official_prompts``), byte
+  for byte, whatever ``template`` says, for every task that code has: GSM8K, the instruct sets
+  (CodeAlpaca, Saferpaca, commonsense_170k; also the ``instruct`` task and the ``safety``
+  training pairs, in the no-input Saferpaca layout), NLU training (the commonsense_170k layout
+  around the NLU instruction), NLU evaluation (``stage="eval"``: the 16-space ``get_default``
+  layout), HumanEval evaluation (the stripped stub) and the harmful-prompt evaluation sets
+  (HEx-PHI and the HarmBench / StrongREJECT / Do-Not-Answer sets standing in for it, by the
+  task name or the record's ``source``). Tasks the official code does not have (MBPP, HumanEval
+  training, benign / over-refusal prompts) fall back to the lori layout of ``template``. The
+  official code has no chat template: ``template="chat"`` with ``protocol="official"`` is refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lori.data.sources import DataError, NLU_TASKS, gsm8k_final, task_kind
+from lori.data import official_prompts as official
+from lori.data.sources import DataError, gsm8k_final, task_kind
 
 TEMPLATES = ("alpaca", "chat", "plain")
 STAGES = ("train", "eval")
-TRAIN_INDENT = 20
-EVAL_INDENT = 16
+PROTOCOLS = ("lori", "official")
 ALPACA_HEADER = ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.")
 ALPACA_HEADER_INPUT = ("Below is an instruction that describes a task, paired with an input "
@@ -136,16 +140,13 @@ def _alpaca(instruction: str, input_text: str) -> str:
     return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def _alpaca_paper(instruction: str, input_text: str, indent: int, training: bool) -> str:
-    """The Alpaca prompt with the whitespace of the original (indented) f-strings."""
-    pad, blank = " " * indent, " " * indent if training else ""
-    header = ALPACA_HEADER_INPUT if input_text else ALPACA_HEADER
-    trail = (" " if input_text else "  ") if training else ("" if input_text else " ")
-    sections = [("### Instruction:", instruction)]
-    if input_text:
-        sections.append(("### Input:", input_text))
-    body = f"\n{blank}\n".join(f"{pad}{title}\n{pad}{text}" for title, text in sections)
-    return f"{header}{trail}\n\n{body}\n{blank}\n{pad}### Response:\n{pad}"
+def check_protocol(protocol: str, template: str | None = None) -> None:
+    """Raise DataError for an unknown protocol, or for ``template="chat"`` with ``"official"``."""
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if protocol == "official" and template == "chat":
+        raise DataError("template 'chat' cannot be used with protocol 'official': the official "
+                        "LoRI code has no chat template (use template 'alpaca' or 'plain')")
 
 
 def _chat(user: str, response: str, tokenizer: Any) -> tuple[str, str]:
@@ -159,8 +160,7 @@ def _chat(user: str, response: str, tokenizer: Any) -> tuple[str, str]:
 
 
 def apply_template(instruction: str, response: str = "", *, input_text: str = "",
-                   template: str = "alpaca", paper_compat: bool = False,
-                   indent: int = TRAIN_INDENT, training: bool = True,
+                   template: str = "alpaca", protocol: str = "lori",
                    tokenizer: Any = None) -> tuple[str, str]:
     """Wrap raw instruction / input / response text in a template.
 
@@ -168,18 +168,18 @@ def apply_template(instruction: str, response: str = "", *, input_text: str = ""
         instruction: the task instruction.
         response: the target text (empty for generation prompts).
         input_text: optional extra input (Alpaca "### Input:" section).
-        template: one of ``TEMPLATES``.
-        paper_compat: reproduce the original indented whitespace (alpaca only).
-        indent: spaces of indentation under ``paper_compat``.
-        training: the training (True) or evaluation (False) whitespace variant.
+        template: one of ``TEMPLATES`` (ignored under ``protocol="official"``).
+        protocol: ``"lori"``, or ``"official"`` for the official instruct layout (20-space
+            CodeAlpaca / Saferpaca / commonsense_170k f-string, ``official_prompts.instruct_prompt``).
         tokenizer: needed for ``template="chat"``.
 
     Returns:
         ``(prompt, response)``; the model is trained on ``response`` given ``prompt``.
     """
+    check_protocol(protocol, template)
+    if protocol == "official":
+        return official.instruct_prompt(instruction, input_text), response
     if template == "alpaca":
-        if paper_compat:
-            return _alpaca_paper(instruction, input_text, indent, training), response
         return _alpaca(instruction, input_text), response
     user = f"{instruction}\n\n{input_text}" if input_text else instruction
     if template == "chat":
@@ -189,25 +189,74 @@ def apply_template(instruction: str, response: str = "", *, input_text: str = ""
     raise ValueError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
 
 
+def official_example(record: dict[str, Any], task: str,
+                     stage: str = "train") -> tuple[str, str] | None:
+    """The official code's ``(prompt, target)`` of a record, or None for a task it lacks.
+
+    Per task (``lori.data.official_prompts`` has the strings and their lines):
+
+    * gsm8k: question + the official suffix; target = solution with ``####`` rewritten.
+    * instruct / codealpaca / saferpaca / commonsense: the 20-space instruct layout with the
+      record's input (if truthy); target = ``output``.
+    * safety, ``stage="train"`` (the Saferpaca stand-in): the no-input instruct layout around the
+      harmful or benign prompt; target = its ``response``.
+    * safety, ``stage="eval"``, of a HEx-PHI-like source (``official_prompts.HEXPHI_SOURCES``, by
+      task name or ``record["source"]``): the HEx-PHI prompt; target ``"The answer is"``.
+    * NLU, ``stage="train"``: the 20-space commonsense_170k layout around the NLU instruction;
+      ``stage="eval"``: the 16-space ``get_default`` layout. Target
+      ``"the correct answer is <label word>"`` (as in commonsense_170k and tasks/*/test.json).
+    * humaneval, ``stage="eval"``: the stripped stub (bigcode); target = the canonical body
+      (not used by bigcode).
+
+    MBPP, HumanEval training and benign safety prompts at evaluation return None (the caller
+    falls back to the lori layout).
+    """
+    kind = task_kind(task)
+    if kind == "math":
+        return official.gsm8k_pair(record["question"], record["answer"])
+    if kind == "instruct":
+        return official.instruct_prompt(record["instruction"], record.get("input")), \
+            f"{record['output']}"
+    if kind == "nlu":
+        target = NLU_ANSWER_PREFIX + nlu_answer(record)
+        if stage == "eval":
+            return official.default_prompt(nlu_instruction(record)), target
+        return official.instruct_prompt(nlu_instruction(record)), target
+    if kind == "safety" and stage == "eval":
+        if task in official.HEXPHI_SOURCES or record.get("source") in official.HEXPHI_SOURCES:
+            return official.hexphi_prompt(record["prompt"]), official.HEXPHI_TARGET
+        return None
+    if kind == "safety":
+        return official.instruct_prompt(record["prompt"]), f"{record.get('response') or ''}"
+    if record.get("source") == "humaneval" and stage == "eval":
+        return official.humaneval_prompt(record["prompt"]), record["solution"]
+    return None
+
+
 def format_example(record: dict[str, Any], task: str, template: str = "alpaca",
-                   paper_compat: bool = False, *, stage: str = "train",
+                   protocol: str = "lori", *, stage: str = "train",
                    tokenizer: Any = None) -> tuple[str, str]:
     """The ``(prompt, response)`` strings of one record of ``task``.
 
     Args:
         record: a record in the schema of ``task`` (see ``lori.data.sources``).
         task: a task name (``gsm8k``, ``mbpp``, ``nlu``, ``boolq``, ``safety``, ...).
-        template: ``"alpaca"``, ``"chat"`` or ``"plain"``.
-        paper_compat: reproduce the original whitespace (see the module docstring).
-        stage: ``"train"`` or ``"eval"``; under ``paper_compat`` NLU evaluation prompts use
-            the 16-space layout, everything else the 20-space training layout.
+        template: ``"alpaca"``, ``"chat"`` or ``"plain"``; ignored under ``protocol="official"``
+            for the tasks the official code has (see ``official_example``).
+        protocol: ``"lori"`` or ``"official"`` (see the module docstring).
+        stage: ``"train"`` or ``"eval"``; selects the official evaluation layouts (NLU,
+            HumanEval, HEx-PHI); the lori layouts are the same for both stages.
         tokenizer: needed for ``template="chat"``.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
+    check_protocol(protocol, template)
+    if protocol == "official":
+        pair = official_example(record, task, stage)
+        if pair is not None:
+            return pair
     instruction, input_text, response = task_content(record, task)
-    nlu_eval = stage == "eval" and (task == "nlu" or task in NLU_TASKS)
-    indent = EVAL_INDENT if nlu_eval else TRAIN_INDENT
     return apply_template(instruction, response, input_text=input_text, template=template,
-                          paper_compat=paper_compat, indent=indent, training=not nlu_eval,
                           tokenizer=tokenizer)

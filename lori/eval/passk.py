@@ -18,6 +18,10 @@ from lori.eval.answers import truncate_at_stop
 from lori.eval.sandbox import ExecResult, run_many
 
 HUMANEVAL_STOP: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+# The stop words of the bigcode harness the official LoRI code evaluates HumanEval with
+# (juzhengz/LoRI @ 9183468, bigcode/bigcode_eval/tasks/humaneval.py:52), for protocol "official".
+HUMANEVAL_STOP_OFFICIAL: tuple[str, ...] = (
+    "\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lori.data import sources
-from lori.data.prompts import NLU_ANSWER_PREFIX, format_example, nlu_answer
+from lori.data.prompts import NLU_ANSWER_PREFIX, check_protocol, format_example, nlu_answer
 from lori.data.sources import DataError
 from lori.eval.answers import extract_nlu_answer
 from lori.eval.generate import generate
@@ -53,7 +53,8 @@ class EvalSettings:
             the held-out size, as in the training config's ``data.held_out``.
         split_seed: the seed of that split (``data.split_seed``).
         template: prompt template: ``alpaca``, ``chat`` or ``plain`` (as in training).
-        paper_compat: the original code's prompt whitespace.
+        protocol: ``lori`` or ``official`` (the official LoRI code's prompt strings; see
+            ``lori.data.prompts``); ``official`` refuses ``template: chat``.
         batch_size: prompts per generation / scoring batch.
         max_new_tokens: generation budget (code and math need a few hundred).
         do_sample: sample instead of greedy decoding (math, safety, NLU generation).
@@ -76,7 +77,7 @@ class EvalSettings:
     held_out: int | float = 200
     split_seed: int = 0
     template: str = "alpaca"
-    paper_compat: bool = False
+    protocol: Literal["lori", "official"] = "lori"
     batch_size: int = 8
     max_new_tokens: int = 256
     do_sample: bool = False
@@ -104,6 +105,10 @@ class EvalSettings:
             raise EvalError(f"max_examples must be >= 1 or None, got {self.max_examples}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise EvalError("batch_size and max_new_tokens must be >= 1")
+        try:
+            check_protocol(self.protocol, self.template)
+        except DataError as err:
+            raise EvalError(str(err)) from None
         if "hexphi" in self.tasks and not self.hexphi_path:
             raise EvalError("task 'hexphi' needs hexphi_path: a folder of HEx-PHI category_*.csv files")
 
@@ -207,7 +212,7 @@ class Evaluator:
                 tokenize=False, add_generation_prompt=True) for r in records]
         if system:
             records = [{**r, "prompt": f"{system}\n\n{r['prompt']}"} for r in records]
-        return [format_example(r, "safety" if safety else task, self.s.template, self.s.paper_compat,
+        return [format_example(r, "safety" if safety else task, self.s.template, self.s.protocol,
                                stage="eval", tokenizer=self.tokenizer)[0] for r in records]
 
     def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int | None = None) -> list[list[str]]:

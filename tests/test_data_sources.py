@@ -198,3 +198,40 @@ def test_hub_records_parses_hub_rows(monkeypatch) -> None:
     arc = sources.hub_records("arc_easy", "test")[0]
     assert (arc["id"], arc["label"], arc["choices"]) == ("q1", 1, ["red", "blue"])
     assert calls == [("gsm8k", "main", "train"), ("allenai/ai2_arc", "ARC-Easy", "test")]
+
+
+def test_paper_training_sets_hub_paths_and_offline_refusal(monkeypatch, tmp_path) -> None:
+    """The official loaders' hub copies (get_datasets.py:43, 58, 217); no network in tests."""
+    import datasets
+
+    assert sources.HUB_PATHS["gsm8k"] == ("gsm8k", "main")
+    assert sources.HUB_PATHS["codealpaca"] == ("sahil2801/CodeAlpaca-20k", None)
+    assert sources.HUB_PATHS["commonsense"] == ("zwhe99/commonsense_170k", None)
+    assert sources.task_kind("commonsense") == "instruct"
+    row = {"instruction": "Please answer the following question with true or false, question: "
+           "is it?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is "
+           "true", "answer": "true"}
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [row]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    record = sources.hub_records("commonsense")[0]
+    assert (record["instruction"], record["input"], record["output"]) == \
+        (row["instruction"], "", row["output"])
+    assert calls == [("zwhe99/commonsense_170k", None, "train")]
+
+    def offline(path, name=None, split=None):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"cannot load 'zwhe99/commonsense_170k' .*Couldn't reach") as err:
+        sources.hub_records("commonsense")
+    assert "\n" not in str(err.value)
+    # a local copy of commonsense_170k through train_file
+    path = tmp_path / "commonsense_170k.json"
+    path.write_text(json.dumps([row, {**row, "input": None}]))
+    local = sources.load_local(path, "commonsense")
+    assert [r["input"] for r in local] == ["", ""] and local[0]["output"] == row["output"]

@@ -273,7 +273,7 @@ def test_merge_config_parses_with_lori_merge(path):
     cfg, settings = merging.parse_config(path)
     raw = yaml.safe_load(path.read_text())
     assert (cfg.adapters, cfg.weights, cfg.density) == (raw["adapters"], raw["weights"], raw["density"])
-    assert settings.paper_compat and settings.held_out == 1319  # all GSM8K test problems
+    assert settings.protocol == "official" and settings.held_out == 1319  # all GSM8K test problems
     assert cfg.single_task == (path.stem.endswith("concat_lori_d"))
 
 
@@ -328,7 +328,7 @@ def test_continual_config(path):
     bench, extra = CONTINUAL_BENCH[task]
     assert settings.tasks == ["hexphi", "harmbench", bench]
     assert settings.hexphi_path == "data/paper/HEx-PHI" and settings.max_examples is None
-    assert settings.paper_compat and not settings.do_sample
+    assert settings.protocol == "official" and not settings.do_sample
     assert {k: getattr(settings, k) for k in extra} == extra
     text = path.read_text()
     assert "Fig. 3" in text and f"lori continual --config configs/paper/continual/{path.name}" in text
@@ -365,16 +365,18 @@ def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
     from lori.cli import pipeline
 
     data = tmp_path / "gsm8k_train.jsonl"
-    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(12)]
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(40)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "run"
     summary = pipeline([
         "--config", str(ROOT / "configs" / "paper" / "mistral_7b_r64_gsm8k.yaml"),
         "--model.model", "tiny-llama", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-        "--data.train_file", str(data), "--data.max_length", "96", "--pipeline.output_dir", str(out),
+        "--data.train_file", str(data), "--data.max_length", "96", "--data.max_prompt_length", "48",
+        "--pipeline.output_dir", str(out),
         "--pipeline.dense_epochs", "1", "--pipeline.sparse_epochs", "1",
     ])
-    assert summary["lori_d"]["steps"] == summary["lori_s"]["steps"] == 1  # 12 examples / (4 x 8) -> 1 step
+    # protocol official drops the incomplete last global batch: 40 examples / (4 x 8) -> 1 step, not 2
+    assert summary["lori_d"]["steps"] == summary["lori_s"]["steps"] == 1
     alphas = [json.loads((out / s / "adapter_config.json").read_text())["lora_alpha"] for s in ("lori_d", "lori_s")]
     assert alphas == [32, 64]  # the two alphas of Table 5
     assert summary["lori_s"]["trainable"] == keep_count(summary["lori_d"]["trainable"], 0.9)

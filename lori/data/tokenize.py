@@ -5,14 +5,28 @@ then tokenised once through ``datasets.Dataset.from_list(...).map(...)`` (batche
 storage). Prompt and response are encoded separately and concatenated, so the boundary
 between them is exact: ``labels`` is ``-100`` over every prompt token (and later over
 padding) and equals ``input_ids`` over the response tokens, so the loss is on the response
-only. The prompt is encoded with the tokenizer's special tokens (e.g. BOS), the response
-without them, and EOS is appended to the response (for ``template="chat"`` only when the
-rendered turn does not already contain the EOS token).
+only. EOS is appended to the response.
 
-Truncation to ``max_length`` keeps the start of the prompt and cuts the response from the
-end (such an example loses its EOS and is counted as *truncated*). An example whose prompt
-alone fills ``max_length`` (no room for a single response token) would train on nothing,
-so it is *dropped* and counted; ``TokenizationReport`` carries both counts.
+``protocol="lori"`` (default): the prompt is encoded with the tokenizer's special tokens (e.g.
+BOS), the response without them (for ``template="chat"`` EOS is only appended when the rendered
+turn does not already contain it). Truncation to ``max_length`` keeps the start of the prompt
+and cuts the response from the end (such an example loses its EOS and is counted as
+*truncated*). An example whose prompt alone fills ``max_length`` (no room for a single response
+token) would train on nothing, so it is *dropped* and counted. Every record is kept, duplicates
+included.
+
+``protocol="official"`` (the official LoRI code, ``src/get_datasets.py`` at 9183468,
+``tokenize_batch_element`` l.309-372): prompt and response are both encoded with
+``add_special_tokens=False`` (no BOS), EOS is appended to the response (l.328), and the
+over-length rule is ``official_truncate``: if ``len(prompt) + len(response + EOS) >
+max_length`` the prompt keeps its first ``max_prompt_length`` tokens (l.337-339); if that is
+still too long the response keeps its first ``max_length - max_prompt_length`` tokens (l.346-347,
+which may cut the EOS). Nothing is dropped; the report counts the cut prompts and responses.
+Records with the same prompt string become one example (dict semantics of the official loaders:
+at the first occurrence, with the last occurrence's target; ``official_prompts.unique_prompts``).
+A prompt or response whose tokens contain EOS is refused (the official code asserts, l.324-326).
+
+``TokenizationReport`` carries the counts.
 """
 
 from __future__ import annotations
@@ -25,7 +39,9 @@ from typing import Any, Callable, Sequence
 import datasets
 import torch
 
-from lori.data.prompts import format_example
+from lori.data.official_prompts import unique_prompts
+from lori.data.prompts import check_protocol, format_example
+from lori.data.sources import DataError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -40,10 +56,17 @@ class TokenizationReport:
     dropped: int
     truncated: int
     max_length: int
+    prompt_truncated: int = 0
+    duplicates: int = 0
+    protocol: str = "lori"
 
     def __str__(self) -> str:
-        return (f"{self.kept}/{self.total} examples kept (max_length={self.max_length}): "
+        text = (f"{self.kept}/{self.total} examples kept (max_length={self.max_length}): "
                 f"{self.dropped} dropped (prompt >= max_length), {self.truncated} truncated")
+        if self.protocol == "official":
+            text += (f", {self.prompt_truncated} prompts cut, {self.duplicates} duplicate "
+                     "prompts merged (protocol official)")
+        return text
 
 
 def _eos_id(tokenizer: Any) -> int | None:
@@ -71,6 +94,30 @@ def pack_example(prompt_ids: Sequence[int], response_ids: Sequence[int],
             "truncated": len(kept) < len(response_ids)}
 
 
+def official_truncate(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
+                      max_prompt_length: int) -> tuple[list[int], list[int]]:
+    """The official over-length rule (get_datasets.py:336-347), ``response_ids`` ending in EOS.
+
+    If ``len(prompt) + len(response) > max_length`` the prompt keeps its first
+    ``max_prompt_length`` tokens; if the sum is still above ``max_length`` the response keeps its
+    first ``max_length - max_prompt_length`` tokens.
+    """
+    prompt, response = list(prompt_ids), list(response_ids)
+    if len(prompt) + len(response) > max_length:
+        prompt = prompt[:max_prompt_length]
+    if len(prompt) + len(response) > max_length:
+        response = response[:max_length - max_prompt_length]
+    return prompt, response
+
+
+def _check_no_eos(ids: Sequence[Sequence[int]], eos: int | None, texts: Sequence[str],
+                  what: str) -> None:
+    for row, text in zip(ids, texts):
+        if eos is not None and eos in row:
+            raise DataError(f"protocol official: a {what} contains the EOS token (the official "
+                            f"code refuses it): {text[:80]!r}")
+
+
 def _encoder(tokenizer: Any, max_length: int, chat: bool) -> Callable[[dict], dict]:
     """A batched ``map`` function: encode, append EOS, pack and flag dropped examples."""
     eos = _eos_id(tokenizer)
@@ -94,6 +141,47 @@ def _encoder(tokenizer: Any, max_length: int, chat: bool) -> Callable[[dict], di
     return encode
 
 
+def _official_encoder(tokenizer: Any, max_length: int,
+                      max_prompt_length: int) -> Callable[[dict], dict]:
+    """A batched ``map`` function for ``protocol="official"`` (tokenize_batch_element)."""
+    eos = _eos_id(tokenizer)
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+        responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+        _check_no_eos(prompts, eos, batch["prompt"], "prompt")
+        _check_no_eos(responses, eos, batch["response"], "response")
+        out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "attention_mask", "labels",
+                                                     "truncated", "prompt_truncated", "keep")}
+        for p, r in zip(prompts, responses):
+            full = [*r, eos] if eos is not None else list(r)
+            prompt, response = official_truncate(p, full, max_length, max_prompt_length)
+            ids = prompt + response
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([IGNORE_INDEX] * len(prompt) + response)
+            out["truncated"].append(len(response) < len(full))
+            out["prompt_truncated"].append(len(prompt) < len(p))
+            out["keep"].append(True)
+        return out
+
+    return encode
+
+
+def _check_lengths(max_length: int, max_prompt_length: int, protocol: str) -> None:
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if protocol == "official" and not 0 < max_prompt_length < max_length:
+        raise ValueError(f"protocol official needs 0 < max_prompt_length < max_length, got "
+                         f"max_prompt_length={max_prompt_length}, max_length={max_length}")
+
+
+def _official_unique(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One pair per distinct prompt: first position, last target (see ``unique_prompts``)."""
+    return [(pairs[first][0], pairs[last][1])
+            for first, last in unique_prompts([p for p, _ in pairs])]
+
+
 def _fingerprint(texts: Sequence[Any], *parts: Any) -> str:
     """A cache fingerprint of the formatted texts and the settings (no pickling of closures)."""
     digest = hashlib.sha256(repr(parts).encode("utf-8"))
@@ -104,35 +192,45 @@ def _fingerprint(texts: Sequence[Any], *parts: Any) -> str:
 
 def tokenize_records_with_report(records: list[dict[str, Any]], tokenizer: Any, task: str,
                                  template: str = "alpaca", max_length: int = 256,
-                                 paper_compat: bool = False, stage: str = "train",
+                                 protocol: str = "lori", stage: str = "train",
+                                 max_prompt_length: int = 256,
                                  ) -> tuple[datasets.Dataset, TokenizationReport]:
     """Like ``tokenize_records`` and also returns the drop / truncation counts."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    pairs = [format_example(r, task, template, paper_compat, stage=stage, tokenizer=tokenizer)
+    check_protocol(protocol, template)
+    _check_lengths(max_length, max_prompt_length, protocol)
+    pairs = [format_example(r, task, template, protocol, stage=stage, tokenizer=tokenizer)
              for r in records]
+    official = protocol == "official"
+    unique = _official_unique(pairs) if official else pairs
     ds = datasets.Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
-    truncated = 0
-    if pairs:
-        raw = datasets.Dataset.from_list([{"prompt": p, "response": r} for p, r in pairs])
-        fingerprint = _fingerprint(pairs, getattr(tokenizer, "name_or_path", ""),
-                                   len(tokenizer), max_length, template)
-        encoded = raw.map(_encoder(tokenizer, max_length, template == "chat"), batched=True,
-                          remove_columns=["prompt", "response"], new_fingerprint=fingerprint,
-                          desc=f"tokenizing {task}")
+    truncated = prompt_truncated = 0
+    if unique:
+        raw = datasets.Dataset.from_list([{"prompt": p, "response": r} for p, r in unique])
+        fingerprint = _fingerprint(unique, getattr(tokenizer, "name_or_path", ""),
+                                   len(tokenizer), max_length, template, protocol,
+                                   max_prompt_length if official else None)
+        encoder = (_official_encoder(tokenizer, max_length, max_prompt_length) if official
+                   else _encoder(tokenizer, max_length, template == "chat"))
+        encoded = raw.map(encoder, batched=True, remove_columns=["prompt", "response"],
+                          new_fingerprint=fingerprint, desc=f"tokenizing {task}")
         kept = [i for i, k in enumerate(encoded["keep"]) if k]
         truncated = sum(encoded.select(kept)["truncated"])
+        if official:
+            prompt_truncated = sum(encoded["prompt_truncated"])
+            encoded = encoded.remove_columns(["prompt_truncated"])
         if kept:
             ds = encoded.select(kept).remove_columns(["keep", "truncated"])
-    report = TokenizationReport(len(records), len(ds), len(records) - len(ds), truncated,
-                                max_length)
+    duplicates = len(pairs) - len(unique)
+    report = TokenizationReport(len(records), len(ds), len(unique) - len(ds), truncated,
+                                max_length, prompt_truncated, duplicates, protocol)
     log.info("tokenize %s: %s", task, report)
     return ds, report
 
 
 def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, task: str,
                      template: str = "alpaca", max_length: int = 256,
-                     paper_compat: bool = False, stage: str = "train") -> datasets.Dataset:
+                     protocol: str = "lori", stage: str = "train",
+                     max_prompt_length: int = 256) -> datasets.Dataset:
     """Tokenise records into a Dataset with ``input_ids``, ``attention_mask``, ``labels``.
 
     Args:
@@ -141,35 +239,74 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, task: str,
         task: the task name, e.g. ``"gsm8k"``.
         template: ``"alpaca"``, ``"chat"`` or ``"plain"``.
         max_length: the longest sequence; see the module docstring for truncation.
-        paper_compat: reproduce the original whitespace of the prompts.
+        protocol: ``"lori"`` or ``"official"`` (prompts, special tokens, over-length rule and
+            duplicate prompts; see the module docstring).
         stage: ``"train"`` or ``"eval"`` prompt layout.
+        max_prompt_length: under ``protocol="official"``, the prompt tokens kept by an
+            over-long example (the official config's 256); unused by ``"lori"``.
 
     Returns:
-        A Dataset with one row per kept example.
+        A Dataset with one row per kept example (official: per distinct prompt).
     """
     return tokenize_records_with_report(records, tokenizer, task, template, max_length,
-                                        paper_compat, stage)[0]
+                                        protocol, stage, max_prompt_length)[0]
 
 
 def tokenize_prompts(records: list[dict[str, Any]], tokenizer: Any, task: str,
-                     template: str = "alpaca", paper_compat: bool = False,
-                     max_length: int | None = None) -> datasets.Dataset:
+                     template: str = "alpaca", protocol: str = "lori",
+                     max_length: int | None = None,
+                     max_prompt_length: int | None = None) -> datasets.Dataset:
     """Prompt-only encodings for generation / evaluation (``stage="eval"`` layout).
 
-    Columns: ``input_ids``, ``attention_mask`` and ``index`` (position in ``records``). With
-    ``max_length`` a longer prompt keeps its last tokens (the end holds the response cue).
+    Columns: ``input_ids``, ``attention_mask`` and ``index`` (position in ``records``); one row
+    per record under both protocols (no de-duplication here: the official evaluation, which
+    goes through the training iterator, also merges duplicate prompts and drops the incomplete
+    last batch, get_datasets.py:416-433; ``official_prompts.unique_prompts`` gives its rows).
+
+    * ``protocol="lori"``: the tokenizer's special tokens (e.g. BOS; none for ``chat``); with
+      ``max_length`` a longer prompt keeps its last tokens (the end holds the response cue);
+      ``max_prompt_length`` is unused.
+    * ``protocol="official"``, every task but HumanEval (eval_model.py:289-306: the training
+      iterator with ``max_length`` 512, ``max_prompt_length`` 256, the defaults here): no special
+      tokens, and the prompt is cut by the official over-length rule against the record's gold
+      target (``official_truncate``): if ``len(prompt) + len(target + EOS) > max_length`` the
+      prompt keeps its FIRST ``max_prompt_length`` tokens.
+    * ``protocol="official"``, HumanEval (bigcode_eval/utils.py:99-106, ``--max_length_generation
+      512``): the tokenizer's default special tokens (e.g. BOS) and ``truncation=True`` at
+      ``max_length`` (default 512; bigcode counts prompt plus generation in that budget).
     """
-    prompts = [format_example(r, task, template, paper_compat, stage="eval",
-                              tokenizer=tokenizer)[0] for r in records]
-    raw = datasets.Dataset.from_list([{"prompt": p, "index": i} for i, p in enumerate(prompts)])
+    check_protocol(protocol, template)
+    official = protocol == "official"
+    humaneval = official and task == "humaneval"
+    if official:
+        max_length = 512 if max_length is None else max_length
+        max_prompt_length = 256 if max_prompt_length is None else max_prompt_length
+        if not humaneval:
+            _check_lengths(max_length, max_prompt_length, protocol)
+    pairs = [format_example(r, task, template, protocol, stage="eval", tokenizer=tokenizer)
+             for r in records]
+    prompts = [p for p, _ in pairs]
+    raw = datasets.Dataset.from_list([{"prompt": p, "target": t, "index": i}
+                                      for i, (p, t) in enumerate(pairs)])
+    eos = _eos_id(tokenizer)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        ids = tokenizer(batch["prompt"], add_special_tokens=template != "chat")["input_ids"]
-        ids = [x[-max_length:] if max_length else x for x in ids]
+        if humaneval:
+            ids = tokenizer(batch["prompt"], truncation=True, max_length=max_length)["input_ids"]
+        elif official:
+            ids = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+            targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
+            ids = [official_truncate(p, [*t, eos] if eos is not None else t, max_length,
+                                     max_prompt_length)[0] for p, t in zip(ids, targets)]
+        else:
+            ids = tokenizer(batch["prompt"], add_special_tokens=template != "chat")["input_ids"]
+            ids = [x[-max_length:] if max_length else x for x in ids]
         return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
 
-    fingerprint = _fingerprint(prompts, getattr(tokenizer, "name_or_path", ""), max_length)
-    return raw.map(encode, batched=True, remove_columns=["prompt"],
+    fingerprint = _fingerprint(pairs if official else prompts,
+                               getattr(tokenizer, "name_or_path", ""), max_length, protocol,
+                               max_prompt_length, task == "humaneval")
+    return raw.map(encode, batched=True, remove_columns=["prompt", "target"],
                    new_fingerprint=fingerprint) if len(raw) else raw
 
 

@@ -35,6 +35,7 @@ from lori.models import ModelLoadError
 from lori.models import _resolve_dtype as resolve_dtype
 from lori.module import CheckpointMismatchError, LoRIModule
 from lori.pipeline import PipelineConfig, format_summary, run_pipeline
+from lori.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.rng_state import RNGState
 
 USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]
@@ -58,8 +59,11 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
     DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
-    ContinualConfigError,
+    ContinualConfigError, ProtocolError,
 )
+
+# sections of a training config that carry a `protocol` of their own, set from the top-level switch
+PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
 
 
 def _is_zero3(trainer: Any) -> bool:
@@ -92,6 +96,7 @@ class LoRICLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(PipelineConfig, "pipeline")
+        add_protocol_argument(parser)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # parse errors raise (reported as one line by main) instead of printing the whole usage
@@ -100,6 +105,8 @@ class LoRICLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        apply_protocol(cfg, parser.get_defaults())
         try:  # bad values stop here, before the model loads
             LoRIModule.check_options(cfg["model"])
         except ValueError as err:
@@ -126,6 +133,39 @@ class LoRICLI(LightningCLI):
         if self.subcommand is None:  # pipeline / continual: make_trainer_factory builds one Trainer per stage
             return None  # (a Trainer built here would bind the YAML's strategy object to itself)
         return super().instantiate_trainer(**kwargs)
+
+
+def add_protocol_argument(parser: LightningArgumentParser) -> None:
+    """The top-level ``protocol`` switch of a training config (``lori.protocol``)."""
+    parser.add_argument(
+        "--protocol", type=str, default="lori",
+        help="lori (lori's defaults) or official (data, tokenisation, optimiser and evaluation as the "
+             "official LoRI code: docs/reproducing_the_paper.md)",
+    )
+
+
+def apply_protocol(cfg: Any, defaults: Any) -> list[str]:
+    """Apply the top-level ``protocol`` to a parsed training config, before anything is built.
+
+    ``official`` puts the settings ``lori.protocol`` fixes at their official values (reported in one
+    line on stderr when it changes any) and sets ``protocol`` in every section that has one.
+    """
+    protocol = cfg.get("protocol") or "lori"
+    if protocol not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if protocol != "official":
+        return []
+    sections = tuple(k for k in ("model", "data", "trainer") if cfg.get(k) is not None)
+    changed = apply_official(cfg, defaults, sections)
+    if cfg.get("task_data") is not None:  # continual: the task's data follows the same rules
+        changed += apply_official({"data": cfg["task_data"]}, {"data": defaults.get("task_data")}, ("data",))
+    for section in PROTOCOL_SECTIONS:
+        node = cfg.get(section)
+        if node is not None and "protocol" in node:
+            node["protocol"] = protocol
+    if changed and rank_zero_only.rank == 0:
+        print("lori: protocol official set " + ", ".join(changed), file=sys.stderr)
+    return changed
 
 
 class _ParseOnlyCLI(LoRICLI):
@@ -201,6 +241,7 @@ class ContinualCLI(LoRICLI):
     """The pipeline's parser with the continual phases, the task's data and evaluation settings."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_protocol_argument(parser)
         parser.add_class_arguments(ContinualConfig, "continual")
         parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
         parser.add_class_arguments(EvalSettings, "eval")

@@ -28,6 +28,7 @@ from lori.core import (
     trainable_parameters,
 )
 from lori.models import load_base_model, tiny_llama
+from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
 
@@ -65,6 +66,12 @@ class LoRIModule(L.LightningModule):
         warmup_steps: linear warm-up steps before the schedule.
         loss_normalization: ``token_mean`` (mean over response tokens of the batch) or
             ``sequence_sum`` (the paper's: sum of response-token NLL per sequence, mean over sequences).
+        gradient_clipping: how ``trainer.gradient_clip_val`` is applied: ``global`` (one norm over
+            every trainable tensor, Lightning's) or ``per_tensor`` (each tensor clipped to the value on
+            its own, as the official code's per-parameter optimizers do).
+        protocol: ``lori`` or ``official`` (see ``lori.protocol``): under ``official`` the optimizer
+            settings must be the official code's (weight decay 0, no dropout, sequence_sum, per-tensor
+            clipping, constant learning rate) and warm-up follows its ramp min(1, (step+1)/(warmup+1)).
     """
 
     def __init__(
@@ -81,11 +88,13 @@ class LoRIModule(L.LightningModule):
         scheduler: Literal["constant", "cosine"] = "constant",
         warmup_steps: int = 0,
         loss_normalization: Literal["token_mean", "sequence_sum"] = "token_mean",
+        gradient_clipping: Literal["global", "per_tensor"] = "global",
+        protocol: Literal["lori", "official"] = "lori",
     ) -> None:
         super().__init__()
         self.lori_config = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
         self.save_hyperparameters(ignore=["lori"])
-        baselines.check_method(method)
+        self.check_options(dict(self.hparams) | {"lori": self.lori_config.to_dict()})
         self.model, self.tokenizer = build_model(model, gguf_file, dtype, cache_dir)
         targets = baselines.target_paths(self.model, self.lori_config.target_modules)
         self.fingerprint = base_fingerprint(self.model, targets)  # before any weight is wrapped or trained
@@ -102,6 +111,10 @@ class LoRIModule(L.LightningModule):
         if lori is not None and not isinstance(lori, LoRIConfig):
             LoRIConfig.from_dict(dict(lori))
         baselines.check_method(options.get("method", "lori"))
+        if options.get("gradient_clipping", "global") not in ("global", "per_tensor"):
+            raise ValueError(f"gradient_clipping must be 'global' or 'per_tensor', got {options.get('gradient_clipping')!r}")
+        if check_protocol(options.get("protocol", "lori")) == "official":
+            check_official(options)
         if options.get("lr", 1.0) <= 0:
             raise ValueError(f"lr must be > 0, got lr={options.get('lr')!r}")
         if options.get("warmup_steps", 0) < 0:
@@ -149,9 +162,21 @@ class LoRIModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total)
+        schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total, hp.get("protocol", "lori"))
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``global``: Lightning's clipping; ``per_tensor``: each trainable tensor on its own."""
+        if self.hparams.get("gradient_clipping", "global") != "per_tensor" or gradient_clip_val is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clipping per_tensor clips by norm; got algorithm {gradient_clip_algorithm!r}")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_per_tensor(params, float(gradient_clip_val), _shard_sum(self.trainer))
 
     def on_train_start(self) -> None:
         if self.logger is not None:
@@ -230,8 +255,57 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
             )
 
 
-def _lr_lambda(kind: str, warmup: int, total: int):
+def check_official(options: Any) -> None:
+    """Refuse ``model:`` options that differ from the official code's (``lori.protocol``)."""
+    bad = []
+    for fixed in OFFICIAL_SETTINGS:
+        section, _, key = fixed.key.partition(".")
+        if section != "model":
+            continue
+        node: Any = options
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+        value = tuple(node) if isinstance(node, list | tuple) else node
+        if node is not None and value != fixed.value:
+            bad.append(f"{fixed.key}={node!r} (official {fixed.value!r})")
+    if bad:
+        raise ProtocolError("protocol official needs the official code's settings: " + "; ".join(bad))
+
+
+def clip_per_tensor(params: list[Tensor], max_norm: float, shard_sum: Any = None) -> None:
+    """Clip each tensor's gradient to ``max_norm`` on its own (the official per-parameter clipping).
+
+    Without sharding this is ``torch.nn.utils.clip_grad_norm_(p, max_norm)`` for every ``p``, exactly as
+    src/apply_mask_in_backward.py:85 calls it. With sharded gradients (FSDP), ``shard_sum`` sums the
+    per-tensor squared norms over ranks first, so each tensor is clipped by its whole norm.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if shard_sum is None:
+        for p in with_grad:
+            torch.nn.utils.clip_grad_norm_(p, max_norm)
+        return
+    squares = torch.stack([p.grad.detach().float().pow(2).sum() for p in with_grad]) if with_grad else None
+    if squares is None:
+        return
+    norms = shard_sum(squares).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+    for p, s in zip(with_grad, scale):
+        p.grad.detach().mul_(s.to(p.grad.dtype))
+
+
+def _shard_sum(trainer: Any) -> Any:
+    """A sum over ranks when the strategy shards gradients (FSDP), else None."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(getattr(trainer, "strategy", None), FSDPStrategy) or trainer.world_size <= 1:
+        return None
+    return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+
+def _lr_lambda(kind: str, warmup: int, total: int, protocol: str = "lori"):
     def factor(step: int) -> float:
+        if protocol == "official":  # src/mask_trainers.py:322 (scheduler constant there)
+            return min(1.0, (step + 1) / (warmup + 1))
         if step < warmup:
             return (step + 1) / warmup
         if kind == "cosine":

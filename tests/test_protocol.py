@@ -149,6 +149,7 @@ def test_a_key_the_command_does_not_have_is_left_out():
 
 def _run_tiny(tmp_path, capsys, **top):
     cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, validate=False) | top
+    cfg["data"]["max_prompt_length"] = 32  # the tiny config's max_length is 64
     summary = pipeline(["--config", str(write_config(tmp_path, cfg))])
     return summary, capsys.readouterr().err
 

@@ -227,8 +227,8 @@ def run_continual(
     """Safety adapter -> task t under M_t, evaluating after every phase."""
     cfg.check()
     # the model's A is the one an in-run safety adapter trains with: its digest settles the pairing
-    notes = cfg.check_pairing(module.lori_config, None if cfg.safety_adapter else get_A(module.model),
-                              module.fingerprint)
+    drawn_A = get_A(module.model) if cfg.safety_adapter is None and cfg.task_mask is not None else None
+    notes = cfg.check_pairing(module.lori_config, drawn_A, module.fingerprint)
     eval_sets = load_eval_sets(settings)  # before any training: bad tasks stop here
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

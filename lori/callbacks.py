@@ -16,10 +16,12 @@ from lightning.pytorch.callbacks import Callback
 
 from lori.core import (
     Adapter,
+    AdapterMismatchError,
     adapter_from_model,
     calibrate,
     count_trainable,
     full_parameters,
+    get_A,
     get_B,
     load_masks,
     mask_density,
@@ -28,6 +30,8 @@ from lori.core import (
     sparsity_table,
     unwrap_fsdp,
 )
+from lori.core.adapter import a_digest
+from lori.core.io import MaskRecord, read_mask_record
 
 
 def broadcast_masks(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,7 +49,9 @@ class MaskCalibration(Callback):
         granularity: ``model``, ``module``, ``projection``, ``layer`` or ``matrix``.
         at_step: calibrate after this many optimizer steps and stop the dense fit there
             (the paper's calibration-steps ablation); None = at the end of the fit.
-        output_dir: where ``masks.safetensors`` and the sparsity heatmap are written (optional).
+        output_dir: where ``masks.safetensors`` and the sparsity heatmap are written (optional);
+            the file's metadata records what the masks were calibrated under (``MaskRecord``: the
+            module's A seed and digest, base fingerprint, r, sparsity, granularity).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class MaskCalibration(Callback):
         self.sparsity, self.granularity, self.at_step = sparsity, granularity, at_step
         self.output_dir = Path(output_dir) if output_dir else None
         self.masks: dict[str, torch.Tensor] | None = None
+        self.record: MaskRecord | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
@@ -72,6 +79,9 @@ class MaskCalibration(Callback):
         with full_parameters(trainer.strategy.model or pl_module):  # FSDP / ZeRO-3: whole B on every rank
             masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
         self.masks = broadcast_masks(trainer, {p: m.cpu() for p, m in masks.items()})
+        config = getattr(pl_module, "lori_config", None)  # A is a buffer: whole on every rank, no gather
+        self.record = MaskRecord.of(get_A(pl_module.model), getattr(config, "seed", None),
+                                    getattr(pl_module, "fingerprint", None), self.sparsity, self.granularity)
         stats = {"calibration/density": mask_density(self.masks), "calibration/step": trainer.global_step}
         stats.update({f"sparsity/layer/{k}": v for k, v in sparsity_by(self.masks, "layer").items()})
         stats.update({f"sparsity/projection/{k}": v for k, v in sparsity_by(self.masks, "projection").items()})
@@ -83,7 +93,7 @@ class MaskCalibration(Callback):
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
             partial = self.output_dir / ".masks.safetensors.partial"  # a kill mid-write leaves no bad file
-            save_file(self.masks, str(partial))
+            save_file(self.masks, str(partial), metadata=self.record.to_metadata())
             os.replace(partial, self.output_dir / "masks.safetensors")
             save_heatmap(self.masks, self.output_dir / "sparsity_heatmap.png")
         return self.masks
@@ -95,17 +105,29 @@ class SparsePhase(Callback):
     Runs in ``setup``, before the optimizer is built, so the optimizer sees only the kept
     entries. A checkpoint restored afterwards (resume) overwrites B with the saved values.
 
+    A mask file whose record names another A than the model's is refused (a mask fits the A it
+    was calibrated under); the original code's ``.pt`` files carry no record and are taken as given.
+
     Args:
         masks: masks by module path, or the path of a mask file (lori safetensors or original LoRI).
         reset: zero B first (LoRI-S). False keeps B (continual learning on a new task's mask).
     """
 
     def __init__(self, masks: dict[str, torch.Tensor] | str | Path, reset: bool = True) -> None:
+        self.record = read_mask_record(masks) if isinstance(masks, (str, Path)) else None
+        self.source = str(masks) if isinstance(masks, (str, Path)) else None
         self.masks = load_masks(masks) if isinstance(masks, (str, Path)) else masks
         self.reset = reset
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            if self.record is not None and self.record.digest not in (None, "meta"):
+                mine = a_digest(get_A(pl_module.model))
+                if mine not in ("meta", self.record.digest):
+                    raise AdapterMismatchError(
+                        f"mask file {self.source} was calibrated under {self.record.describe()}, the model's A has "
+                        f"digest {mine}: calibrate the masks with a LoRI-D run of this A (same model.lori.seed)"
+                    )
             set_masks(pl_module.model, self.masks, reset=self.reset)
             pl_module.phase = "sparse"
 

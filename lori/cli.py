@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori import diagnostics, dryrun, eval_command, merging
 from lori.callbacks import Unshard
-from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfigError
+from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfig, LoRIConfigError
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
 from lori.continual import ContinualConfig, ContinualConfigError, run_continual
@@ -245,6 +245,18 @@ class ContinualCLI(LoRICLI):
         parser.add_class_arguments(ContinualConfig, "continual")
         parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
         parser.add_class_arguments(EvalSettings, "eval")
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.runs_stages:  # missing files and a task mask of another A stop here, before the model loads
+            cfg = self.config
+            continual = ContinualConfig(**cfg["continual"])
+            continual.check()
+            lori = cfg["model"]["lori"]
+            lori = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
+            for note in continual.check_pairing(lori):
+                if rank_zero_only.rank == 0:
+                    print(f"lori: note: {note}", file=sys.stderr)
 
 
 def continual(argv: list[str]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ same adapter on task t under task t's mask, as chained ``Trainer.fit`` calls fro
 
     <output_dir>/safety/          phase 1: LoRI-D -> calibration -> LoRI-S on the safety data
                                   (skipped when ``continual.safety_adapter`` names a trained one)
-    <output_dir>/task_mask/       task t's mask M_t: a LoRI-D run on the task, calibrated
-                                  (skipped when ``continual.task_mask`` names a mask file)
+    <output_dir>/task_mask/       task t's mask M_t: a LoRI-D run on the task from the safety
+                                  adapter's A, calibrated (skipped when ``continual.task_mask``
+                                  names a mask file)
     <output_dir>/task/            phase 2: the safety adapter trained on task t inside M_t
                                   (minus the safety mask with ``protect_safety``); every other
                                   entry of B keeps its safety value bit for bit
@@ -14,12 +15,21 @@ same adapter on task t under task t's mask, as chained ``Trainer.fit`` calls fro
     <output_dir>/continual.png    the paper's Fig. 3 as bars, per phase
 
 A rerun with the same output_dir reuses finished phases.
+
+M_t must be calibrated under the safety adapter's A: it keeps the largest entries of a B trained
+against one A, and phase 2 trains the safety adapter's B against the safety A. lori's mask files
+record their A (``MaskRecord``: seed and digest, base fingerprint); ``ContinualConfig.check_pairing``
+refuses a mask of another A before the model loads. The original code pairs them by giving every
+task of a base model the same A (torch's default generator after the same set-up, train_lori.py),
+so its ``masks/0.9_mask.pt`` of the task's own LoRI-D run fits; such files carry no record and are
+taken with a note. lori's paper configs use one ``model.lori.seed`` for every task to match.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +39,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.callbacks import SparsePhase
 from lori.core import (
+    LoRIConfig,
     adapter_from_model,
     apply_adapter,
+    get_A,
     get_masks,
     load_adapter,
     load_masks,
     mask_density,
     set_masks,
 )
-from lori.core.io import CONFIG_FILE
+from lori.core.adapter import a_digest
+from lori.core.io import CONFIG_FILE, AIdentity, find_mask_file, read_a_identity, read_mask_record
 from lori.core.masks import mask_overlap
 from lori.data.datamodule import TaskDataModule
 from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
@@ -62,8 +75,10 @@ class ContinualConfig:
         safety_sparse_steps: LoRI-S steps of the safety adapter (0 = keep the dense safety
             adapter, the paper's LoRI-D continual setting).
         safety_sparse_lr: learning rate of the safety LoRI-S (None = the model's ``lr``).
-        task_mask: mask file of task t (lori's masks.safetensors or the original code's file);
-            None = calibrate one with a LoRI-D run of ``task_mask_steps`` on the task.
+        task_mask: mask file of task t (lori's masks.safetensors or the original code's
+            ``masks/<s>_mask.pt``), or a directory holding one (``lori.core.io.find_mask_file``);
+            it must be calibrated under the safety adapter's A (``check_pairing``). None = calibrate
+            one with a LoRI-D run of ``task_mask_steps`` on the task from the safety adapter's A.
         task_mask_steps: LoRI-D steps of that calibration run.
         task_steps: phase-2 steps on the task.
         task_epochs: phase-2 epochs instead of ``task_steps`` (the paper counts epochs).
@@ -96,12 +111,59 @@ class ContinualConfig:
         """Raise ContinualConfigError for files that do not exist or budgets that cannot run."""
         if self.safety_adapter is not None and not (Path(self.safety_adapter) / CONFIG_FILE).is_file():
             raise ContinualConfigError(f"safety_adapter {self.safety_adapter} is not an adapter directory")
-        if self.task_mask is not None and not Path(self.task_mask).is_file():
+        if self.task_mask is not None and not Path(self.task_mask).exists():
             raise ContinualConfigError(f"task_mask file {self.task_mask} does not exist")
         if self.protect_safety and not self.masked_task:
             raise ContinualConfigError("protect_safety needs masked_task: true (a dense phase 2 trains every entry)")
         if self.task_steps < 1 or self.safety_dense_steps < 1 or self.task_mask_steps < 1:
             raise ContinualConfigError("task_steps, safety_dense_steps and task_mask_steps must be >= 1")
+
+    def task_mask_file(self, lori: LoRIConfig) -> Path | None:
+        """The mask file ``task_mask`` names (a directory is searched for the model's sparsity), or None."""
+        if self.task_mask is None or not self.masked_task:
+            return None
+        return find_mask_file(self.task_mask, lori.sparsity, lori.granularity)
+
+    def check_pairing(self, lori: LoRIConfig, model_A: Mapping[str, torch.Tensor] | None = None,
+                      fingerprint: str | None = None) -> list[str]:
+        """Refuse a task mask calibrated under another A (or base, or rank) than the safety adapter's.
+
+        Reads file headers, lori_meta.json and 4 A tensors only, so it runs before the model loads.
+        The safety A is the given ``safety_adapter``'s, else the one this run draws from
+        ``lori.seed`` (its digest when ``model_A``, the model's A, is given).
+
+        Returns:
+            Notes for the user: a mask without a record (the original code's .pt files) cannot be checked.
+
+        Raises:
+            ContinualConfigError: the mask's record names another A, base or rank.
+        """
+        mask_file = self.task_mask_file(lori)
+        if mask_file is None:
+            return []
+        record = read_mask_record(mask_file)
+        if record is None:
+            return [(f"task_mask {mask_file} carries no record of the A it was calibrated under (the original LoRI "
+                     "code's .pt masks, or an older lori file): lori cannot check that it fits the safety adapter's "
+                     "A; it must come from a LoRI-D run with that A (the original code gives every task the same A)")]
+        if self.safety_adapter is not None:
+            safety = read_a_identity(self.safety_adapter)
+            source = f"the safety adapter {self.safety_adapter}"
+        else:
+            digest = a_digest(model_A) if model_A is not None else None
+            safety = AIdentity(lori.seed if lori.seed >= 0 else None, digest, None, lori.r)
+            source = "the safety adapter this run trains"
+        if safety.base_fingerprint is None:
+            safety = replace(safety, base_fingerprint=fingerprint)
+        why = record.mismatch(safety)
+        if why is not None:
+            seed = f": model.lori.seed: {safety.seed}" if safety.seed is not None else " (it has no lori seed)"
+            raise ContinualConfigError(
+                f"task_mask {mask_file} does not fit {source}: {why}; calibrate M_t with a LoRI-D run that uses "
+                f"the safety adapter's A{seed}, on its base model, or set continual.task_mask: null to calibrate "
+                "it in this run"
+            )
+        return []
 
 
 def training_mask(task_mask: dict[str, torch.Tensor], safety_mask: dict[str, torch.Tensor] | None,
@@ -128,7 +190,9 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
     if cfg.safety_adapter is not None:
         adapter = load_adapter(cfg.safety_adapter)
         apply_adapter(module.model, adapter)
-        summary["safety"] = {"adapter": cfg.safety_adapter, "given": True}
+        # A and alpha are now the safety adapter's: the masks and adapters this run writes must say so
+        module.lori_config = replace(module.lori_config, seed=adapter.config.seed, alpha=adapter.config.alpha)
+        summary["safety"] = {"adapter": cfg.safety_adapter, "given": True, "seed": adapter.config.seed}
         return adapter
     out = Path(cfg.output_dir) / "safety"
     pipe = PipelineConfig(output_dir=str(out), dense_steps=cfg.safety_dense_steps,
@@ -144,8 +208,9 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
 
 def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: ContinualConfig,
                safety: Any, summary: dict[str, Any]) -> dict[str, torch.Tensor]:
-    if cfg.task_mask is not None:
-        return load_masks(cfg.task_mask)
+    mask_file = cfg.task_mask_file(module.lori_config)
+    if mask_file is not None:
+        return load_masks(mask_file)
     pipe = PipelineConfig(output_dir=str(Path(cfg.output_dir) / "task_mask"), dense_steps=cfg.task_mask_steps,
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     set_masks(module.model, None, reset=True)  # a fresh LoRI-D on the task: B = 0, dense
@@ -161,10 +226,16 @@ def run_continual(
 ) -> dict[str, Any]:
     """Safety adapter -> task t under M_t, evaluating after every phase."""
     cfg.check()
+    # the model's A is the one an in-run safety adapter trains with: its digest settles the pairing
+    drawn_A = get_A(module.model) if cfg.safety_adapter is None and cfg.task_mask is not None else None
+    notes = cfg.check_pairing(module.lori_config, drawn_A, module.fingerprint)
     eval_sets = load_eval_sets(settings)  # before any training: bad tasks stop here
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"continual": asdict(cfg), "model": module.hparams.model}
+    mask_file = cfg.task_mask_file(module.lori_config)
+    if mask_file is not None:
+        summary["task_mask_file"] = {"path": str(mask_file), "a_checked": not notes, "notes": notes}
     results: dict[str, Any] = {}
     writer = None
     if rank_zero_only.rank == 0:

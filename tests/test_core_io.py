@@ -16,6 +16,7 @@ from lori.core import (
     adapter_from_model,
     apply_adapter,
     calibrate,
+    get_A,
     get_B,
     get_masks,
     inject_lori,
@@ -26,6 +27,16 @@ from lori.core import (
     set_masks,
 )
 from lori.core import io as lori_io
+from lori.core.adapter import a_digest, base_fingerprint
+from lori.core.io import (
+    AIdentity,
+    MaskRecord,
+    find_mask_file,
+    official_mask_path,
+    read_a_identity,
+    read_mask_file,
+    read_mask_record,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -161,6 +172,77 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     (target / "adapter_config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(AdapterFileError, match="IA3"):
         load_adapter(target)
+
+
+# ---- what a mask was calibrated under ---------------------------------------------------------
+def test_a_digest_names_one_A_in_any_dtype():
+    model, _ = _lori_s_model(seed=3)
+    digest = a_digest(get_A(model))
+    assert len(digest) == 16
+    assert a_digest({p: a.to(torch.bfloat16) for p, a in get_A(model).items()}) == digest  # fp32 or bf16 copy
+    assert a_digest(get_A(_lori_s_model(seed=3)[0])) == digest  # the same seed draws the same A
+    assert a_digest(get_A(_lori_s_model(seed=4)[0])) != digest
+    other = {p: a.clone() for p, a in get_A(model).items()}
+    other[min(other)][0, 0] += 0.5  # one entry of a covered module
+    assert a_digest(other) != digest
+
+
+def test_saved_masks_record_their_A_and_read_back(tmp_path):
+    model, cfg = _lori_s_model(seed=3)
+    adapter = adapter_from_model(model, cfg, "tiny")
+    save_adapter(adapter, tmp_path / "ad")
+    masks, record = read_mask_file(tmp_path / "ad" / "lori_masks.safetensors")
+    assert set(masks) == set(get_masks(model)) and all(m.dtype == torch.bool for m in masks.values())
+    assert record == MaskRecord(seed=3, digest=a_digest(get_A(model)), base_fingerprint=adapter.base_fingerprint,
+                                r=4, sparsity=0.8, granularity="model")
+    assert record.base_fingerprint == base_fingerprint(make_tiny_llama(), list(get_A(model)))
+    assert load_masks(tmp_path / "ad" / "lori_masks.safetensors").keys() == masks.keys()  # old callers: the dict
+    # the adapter's A read cheaply from its files: seed, digest of the saved A, base, rank
+    assert read_a_identity(tmp_path / "ad") == AIdentity(3, record.digest, adapter.base_fingerprint, 4)
+    assert record.mismatch(read_a_identity(tmp_path / "ad")) is None
+
+
+def test_mask_files_without_a_record(tmp_path):
+    model, _ = _lori_s_model()
+    lori_io.save_file(get_masks(model), str(tmp_path / "old.safetensors"))  # written before records existed
+    assert read_mask_record(tmp_path / "old.safetensors") is None
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": torch.ones(32, 4).bool()},
+               tmp_path / "0.9_mask.pt")
+    masks, record = read_mask_file(tmp_path / "0.9_mask.pt")
+    assert record is None and set(masks) == {"model.layers.0.self_attn.q_proj"}
+    assert MaskRecord.from_metadata(None) is None and MaskRecord.from_metadata({"format": "pt"}) is None
+
+
+def test_mask_record_mismatch_names_seeds_digests_base_and_rank():
+    rec = MaskRecord(seed=2, digest="aaaa", base_fingerprint="base1", r=4, sparsity=0.9, granularity="model")
+    assert rec.mismatch(AIdentity(2, "aaaa", "base1", 4)) is None
+    why = rec.mismatch(AIdentity(4, "bbbb", "base1", 4))
+    assert "A seed 2 (digest aaaa)" in why and "A seed 4 (digest bbbb)" in why
+    assert "imported A" in rec.mismatch(AIdentity(None, "bbbb"))
+    assert rec.mismatch(AIdentity(2, "bbbb")) is not None  # digests decide, whatever the seeds say
+    assert rec.mismatch(AIdentity(3, None)) is not None  # no digest on one side: seeds decide
+    assert rec.mismatch(AIdentity(2, None)) is None
+    assert "fingerprint" in rec.mismatch(AIdentity(2, "aaaa", "base2"))
+    assert rec.mismatch(AIdentity(2, "aaaa", None)) is None  # unknown base: nothing to compare
+    assert "r=4" in rec.mismatch(AIdentity(2, "aaaa", "base1", 8))
+    assert MaskRecord.from_metadata(rec.to_metadata()) == rec
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in rec.to_metadata().items())
+
+
+def test_mask_discovery_in_a_directory(tmp_path):
+    assert official_mask_path(tmp_path, 0.9) == tmp_path / "masks" / "0.9_mask.pt"  # str() of the float
+    assert official_mask_path(tmp_path, 0.99, "layer") == tmp_path / "layerwise_masks" / "0.99_mask.pt"
+    with pytest.raises(AdapterFileError, match="0.9_mask.pt"):
+        find_mask_file(tmp_path, 0.9)
+    (tmp_path / "masks").mkdir()
+    torch.save({}, tmp_path / "masks" / "0.9_mask.pt")
+    assert find_mask_file(tmp_path, 0.9) == tmp_path / "masks" / "0.9_mask.pt"
+    assert find_mask_file(tmp_path / "masks" / "0.9_mask.pt", 0.5) == tmp_path / "masks" / "0.9_mask.pt"
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "masks.safetensors").write_bytes(b"")
+    assert find_mask_file(tmp_path, 0.9) == tmp_path / "calibration" / "masks.safetensors"  # a lori run dir first
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        find_mask_file(tmp_path / "nowhere", 0.9)
 
 
 def test_core_imports_without_lightning():

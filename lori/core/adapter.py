@@ -6,6 +6,7 @@ This is the unit that files hold, that merging combines and that a model receive
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from lori.core.config import LoRIConfig
 from lori.core.inject import get_A, get_B, get_masks, inject_lori, lori_layers, set_masks
 from lori.core.layer import LoRILinear
+
+SAVED_EMBEDDINGS = "peft_saved_embeddings"  # Adapter.meta key: embedding weights a PEFT file held, not loaded
 
 
 class AdapterMismatchError(ValueError):
@@ -95,6 +98,30 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+A_DIGEST_MODULES = 4  # modules (first in sorted path order) whose A the digest covers
+
+
+def a_digest(A: Mapping[str, Tensor]) -> str:
+    """Identity of a frozen A: sha256 over path, shape and values of the first 4 modules (sorted paths).
+
+    Values are rounded to bf16 first, so fp32 and bf16 copies of one A agree. The same function
+    serves an Adapter (``adapter.A``), a model (``get_A(model)``) and a file (``io.read_a_identity``):
+    a seed names an A only among lori's draws, the digest also identifies one imported from elsewhere
+    (the original LoRI code draws A from torch's default generator; PEFT files carry no seed).
+
+    Returns:
+        16 hex digits, or ``"meta"`` when A has no values (a model on the meta device).
+    """
+    h = hashlib.sha256()
+    for path in sorted(A)[:A_DIGEST_MODULES]:
+        a = A[path].detach()
+        if a.device.type == "meta":
+            return "meta"
+        h.update(f"{path}:{tuple(a.shape)}".encode())
+        h.update(a.to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def adapter_from_model(
     model: nn.Module, config: LoRIConfig, base_model: str | None = None, meta: dict | None = None,
     fingerprint: str | None = None,
@@ -127,6 +154,7 @@ def check_fits(model: nn.Module, adapter: Adapter, strict_base: bool = True) -> 
                 f"{path}: adapter expects a ({d_out} x {d_in}) weight, the model has "
                 f"{tuple(weight.shape)}: the adapter was trained on another base model"
             )
+    _check_saved_embeddings(model, adapter)
     if strict_base and adapter.base_fingerprint not in (None, "meta"):
         mine = base_fingerprint(model, list(adapter.A))
         if mine not in ("meta", adapter.base_fingerprint):
@@ -134,6 +162,29 @@ def check_fits(model: nn.Module, adapter: Adapter, strict_base: bool = True) -> 
                 f"adapter was trained on base {adapter.base_model!r} (fingerprint "
                 f"{adapter.base_fingerprint}); this model's weights differ (fingerprint {mine}). "
                 "Pass strict_base=False to apply it anyway."
+            )
+
+
+def _check_saved_embeddings(model: nn.Module, adapter: Adapter) -> None:
+    """The embedding weights a PEFT file held (not loaded) must be this base's vocabulary, or it plus one row.
+
+    PEFT's ``save_pretrained`` writes the whole input / output embedding when the vocabulary was resized;
+    the original LoRI code adds one '<PAD>' token (train_lori.py l.77-81), hence vocab + 1 rows.
+    """
+    saved = adapter.meta.get(SAVED_EMBEDDINGS) or {}
+    for path, (rows, cols) in saved.get("shapes", {}).items():
+        try:
+            have_rows, have_cols = model.get_submodule(path).weight.shape
+        except AttributeError:
+            raise AdapterMismatchError(
+                f"the adapter file holds {path}.weight ({rows} x {cols}), {type(model).__name__} has no "
+                f"module {path!r}: the adapter was trained on another base model"
+            ) from None
+        if cols != have_cols or rows not in (have_rows, have_rows + 1):
+            raise AdapterMismatchError(
+                f"the adapter file holds {path}.weight ({rows} x {cols}), this base has ({have_rows} x "
+                f"{have_cols}): lori ignores saved embeddings only when they are the base vocabulary or it "
+                "plus one added '<PAD>' row (the original LoRI code's); use the base the adapter was trained on"
             )
 
 

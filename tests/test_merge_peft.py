@@ -207,5 +207,31 @@ def test_against_the_pinned_peft_0_12():
     """The official code's PEFT itself (not the installed one): rescale=False is its DARE."""
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PEFT_0_12, str(repo)]))
-    done = subprocess.run([sys.executable, "-c", CHECK_0_12], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHECK_0_12], check=False, cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "same as PEFT 0.12.0" in done.stdout, done.stderr[-2000:]
+
+
+def test_lori_merge_official_protocol_is_the_official_merge(tmp_path, monkeypatch):
+    """`lori merge` with protocol official: every merged model gives PEFT 0.12.0's logits."""
+    import lori.module
+    from lori.merging import MergeConfig, run_merge
+
+    monkeypatch.setattr(lori.module, "build_model", lambda *args, **kwargs: (make_tiny_llama(), None))
+    dirs = _dirs(tmp_path, alphas=(8.0, 8.0, 8.0))
+    seen = []
+
+    def evaluate(model, tokenizer, tasks):
+        with torch.no_grad():
+            seen.append(model(input_ids=INPUT).logits)
+        return {}
+
+    types = ["cat", "linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
+    cfg = MergeConfig(base_model="tiny", adapters=[str(d) for d in dirs], tasks=NAMES, method=types,
+                      weights=[0.4] * 3, protocol="official", evaluate=["x"], device="cpu", seed=9,
+                      output_dir=str(tmp_path / "out"))
+    results = run_merge(cfg, evaluate=evaluate)
+    assert [r["density"] for r in results["rows"]] == [None, None, 0.7, 0.7, 0.7, 0.7]
+    monkeypatch.setattr(peft_merge_utils, "random_pruning", _random_pruning_0_12)
+    for logits, combination_type in zip(seen, types):
+        want, _ = _peft_merge(dirs, [0.4] * 3, combination_type, 0.7, seed=9)
+        torch.testing.assert_close(logits, want, atol=1e-5 * float(want.abs().max()), rtol=0)

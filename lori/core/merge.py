@@ -87,7 +87,7 @@ def check_mergeable(
             raise AdapterMismatchError(f"adapter {i} has rank {other.rank}, adapter 0 rank {first.rank}")
         if same_scale and other.config.scale != first.config.scale:
             raise AdapterMismatchError(
-                f"adapter {i} has scale {other.config.scale}, adapter 0 {first.config.scale}"
+                f"adapter {i} has scale {other.config.scale} (alpha / r), adapter 0 scale {first.config.scale}"
             )
 
 

@@ -217,3 +217,16 @@ def test_adapter_for_another_base_is_refused():
     with pytest.raises(AdapterMismatchError, match="fingerprint"):
         apply_adapter(other_weights, ad)
     apply_adapter(other_weights, ad, strict_base=False)  # explicit override works
+
+
+def test_with_one_shared_A_linear_is_T_times_concat():
+    """The official set-up (every task the same A): PEFT's linear = T · concat, eq. 8 = T w · concat."""
+    ads = [_trained_adapter(0) for _ in range(3)]  # seed 0 for all: the same A everywhere
+    for i, a in enumerate(ads):  # different B per task
+        g = torch.Generator().manual_seed(7 + i)
+        a.B = {p: torch.randn(b.shape, generator=g) for p, b in a.B.items()}
+    w, T = [0.4] * 3, 3
+    cat, lin, eq8 = merge_concat(ads, w), merge_linear(ads, w), merge_linear_eq8(ads, w)
+    for p in ads[0].A:
+        assert torch.allclose(lin.delta(p), T * cat.delta(p), atol=1e-5)
+        assert torch.allclose(eq8.delta(p), T * 0.4 * cat.delta(p), atol=1e-5)

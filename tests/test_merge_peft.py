@@ -207,7 +207,8 @@ def test_against_the_pinned_peft_0_12():
     """The official code's PEFT itself (not the installed one): rescale=False is its DARE."""
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PEFT_0_12, str(repo)]))
-    done = subprocess.run([sys.executable, "-c", CHECK_0_12], check=False, cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHECK_0_12], check=False, cwd=repo, env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0 and "same as PEFT 0.12.0" in done.stdout, done.stderr[-2000:]
 
 

@@ -31,7 +31,15 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from lori.core import Adapter, apply_adapter, lori_layers, merge_concat, merge_linear, unload
+from lori.core import (
+    Adapter,
+    apply_adapter,
+    lori_layers,
+    merge_concat,
+    merge_linear,
+    merge_linear_eq8,
+    unload,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiment" / "default.yaml"
@@ -263,7 +271,7 @@ def held_out_loss(model: nn.Module, loader: Any) -> float:
     return total / max(1, count)
 
 
-MERGES = {"concat": merge_concat, "linear": merge_linear}
+MERGES = {"concat": merge_concat, "linear": merge_linear, "linear_eq8": merge_linear_eq8}  # linear: PEFT's
 
 
 def merged_losses(
@@ -288,7 +296,8 @@ def merge_weight_sweep(
         adapters: one trained adapter per task.
         loaders: held-out dataloaders by task name.
         weights: the uniform merge weights to try (paper Fig. 4d: 0.2, 0.3, 0.4).
-        methods: ``concat`` (eq. 6) and/or ``linear`` (eq. 7).
+        methods: ``concat`` (eq. 5-6), ``linear`` (PEFT's, as the official code) and/or
+            ``linear_eq8`` (the paper's eq. 8 as printed).
 
     Returns:
         Rows ``{"method", "weight", "task", "loss"}``.

@@ -13,14 +13,24 @@ model on every benchmark and writes:
     <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged)
     <output_dir>/<method>/delta_stats.json  ||ΔW||_F and nonzero fraction per module
 
-What each method computes (``lori.core.merge``; s_t = alpha_t / r_t, w_t the weights):
+What each method computes (``lori.core.merge``; s_t = alpha_t / r_t, w_t the weights; PEFT's
+combination type, which the official code passes to ``add_weighted_adapter``, in brackets):
 
-    concat     W0 + Σ_t w_t s_t B_t A_t                       (eq. 6; any ranks)
-    linear     W0 + s (Σ_t w_t B_t)(Σ_t w_t A_t)              (eq. 7; equal ranks and scales)
-    magnitude  keep the top-``density`` |.| of each A_t and of each s_t B_t, then combine with
-    ties       weights sqrt(w_t) as PEFT's add_weighted_adapter (``space: factors``, the paper's
-    dare       "sparsification of the A and B matrices"), or the same operator on each ΔW_t
-               (``space: delta``)
+    concat [cat]        W0 + Σ_t w_t s_t B_t A_t                       (eq. 5-6; any ranks)
+    linear [linear]     W0 + (Σ_t √(w_t s_t) B_t)(Σ_t √(w_t s_t) A_t)  (PEFT's and the official code's
+                        linear; equal ranks)
+    linear_eq8          W0 + s (Σ_t w_t B_t)(Σ_t w_t A_t)              (the paper's eq. 8 as printed;
+                        equal ranks and scales; lori protocol only)
+    magnitude [magnitude_prune], ties [ties], dare [dare_linear], dare_ties [dare_ties]:
+                        PEFT's operator on the A_t (weights √(w_t s_t)) and on the B_t
+                        (``space: factors``, the paper's "sparsification of the A and B matrices"),
+                        or the same operator on each ΔW_t with weights w_t (``space: delta``)
+
+``protocol: official`` merges as src/merge_3_loras.py / merge_4_loras.py do: float32 base
+(l.47-51), density 0.7 wherever none is given (l.36), factor space only, DARE as PEFT 0.12.0
+(no 1 / density rescale); ``protocol: lori`` (default) allows ``space: delta``, ``linear_eq8``,
+other dtypes, the paper's per-method densities, and rescales DARE. PEFT's names are accepted
+for the methods under both.
 
 Every check (adapter dirs, DoRA, adaptation, weights, densities, ranks, targets, base
 fingerprints, evaluation settings and data) runs before the base model loads; the base's own
@@ -43,24 +53,28 @@ from lori.core import Adapter, load_adapter, save_adapter
 from lori.core.adapter import check_fits
 from lori.core.io import CONFIG_FILE, atomic_directory
 from lori.core.merge import (
-    LORA_METHODS,
+    ALIASES,
+    METHODS,
+    PEFT_TYPES,
+    PRUNING,
     DeltaMerge,
     check_mergeable,
-    combine,
-    merge_concat,
+    iter_merged_deltas,
     merge_factors,
-    merge_linear,
 )
 
-ROW_NAMES = {"concat": "Concat", "linear": "Linear", "magnitude": "Magnitude", "ties": "TIES", "dare": "DARE"}
+ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
+             "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES"}
 LABELS = {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "lora": "LoRA"}
-PRUNING = ("magnitude", "ties", "dare")
-PAPER_DENSITY = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7}  # paper Tables 8-10
+PAPER_DENSITY = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7, "dare_ties": 0.7}  # paper Tables 8-10
+OFFICIAL_DENSITY = 0.7  # merge_3_loras.py / merge_4_loras.py l.36: --density default, for every method
+FACTOR_ONLY = ("concat", "linear", "linear_eq8")  # merged in factor space whatever ``space`` says
 # uniform weight per adapter by (number of adapters, LoRI-S?) (paper Tables 8-10)
 PAPER_WEIGHTS = {(4, False): 0.4, (4, True): 0.3, (3, False): 0.5, (3, True): 0.4}
 NOT_SCORES = ("n", "samples_per_problem")  # counts that evaluate_model reports beside the metrics
 
-MergeMethod = Literal["concat", "linear", "magnitude", "ties", "dare"]
+MergeMethod = Literal["concat", "linear", "linear_eq8", "magnitude", "ties", "dare", "dare_ties", "cat",
+                      "magnitude_prune", "dare_linear"]
 # evaluate(model, tokenizer, tasks) -> {task: {metric: value}}
 Evaluate = Callable[[nn.Module, Any, list[str]], dict[str, dict[str, float]]]
 
@@ -79,23 +93,30 @@ class MergeConfig:
             None = whatever they are.
         adapters: adapter directories, one per task (lori adapters or PEFT LoRA adapters).
         tasks: the task each adapter was trained for, as labels (default: directory names).
-        method: a merge method or a list of them, one table row each: ``concat``, ``linear``,
-            ``magnitude``, ``ties``, ``dare``.
+        method: a merge method or a list of them, one table row each: ``concat``, ``linear``
+            (PEFT's), ``linear_eq8`` (paper eq. 8), ``magnitude``, ``ties``, ``dare``, ``dare_ties``;
+            PEFT's names ``cat``, ``magnitude_prune``, ``dare_linear`` are accepted.
         weights: one weight per adapter; None = the paper's uniform weights (0.4 each for four
             LoRI-D / LoRA adapters, 0.3 for LoRI-S; 0.5 / 0.4 for three).
-        density: kept fraction for magnitude / ties / dare: one number, or one per method; None =
-            the paper's (magnitude 0.3, ties and dare 0.7).
+        density: kept fraction for magnitude / ties / dare / dare_ties: one number, or one per
+            method; None = the protocol's: ``lori`` the paper's (magnitude 0.3, the others 0.7),
+            ``official`` 0.7 for every method (the official scripts' default).
         evaluate: the benchmarks (``lori.evaluate`` task names) run on every merged model;
             empty = merge and write adapters and ΔW stats only.
         output_dir: the results directory (replaced as a whole when the run finishes).
-        seed: seed of DARE's random drop.
-        space: where magnitude / ties / dare act: ``factors`` (on A and B, as PEFT and the paper)
-            or ``delta`` (on each ΔW = s B A).
+        seed: seed of DARE's random drop (a generator of its own; the same drops as PEFT's when
+            torch's default generator is at ``manual_seed(seed)`` at PEFT's first drop).
+        space: where the pruning methods act: ``factors`` (on A and B, as PEFT and the paper)
+            or ``delta`` (on each ΔW = s B A; ``lori`` protocol only).
+        protocol: ``lori`` or ``official`` (merge as the official code: see the module docstring).
+        dare_rescale: DARE divides the kept entries by the density; None = the protocol's
+            (``lori`` True as DARE and current PEFT, ``official`` False as PEFT 0.12.0).
+        majority_sign_method: TIES's sign election, ``total`` (PEFT's default) or ``frequency``.
         single_task: also evaluate each adapter alone on ``evaluate[i]`` (the "Single-Task" row;
             ``evaluate`` then lists one benchmark per adapter, in order).
         save_merged: write each factor-space merged adapter (loadable by PEFT and lori).
         gguf_file: GGUF file inside ``base_model`` when it is a folder of GGUF files.
-        dtype: base weight dtype.
+        dtype: base weight dtype (``official``: float32 only).
         cache_dir: GGUF conversion cache.
         device: where the merged model is evaluated (``auto``: cuda when available, else cpu).
     """
@@ -111,6 +132,9 @@ class MergeConfig:
     output_dir: str = "runs/merge"
     seed: int = 0
     space: Literal["factors", "delta"] = "factors"
+    protocol: Literal["lori", "official"] = "lori"
+    dare_rescale: bool | None = None
+    majority_sign_method: Literal["total", "frequency"] = "total"
     single_task: bool = False
     save_merged: bool = True
     gguf_file: str | None = None
@@ -120,16 +144,26 @@ class MergeConfig:
 
     @property
     def methods(self) -> list[str]:
-        return [self.method] if isinstance(self.method, str) else list(self.method)
+        """The methods by lori's names (PEFT's names mapped: ``cat`` -> ``concat`` ...)."""
+        given = [self.method] if isinstance(self.method, str) else list(self.method)
+        return [ALIASES.get(m, m) for m in given]
+
+    @property
+    def rescale(self) -> bool:
+        """Whether DARE divides by the density."""
+        return self.protocol == "lori" if self.dare_rescale is None else self.dare_rescale
 
     @property
     def names(self) -> list[str]:
         return list(self.tasks) if self.tasks is not None else [Path(a).name for a in self.adapters]
 
     def density_of(self, method: str) -> float:
+        """The kept fraction of a pruning method: given, else the protocol's default."""
+        default = OFFICIAL_DENSITY if self.protocol == "official" else PAPER_DENSITY[method]
         if isinstance(self.density, dict):
-            return self.density.get(method, PAPER_DENSITY[method])
-        return PAPER_DENSITY[method] if self.density is None else float(self.density)
+            given = {ALIASES.get(m, m): v for m, v in self.density.items()}
+            return default if given.get(method) is None else float(given[method])
+        return default if self.density is None else float(self.density)
 
 
 @dataclass
@@ -152,10 +186,12 @@ def check_config(cfg: MergeConfig) -> None:
     n = len(cfg.adapters)
     if n < 2:
         raise MergeConfigError(f"merge needs two or more adapters, got {n}: {cfg.adapters}")
-    unknown = [m for m in cfg.methods if m not in LORA_METHODS]
-    if unknown or not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
+    methods = cfg.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
         raise MergeConfigError(
-            f"bad merge method list {cfg.methods}; use each of {list(LORA_METHODS)} at most once"
+            f"bad merge method list {cfg.method}; use each of {list(METHODS)} at most once "
+            f"(PEFT's names {sorted(ALIASES)} stand for {[ALIASES[a] for a in sorted(ALIASES)]})"
         )
     if cfg.weights is not None and len(cfg.weights) != n:
         raise MergeConfigError(f"{len(cfg.weights)} weights {cfg.weights} given for {n} adapters")
@@ -163,16 +199,49 @@ def check_config(cfg: MergeConfig) -> None:
         raise MergeConfigError(f"{len(cfg.tasks)} tasks {cfg.tasks} given for {n} adapters")
     if len(set(cfg.names)) != n:
         raise MergeConfigError(f"adapter labels must differ, got {cfg.names}; set tasks: [...]")
-    given = cfg.density if isinstance(cfg.density, dict) else {m: cfg.density for m in PRUNING}
+    _check_density(cfg)
+    if cfg.protocol == "official":
+        _check_official(cfg)
+    if cfg.single_task and len(cfg.evaluate) != n:
+        raise MergeConfigError(
+            f"single_task evaluates adapter i on evaluate[i]: give one benchmark per adapter, "
+            f"got {cfg.evaluate}"
+        )
+
+
+def _check_density(cfg: MergeConfig) -> None:
+    if isinstance(cfg.density, dict):
+        given = {ALIASES.get(m, m): v for m, v in cfg.density.items()}
+    else:
+        given = {m: cfg.density for m in PRUNING}
+        if cfg.density is not None and not set(cfg.methods) & set(PRUNING):
+            raise MergeConfigError(
+                f"density={cfg.density!r} given but none of the methods {cfg.methods} takes one "
+                f"(only {list(PRUNING)} do); set density: null"
+            )
     for method, value in given.items():
         if method not in PRUNING:
             raise MergeConfigError(f"density given for {method!r}; only {list(PRUNING)} take a density")
         if value is not None and not 0.0 < value <= 1.0:
             raise MergeConfigError(f"density must be in (0, 1], got density={value!r}")
-    if cfg.single_task and len(cfg.evaluate) != n:
+
+
+def _check_official(cfg: MergeConfig) -> None:
+    """What ``protocol: official`` cannot do: the official code merges in fp32, in factor space, with PEFT."""
+    if cfg.dtype != "float32":
         raise MergeConfigError(
-            f"single_task evaluates adapter i on evaluate[i]: give one benchmark per adapter, "
-            f"got {cfg.evaluate}"
+            f"protocol official merges on a float32 base (merge_3_loras.py l.47-51: torch_dtype=torch.float32), "
+            f"got dtype={cfg.dtype!r}; set dtype: float32 or protocol: lori"
+        )
+    if cfg.space != "factors":
+        raise MergeConfigError(
+            f"protocol official merges in factor space as PEFT's add_weighted_adapter, got space={cfg.space!r}; "
+            f"set space: factors or protocol: lori"
+        )
+    if "linear_eq8" in cfg.methods:
+        raise MergeConfigError(
+            "linear_eq8 (the paper's eq. 8) is not a PEFT combination type the official code can run; "
+            "use linear (PEFT's) or protocol: lori"
         )
 
 
@@ -206,7 +275,8 @@ def load_adapter_set(cfg: MergeConfig) -> AdapterSet:
         raise MergeConfigError(f"adaptation is {cfg.adaptation!r} but the adapters are {adaptation!r}: {found}")
     weights = list(cfg.weights) if cfg.weights is not None else paper_weights(len(adapters), adaptation)
     for method in cfg.methods:
-        check_mergeable(adapters, weights, same_rank=needs_equal_rank(method, cfg.space))
+        check_mergeable(adapters, weights, same_rank=needs_equal_rank(method, cfg.space),
+                        same_scale=method == "linear_eq8")
     return AdapterSet(adapters, cfg.names, adaptation, weights)
 
 
@@ -219,37 +289,35 @@ def paper_weights(n: int, adaptation: str) -> list[float]:
 
 
 def needs_equal_rank(method: str, space: str) -> bool:
-    return method == "linear" or (method in PRUNING and space == "factors")
+    return method in ("linear", "linear_eq8") or (method in PRUNING and space == "factors")
 
 
 # ---- merging ------------------------------------------------------------------------------
-def merge_result(aset: AdapterSet, method: str, cfg: MergeConfig) -> Adapter | None:
-    """The merged adapter of a factor-space merge; None for a ΔW-space merge."""
-    ads, w = aset.adapters, aset.weights
-    if method == "concat":
-        return merge_concat(ads, w)
-    if method == "linear":
-        return merge_linear(ads, w)
-    if cfg.space == "factors":
-        return merge_factors(ads, w, method, cfg.density_of(method), cfg.seed)
-    return None
+def _density(cfg: MergeConfig, method: str) -> float:
+    return cfg.density_of(method) if method in PRUNING else 1.0
+
+
+def merge_result(aset: AdapterSet, method: str, cfg: MergeConfig, order: Sequence[str] | None = None) -> Adapter | None:
+    """The merged adapter of a factor-space merge; None for a ΔW-space merge.
+
+    ``order``: module paths in the base model's order (DARE draws module by module in it, as PEFT).
+    """
+    if method not in FACTOR_ONLY and cfg.space == "delta":
+        return None
+    return merge_factors(aset.adapters, aset.weights, method, _density(cfg, method), cfg.seed, cfg.rescale,
+                         cfg.majority_sign_method, order)
 
 
 def merged_deltas(
-    aset: AdapterSet, method: str, cfg: MergeConfig, merged: Adapter | None
+    aset: AdapterSet, method: str, cfg: MergeConfig, merged: Adapter | None, order: Sequence[str] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """(path, ΔW) per module, one at a time (a full set of dense ΔW is a model's worth of memory).
-
-    ΔW-space merges draw DARE's drops module by module in the same order as ``merge_deltas``.
-    """
+    """(path, ΔW) per module, one at a time (a full set of dense ΔW is a model's worth of memory)."""
     if merged is not None:
         for path in merged.A:
             yield path, merged.delta(path)
         return
-    generator = torch.Generator().manual_seed(cfg.seed)
-    for path in aset.adapters[0].A:
-        deltas = [a.delta(path) for a in aset.adapters]
-        yield path, combine(deltas, aset.weights, method, cfg.density_of(method), generator)
+    yield from iter_merged_deltas(aset.adapters, aset.weights, method, _density(cfg, method), cfg.seed, cfg.rescale,
+                                  cfg.majority_sign_method, order)
 
 
 class BaseWeights:
@@ -329,12 +397,13 @@ def run_merge(
         evaluate = make_evaluator(cfg, eval_settings)
     model, tokenizer = load_base(cfg, aset)
     base = BaseWeights(model, list(aset.adapters[0].A))
+    order = [path for path, _ in model.named_modules()]
     results = _results_header(cfg, aset)
     with atomic_directory(Path(cfg.output_dir)) as tmp:
         if cfg.single_task:
             results["rows"].append(_single_task_row(model, tokenizer, aset, cfg.evaluate, evaluate, base))
         for method in cfg.methods:
-            row = _merge_row(model, tokenizer, aset, method, cfg, evaluate, tmp / method)
+            row = _merge_row(model, tokenizer, aset, method, cfg, evaluate, tmp / method, order)
             base.restore()
             results["rows"].append(row)
         results["columns"] = table_columns(results["rows"])
@@ -353,23 +422,25 @@ def _results_header(cfg: MergeConfig, aset: AdapterSet) -> dict[str, Any]:
          "base_fingerprint": a.base_fingerprint}
         for n, p, a in zip(aset.names, cfg.adapters, aset.adapters)
     ]
-    return {"adaptation": aset.adaptation, "evaluate": list(cfg.evaluate), "weights": aset.weights,
-            "adapters": adapters, "config": asdict(cfg), "rows": []}
+    return {"adaptation": aset.adaptation, "protocol": cfg.protocol, "evaluate": list(cfg.evaluate),
+            "weights": aset.weights, "adapters": adapters, "config": asdict(cfg), "rows": []}
 
 
 def _merge_row(
     model: nn.Module, tokenizer: Any, aset: AdapterSet, method: str, cfg: MergeConfig,
-    evaluate: Evaluate | None, out: Path,
+    evaluate: Evaluate | None, out: Path, order: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    merged = merge_result(aset, method, cfg)
-    stats = apply_merge(model, merged_deltas(aset, method, cfg, merged))
+    merged = merge_result(aset, method, cfg, order)
+    stats = apply_merge(model, merged_deltas(aset, method, cfg, merged, order))
     out.mkdir(parents=True)
     (out / "delta_stats.json").write_text(json.dumps(stats, indent=2))
     if merged is not None and cfg.save_merged:
         save_adapter(merged, out / "merged_adapter")
     scores = evaluate(model, tokenizer, list(cfg.evaluate)) if cfg.evaluate else {}
     return {"method": method, "merging": ROW_NAMES[method], "adaptation": aset.label,
-            "weights": aset.weights, "density": cfg.density_of(method) if method in PRUNING else None,
+            "combination_type": PEFT_TYPES.get(method), "protocol": cfg.protocol, "weights": aset.weights,
+            "density": cfg.density_of(method) if method in PRUNING else None,
+            "dare_rescale": cfg.rescale if method in ("dare", "dare_ties") else None,
             "space": "factors" if merged is not None else "delta", "scores": scores}
 
 

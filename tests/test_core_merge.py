@@ -21,12 +21,13 @@ from lori.core import (
     merge_deltas,
     merge_factors,
     merge_linear,
+    merge_linear_eq8,
     merge_lori,
     set_masks,
     unload,
     unmerge_lori,
 )
-from lori.core.merge import dare_drop, magnitude_prune
+from lori.core.merge import canonical_method, magnitude_prune, random_prune
 
 
 def _trained_adapter(seed: int, r: int = 4, alpha: float = 8.0, sparsity: float | None = None) -> Adapter:
@@ -57,15 +58,40 @@ def test_concat_and_linear_equal_formulas():
     base = {p: make_tiny_llama().get_submodule(p).weight.detach() for p in ads[0].A}
     cat = _weights_after(merge_concat(ads, w))
     lin = _weights_after(merge_linear(ads, w))
+    eq8 = _weights_after(merge_linear_eq8(ads, w))
     s = ads[0].config.scale
     for p in ads[0].A:
         want_cat = base[p] + sum(wt * a.config.scale * a.B[p] @ a.A[p] for a, wt in zip(ads, w))
-        want_lin = base[p] + s * sum(wt * a.B[p] for a, wt in zip(ads, w)) @ sum(wt * a.A[p] for a, wt in zip(ads, w))
+        # PEFT / official linear: sqrt(w s) on each factor
+        want_lin = base[p] + sum((wt * s) ** 0.5 * a.B[p] for a, wt in zip(ads, w)) @ sum(
+            (wt * s) ** 0.5 * a.A[p] for a, wt in zip(ads, w))
+        want_eq8 = base[p] + s * sum(wt * a.B[p] for a, wt in zip(ads, w)) @ sum(wt * a.A[p] for a, wt in zip(ads, w))
         assert torch.allclose(cat[p], want_cat, atol=1e-6), p
         assert torch.allclose(lin[p], want_lin, atol=1e-6), p
+        assert torch.allclose(eq8[p], want_eq8, atol=1e-6), p
+        assert not torch.allclose(lin[p], eq8[p], atol=1e-4), p  # sqrt(w s)^2 = w s != s w^2
 
 
-@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare"])
+def _prune_reference(x: torch.Tensor, density: float) -> torch.Tensor:
+    k = int(density * x.numel())
+    keep = x.abs().flatten().argsort(descending=True)[:k]
+    out = torch.zeros(x.numel())
+    out[keep] = x.flatten()[keep]
+    return out.view_as(x)
+
+
+def _ties_reference(trimmed: list[torch.Tensor], w: list[float]) -> torch.Tensor:
+    """Elementwise: sign elected on the unweighted sum (0 counts as +), mean of the agreeing w_t x_t."""
+    flat = [t.flatten() for t in trimmed]
+    out = torch.zeros_like(flat[0])
+    for i in range(out.numel()):
+        elected = 1.0 if sum(float(t[i]) for t in flat) >= 0 else -1.0
+        agreeing = [wt * float(t[i]) for t, wt in zip(flat, w) if float(t[i]) * elected > 0]
+        out[i] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out.view_as(trimmed[0])
+
+
+@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare", "dare_ties", "dare_linear"])
 def test_lora_baselines_in_delta_space_equal_formulas(method):
     ads = [_trained_adapter(s) for s in range(3)]
     w, density = [0.4, 0.4, 0.4], 0.3
@@ -73,18 +99,19 @@ def test_lora_baselines_in_delta_space_equal_formulas(method):
     g = torch.Generator().manual_seed(5)
     for p in ads[0].A:
         d = [a.config.scale * a.B[p] @ a.A[p] for a in ads]
-        if method in ("concat", "linear"):
+        if canonical_method(method) in ("concat", "linear"):
             want = sum(wt * x for x, wt in zip(d, w))
         elif method == "magnitude":
-            want = sum(wt * magnitude_prune(x, density) for x, wt in zip(d, w))
-            assert all((magnitude_prune(x, density) != 0).sum() == round(density * x.numel()) for x in d)
-        elif method == "dare":
-            want = sum(wt * dare_drop(x, density, g) for x, wt in zip(d, w))
-        else:  # ties, written out elementwise
-            t = torch.stack([wt * magnitude_prune(x, density) for x, wt in zip(d, w)])
-            sign = torch.sign(t.sum(0))
-            keep = (torch.sign(t) == sign) & (t != 0)
-            want = (t * keep).sum(0) / keep.sum(0).clamp(min=1)
+            want = sum(wt * _prune_reference(x, density) for x, wt in zip(d, w))
+            assert all((magnitude_prune(x, density) != 0).sum() == int(density * x.numel()) for x in d)
+        elif method in ("dare", "dare_linear"):
+            want = sum(wt * x * torch.bernoulli(torch.full_like(x, density), generator=g) / density
+                       for x, wt in zip(d, w))
+        elif method == "dare_ties":
+            want = _ties_reference([x * torch.bernoulli(torch.full_like(x, density), generator=g) / density
+                                    for x in d], w)
+        else:
+            want = _ties_reference([_prune_reference(x, density) for x in d], w)
         assert torch.allclose(deltas[p], want, atol=1e-6), (method, p)
     merged = _weights_after(deltas)
     base = make_tiny_llama()
@@ -92,15 +119,26 @@ def test_lora_baselines_in_delta_space_equal_formulas(method):
         assert torch.allclose(merged[p], base.get_submodule(p).weight + deltas[p], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["linear", "magnitude", "ties", "dare"])
+def test_dare_drop_and_rescale():
+    x = torch.randn(200, 50)
+    kept = random_prune(x, 0.7, torch.Generator().manual_seed(0), rescale=False)
+    scaled = random_prune(x, 0.7, torch.Generator().manual_seed(0), rescale=True)
+    assert torch.equal(kept / 0.7, scaled)
+    assert abs((kept != 0).float().mean() - 0.7) < 0.02  # each entry kept with probability 0.7
+    assert torch.equal(random_prune(x, 1.0, None), x)  # density 1: untouched, nothing drawn
+
+
+@pytest.mark.parametrize("method", ["linear", "magnitude", "ties", "dare", "dare_ties"])
 def test_lora_baselines_in_factor_space(method):
     ads = [_trained_adapter(s) for s in range(2)]
     w = [0.5, 0.5]
     out = merge_factors(ads, w, method, density=0.7, seed=1)
     assert out.rank == ads[0].rank and out.config.scale == 1.0
-    if method == "linear":  # sqrt(w) on both factors: (Σ√w sB)(Σ√w A)
+    assert out.meta["merge"]["method"] == method
+    if method == "linear":  # sqrt(w s) on both factors: (Σ√(ws) B)(Σ√(ws) A)
         p = next(iter(ads[0].A))
-        want = sum(0.5**0.5 * a.config.scale * a.B[p] for a in ads) @ sum(0.5**0.5 * a.A[p] for a in ads)
+        want = sum((0.5 * a.config.scale) ** 0.5 * a.B[p] for a in ads) @ sum(
+            (0.5 * a.config.scale) ** 0.5 * a.A[p] for a in ads)
         assert torch.allclose(out.delta(p), want, atol=1e-6)
 
 
@@ -142,6 +180,12 @@ def test_merge_refusals():
     a, b = _trained_adapter(0, r=4), _trained_adapter(1, r=8, alpha=16)
     with pytest.raises(AdapterMismatchError, match="rank 8"):
         merge_linear([a, b], [0.5, 0.5])
+    with pytest.raises(AdapterMismatchError, match="rank 8"):
+        merge_linear_eq8([a, b], [0.5, 0.5])
+    c = _trained_adapter(1, r=4, alpha=16)
+    assert merge_linear([a, c], [0.5, 0.5]).rank == 4  # PEFT's linear takes unequal scales (sqrt(w s) each)
+    with pytest.raises(AdapterMismatchError, match="scale 4.0"):
+        merge_linear_eq8([a, c], [0.5, 0.5])
     with pytest.raises(AdapterMismatchError, match="2 weights given for 3"):
         merge_concat([a, a, a], [0.5, 0.5])
     assert merge_concat([a, b], [0.5, 0.5]).rank == 12  # concat accepts different ranks
@@ -158,6 +202,10 @@ def test_merge_refusals():
         merge_deltas([a, a], [0.5, 0.5], "ties", density=0.0)
     with pytest.raises(ValueError, match="unknown merge method"):
         merge_deltas([a, a], [0.5, 0.5], "average")
+    with pytest.raises(ValueError, match="linear_eq8 is a factor-space merge"):
+        merge_deltas([a, a], [0.5, 0.5], "linear_eq8")
+    with pytest.raises(AdapterMismatchError, match="misses adapted modules"):
+        merge_factors([a, a], [0.5, 0.5], "dare", density=0.5, order=["model.embed_tokens"])
 
 
 def test_adapter_for_another_base_is_refused():
@@ -169,3 +217,16 @@ def test_adapter_for_another_base_is_refused():
     with pytest.raises(AdapterMismatchError, match="fingerprint"):
         apply_adapter(other_weights, ad)
     apply_adapter(other_weights, ad, strict_base=False)  # explicit override works
+
+
+def test_with_one_shared_A_linear_is_T_times_concat():
+    """The official set-up (every task the same A): PEFT's linear = T · concat, eq. 8 = T w · concat."""
+    ads = [_trained_adapter(0) for _ in range(3)]  # seed 0 for all: the same A everywhere
+    for i, a in enumerate(ads):  # different B per task
+        g = torch.Generator().manual_seed(7 + i)
+        a.B = {p: torch.randn(b.shape, generator=g) for p, b in a.B.items()}
+    w, T = [0.4] * 3, 3
+    cat, lin, eq8 = merge_concat(ads, w), merge_linear(ads, w), merge_linear_eq8(ads, w)
+    for p in ads[0].A:
+        assert torch.allclose(lin.delta(p), T * cat.delta(p), atol=1e-5)
+        assert torch.allclose(eq8.delta(p), T * 0.4 * cat.delta(p), atol=1e-5)

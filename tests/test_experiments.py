@@ -33,14 +33,41 @@ def test_single_task(tmp_path):
     assert json.loads((tmp_path / "single_task.json").read_text())["rows"]
 
 
-def test_merge_tasks(tmp_path):
-    results = load("merge_tasks").main(["--tiny", "--out", str(tmp_path)])
+def _merge_root(tmp_path_factory) -> Path:
+    """One root for both merge experiments: the shared-A comparison reuses merge_tasks' runs."""
+    return tmp_path_factory.getbasetemp() / "merge_tasks_experiment"
+
+
+def test_merge_tasks(tmp_path_factory):
+    out = _merge_root(tmp_path_factory)
+    results = load("merge_tasks").main(["--tiny", "--out", str(out)])
     names = [r["model"] for r in results["rows"]]
-    assert {"base", "LoRI-D concat", "LoRI-D linear", "LoRI-S concat", "LoRI-S linear"} <= set(names)
+    assert {"base", "LoRI-D concat", "LoRI-D linear", "LoRI-D linear_eq8", "LoRI-S concat", "LoRI-S linear"} <= set(
+        names)
     diag = results["diagnostics"]["add-mul"]
     assert 0.0 <= diag["lori_d_mean_abs_cos"] < 0.5
     assert diag["lori_s_mask_overlap"]["intersection"] < 0.05  # ~ (1 - s)^2 = 0.01
-    assert (tmp_path / "merge_tasks.png").is_file()
+    merges = [r for r in results["rows"] if "method" in r]
+    assert len(merges) == 6 and all(r["retained_gain"] == r["retained_gain"] for r in merges)  # not NaN
+    assert (out / "merge_tasks.png").is_file()
+
+
+def test_merge_shared_vs_independent_A(tmp_path_factory):
+    out = _merge_root(tmp_path_factory)
+    results = load("merge_shared_vs_independent_A").main(["--tiny", "--out", str(out)])
+    settings = results["settings"]
+    assert settings["independent"]["a_seeds"] == {"add": 0, "mul": 1}
+    assert settings["shared"]["a_seeds"] == {"add": 0, "mul": 0}
+    assert settings["shared"]["runs"] == {"add": "add", "mul": "mul_A0"}  # the seed-0 run serves both settings
+    indep, shared = results["summary"]["independent"], results["summary"]["shared"]
+    for stage in ("lori_d", "lori_s"):
+        assert shared[stage]["mean_abs_cos"] > indep[stage]["mean_abs_cos"]  # one A: updates share a row space
+        assert set(shared[stage]["retained_gain"]) == {"concat", "linear", "linear_eq8"}
+    assert indep["lori_d"]["mean_abs_cos"] < 0.5
+    assert indep["lori_s"]["mask_overlap"] < 0.05 and indep["lori_s"]["mask_overlap_independent"] > 0
+    assert len(results["table"].splitlines()) == 2 + 4
+    saved = json.loads((out / "merge_shared_vs_independent_A.json").read_text())
+    assert saved["summary"] == results["summary"]
 
 
 @pytest.mark.parametrize("run", ["unprotected", "protected", "dense"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -111,51 +110,63 @@ def _base() -> dict[str, torch.Tensor]:
 
 
 def _prune(t: torch.Tensor, density: float) -> torch.Tensor:
-    k = max(1, round(density * t.numel()))
-    threshold = t.abs().flatten().sort(descending=True).values[k - 1]
-    return t * (t.abs() >= threshold)
+    """PEFT's magnitude pruning: exactly k = int(density * numel) entries of largest |.| kept."""
+    if density >= 1:
+        return t
+    keep = t.abs().flatten().argsort(descending=True)[: int(density * t.numel())]
+    out = torch.zeros(t.numel())
+    out[keep] = t.flatten()[keep]
+    return out.view_as(t)
 
 
-def _ties(tensors: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    trimmed = [w * _prune(t, density) for t, w in zip(tensors, weights)]
-    out = torch.zeros_like(tensors[0]).flatten()
+def _ties(trimmed: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Sign elected on the unweighted sum (0 counts as +); mean of the agreeing w_t x_t."""
+    out = torch.zeros_like(trimmed[0]).flatten()
     flat = [t.flatten() for t in trimmed]
     for i in range(out.numel()):
-        elected = math.copysign(1.0, sum(float(t[i]) for t in flat))
-        agreeing = [float(t[i]) for t in flat if t[i] != 0 and math.copysign(1.0, float(t[i])) == elected]
+        elected = 1.0 if sum(float(t[i]) for t in flat) >= 0 else -1.0
+        agreeing = [w * float(t[i]) for t, w in zip(flat, weights) if float(t[i]) * elected > 0]
         out[i] = sum(agreeing) / len(agreeing) if agreeing else 0.0
-    return out.view_as(tensors[0])
+    return out.view_as(trimmed[0])
 
 
-def _dare(tensors, weights, density, g):
-    return sum(w * t * (torch.rand(t.shape, generator=g) < density) / density for t, w in zip(tensors, weights))
+def _drop(t, density, g, rescale=True):
+    kept = t * torch.bernoulli(torch.full_like(t, density), generator=g)
+    return kept / density if rescale else kept
 
 
-def _operator(method, tensors, weights, density, g):
+def _operator(method, tensors, weights, density, g, rescale=True):
     if method == "magnitude":
         return sum(w * _prune(t, density) for t, w in zip(tensors, weights))
     if method == "ties":
-        return _ties(tensors, weights, density)
-    return _dare(tensors, weights, density, g)
+        return _ties([_prune(t, density) for t in tensors], weights)
+    if method == "dare_ties":
+        return _ties([_drop(t, density, g, rescale) for t in tensors], weights)
+    return sum(w * _drop(t, density, g, rescale) for t, w in zip(tensors, weights))
 
 
-def _expected(adapters: list[Adapter], method: str, w: list[float], density: float, space: str, seed: int = 0):
+def _expected(adapters: list[Adapter], method: str, w: list[float], density: float, space: str, seed: int = 0,
+              rescale: bool = True):
     base, g = _base(), torch.Generator().manual_seed(seed)
     out = {}
-    for p in adapters[0].A:  # the module order DARE draws in
+    for p in [p for p, _ in tiny_llama().named_modules() if p in adapters[0].A]:  # the module order DARE draws in
         A = [a.A[p].float() for a in adapters]
-        sB = [a.config.scale * a.B[p].float() for a in adapters]
+        B = [a.B[p].float() for a in adapters]
+        ws = [wt * a.config.scale for a, wt in zip(adapters, w)]
         if method == "concat":
-            delta = sum(wt * b @ a for a, b, wt in zip(A, sB, w))
-        elif method == "linear":
+            delta = sum(x * b @ a for a, b, x in zip(A, B, ws))
+        elif method == "linear":  # PEFT's / the official code's: sqrt(w s) on each factor
+            delta = sum(x**0.5 * b for b, x in zip(B, ws)) @ sum(x**0.5 * a for a, x in zip(A, ws))
+        elif method == "linear_eq8":
             s = adapters[0].config.scale
-            delta = s * sum(wt * a.B[p] for a, wt in zip(adapters, w)) @ sum(wt * a for a, wt in zip(A, w))
+            delta = s * sum(wt * b for b, wt in zip(B, w)) @ sum(wt * a for a, wt in zip(A, w))
         elif space == "delta":
-            delta = _operator(method, [b @ a for a, b in zip(A, sB)], w, density, g)
-        else:  # PEFT's factor-space merge: the operator on A_t and on s_t B_t with weights sqrt(w_t)
-            roots = [math.sqrt(wt) for wt in w]
-            merged_A = _operator(method, A, roots, density, g)
-            delta = _operator(method, sB, roots, density, g) @ merged_A
+            deltas = [ad.config.scale * b @ a for ad, a, b in zip(adapters, A, B)]
+            delta = _operator(method, deltas, w, density, g, rescale)
+        else:  # PEFT's factor-space merge: the operator on the A_t and on the B_t with weights sqrt(w_t s_t)
+            roots = [x**0.5 for x in ws]
+            merged_A = _operator(method, A, roots, density, g, rescale)
+            delta = _operator(method, B, roots, density, g, rescale) @ merged_A
         out[p] = base[p] + delta
     return out
 
@@ -164,9 +175,10 @@ def _expected(adapters: list[Adapter], method: str, w: list[float], density: flo
 @pytest.mark.parametrize("sparsity", [None, 0.9])
 def test_lori_concat_and_linear_equal_the_formulas(tmp_path, sparsity):
     dirs = _lori_dirs(tmp_path, 3, sparsity=sparsity)
-    results, rec = _run(tmp_path, dirs, ["concat", "linear"], weights=[0.3, 0.5, 0.2])
+    results, rec = _run(tmp_path, dirs, ["concat", "linear", "linear_eq8"], weights=[0.3, 0.5, 0.2])
     adapters = [load_adapter(d) for d in dirs]
-    for seen, method in zip(rec.seen, ["concat", "linear"]):
+    assert not torch.allclose(rec.seen[1][PATHS[0]], rec.seen[2][PATHS[0]], atol=1e-4)
+    for seen, method in zip(rec.seen, ["concat", "linear", "linear_eq8"]):
         want = _expected(adapters, method, [0.3, 0.5, 0.2], 1.0, "factors")
         for p in PATHS:
             assert torch.allclose(seen[p], want[p], atol=1e-6), (method, p)
@@ -174,17 +186,17 @@ def test_lori_concat_and_linear_equal_the_formulas(tmp_path, sparsity):
 
 
 @pytest.mark.parametrize("space", ["factors", "delta"])
-@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare"])
+@pytest.mark.parametrize("method", ["concat", "linear", "magnitude", "ties", "dare", "dare_ties"])
 def test_lora_methods_equal_the_formulas(tmp_path, method, space):
     dirs = [_lora_dir(tmp_path, s) for s in range(3)]
-    density = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7}.get(method, 1.0)
+    density = {"magnitude": 0.3, "ties": 0.7, "dare": 0.7, "dare_ties": 0.7}.get(method, 1.0)
     results, rec = _run(tmp_path, dirs, [method], weights=[0.4, 0.4, 0.4], space=space, seed=7)
     want = _expected([load_adapter(d) for d in dirs], method, [0.4] * 3, density, space, seed=7)
     for p in PATHS:
         assert torch.allclose(rec.seen[0][p], want[p], atol=1e-6), p
     row = results["rows"][0]
-    assert row["adaptation"] == "LoRA" and row["density"] == (density if method in ("magnitude", "ties", "dare")
-                                                                  else None)
+    assert row["adaptation"] == "LoRA" and row["density"] == (density if method in ("magnitude", "ties", "dare",
+                                                                                    "dare_ties") else None)
 
 
 def test_every_row_starts_from_the_exact_base(tmp_path):
@@ -213,6 +225,70 @@ def test_concat_takes_different_ranks(tmp_path):
     want = _expected([load_adapter(d) for d in dirs], "concat", [0.5, 0.5], 1.0, "factors")
     assert all(torch.allclose(rec.seen[0][p], want[p], atol=1e-6) for p in PATHS)
     assert load_adapter(tmp_path / "out" / "concat" / "merged_adapter").rank == 12
+
+
+# ---- protocols -----------------------------------------------------------------------------------
+def test_official_protocol_defaults_density_0_7_and_peft_0_12_dare(tmp_path):
+    """protocol official: PEFT's names, density 0.7 where none is given, DARE not rescaled."""
+    dirs = [_lora_dir(tmp_path, s) for s in range(3)]
+    methods = ["cat", "linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
+    results, rec = _run(tmp_path, dirs, methods, weights=[0.4] * 3, protocol="official", seed=3)
+    adapters = [load_adapter(d) for d in dirs]
+    for seen, method in zip(rec.seen, ["concat", "linear", "magnitude", "ties", "dare", "dare_ties"]):
+        want = _expected(adapters, method, [0.4] * 3, 0.7, "factors", seed=3, rescale=False)
+        assert all(torch.allclose(seen[p], want[p], atol=1e-6) for p in PATHS), method
+    rows = results["rows"]
+    assert [r["method"] for r in rows] == ["concat", "linear", "magnitude", "ties", "dare", "dare_ties"]
+    assert [r["combination_type"] for r in rows] == methods
+    assert [r["density"] for r in rows] == [None, None, 0.7, 0.7, 0.7, 0.7]
+    assert [r["dare_rescale"] for r in rows][4:] == [False, False] and results["protocol"] == "official"
+    assert [r["merging"] for r in rows][:2] == ["Concat", "Linear"]
+
+
+def test_lori_protocol_rescales_dare_and_takes_the_paper_densities(tmp_path):
+    dirs = [_lora_dir(tmp_path, s) for s in range(3)]
+    results, rec = _run(tmp_path, dirs, ["magnitude", "dare"], weights=[0.4] * 3, seed=3)
+    adapters = [load_adapter(d) for d in dirs]
+    assert [r["density"] for r in results["rows"]] == [0.3, 0.7]
+    want = _expected(adapters, "dare", [0.4] * 3, 0.7, "factors", seed=3, rescale=True)
+    assert all(torch.allclose(rec.seen[1][p], want[p], atol=1e-6) for p in PATHS)
+    _, off = _run(tmp_path, dirs, ["dare"], weights=[0.4] * 3, seed=3, dare_rescale=False)
+    assert not torch.allclose(off.seen[0][PATHS[0]], rec.seen[1][PATHS[0]], atol=1e-5)
+
+
+def test_official_protocol_refuses_bfloat16(tmp_path, capsys, tiny_base):
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": _lori_dirs(tmp_path, 2), "protocol": "official",
+                                             "dtype": "bfloat16"}, "float32", "'bfloat16'", "merge_3_loras.py")
+
+
+def test_official_protocol_refuses_delta_space_and_eq8(tmp_path, capsys, tiny_base):
+    dirs = _lori_dirs(tmp_path, 2)
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "protocol": "official", "method": "ties",
+                                             "space": "delta"}, "space='delta'")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "protocol": "official", "method": "linear_eq8"},
+               "linear_eq8")
+
+
+def test_density_for_a_method_that_takes_none(tmp_path, capsys, tiny_base):
+    dirs = _lori_dirs(tmp_path, 2)
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "method": ["cat", "linear"], "density": 0.7},
+               "density=0.7", "['concat', 'linear']")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": dirs, "method": "ties", "density": {"cat": 0.7}},
+               "'concat'")
+
+
+def test_a_method_named_twice(tmp_path, capsys, tiny_base):
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": _lori_dirs(tmp_path, 2), "method": ["cat", "concat"]},
+               "at most once")
+
+
+def test_eq8_needs_equal_scales(tmp_path, capsys, tiny_base):
+    a = save_adapter(_lori(0, r=4), tmp_path / "a")
+    b = _lori(1, r=4)
+    b.config = LoRIConfig.from_dict(b.config.to_dict() | {"alpha": 4.0})
+    b = save_adapter(b, tmp_path / "b")
+    _cli_fails(tmp_path, capsys, tiny_base, {"adapters": [str(a), str(b)], "method": ["linear", "linear_eq8"]},
+               "scale 1.0", "scale 2.0")
 
 
 # ---- weights, table, single-task row ----------------------------------------------------------
@@ -368,10 +444,12 @@ def test_shipped_merge_configs_parse():
     configs = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("merge/*.yaml"))
     assert any(p.parent.name == "merge" and p.parent.parent.name == "configs" for p in configs)
     for path in configs:
-        cfg, settings = parse_config(path)
+        cfg, _ = parse_config(path)
         assert cfg.adapters and cfg.methods, path
         weights = cfg.weights or []
         assert len(weights) in (0, len(cfg.adapters)), path
+        if path.parent.parent.name == "paper":  # the paper's merges, as the official code ran them
+            assert (cfg.protocol, cfg.dtype, cfg.space) == ("official", "float32", "factors"), path
 
 
 def test_usage_lists_merge_and_diagnose(capsys):

@@ -30,7 +30,14 @@ from lori.core.inject import (
 from lori.core.io import AdapterFileError, load_adapter, load_masks, save_adapter
 from lori.core.layer import LoRILinear, draw_A
 from lori.core.masks import calibrate, mask_density, mask_overlap, sparsity_by, sparsity_table
-from lori.core.merge import DeltaMerge, merge_concat, merge_deltas, merge_factors, merge_linear
+from lori.core.merge import (
+    DeltaMerge,
+    merge_concat,
+    merge_deltas,
+    merge_factors,
+    merge_linear,
+    merge_linear_eq8,
+)
 from lori.core.sharding import full_parameters, unwrap_fsdp
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "full_parameters", "get_A", "get_B", "get_masks", "inject_lori", "load_adapter", "load_masks",
     "lori_layers",
     "mask_density", "mask_overlap", "merge_concat", "merge_deltas", "merge_factors", "merge_linear",
+    "merge_linear_eq8",
     "merge_lori", "reset_B", "save_adapter", "set_masks", "sparsity_by", "sparsity_table",
     "trainable_parameters", "unload", "unmerge_lori", "unwrap_fsdp",
 ]

@@ -1,24 +1,44 @@
 """Merging T adapters (paper Sec. 2.3, eq. 5-8) and the LoRA merging baselines.
 
-LoRI, in factor space (the result is again an adapter, so it can be saved, reloaded and merged):
-    concat:  ΔW = Σ_t w_t s_t B_t A_t = [w_1 s_1 B_1, ..., w_T s_T B_T] [A_1; ...; A_T]   (eq. 6)
-             -> one adapter of rank Σ r_t with scale 1.
-    linear:  ΔW = s (Σ_t w_t B_t)(Σ_t w_t A_t)    (eq. 7; cross terms B_s A_t; equal r and scale)
+Notation: s_t = alpha_t / r_t, w_t the merge weights, a_t = sign(w_t s_t) sqrt(|w_t s_t|) and
+b_t = sqrt(|w_t s_t|). Factor-space merges return an Adapter, exactly as PEFT's
+``PeftModel.add_weighted_adapter(adapters, weights, name, combination_type, density)`` builds its
+new adapter (the official LoRI code merges with it; PEFT's combination type in brackets):
 
-LoRA baselines, in ΔW space (``merge_deltas``; the result is one dense ΔW per module):
-    concat / linear:  Σ_t w_t ΔW_t   (the same in ΔW space)
-    magnitude:        Σ_t w_t prune(ΔW_t, density)            keep the top-|.| ``density`` fraction
-    ties:             trim each to ``density``, elect the sign of Σ_t w_t ΔW_t, average the agreeing
-                      entries (Yadav et al. 2023)
-    dare:             drop each entry with probability 1 - density, rescale by 1 / density, Σ_t w_t
-and in factor space as PEFT's add_weighted_adapter does (``merge_factors``: the same operator on
-the stacked A_t and on the stacked s_t B_t with weights sqrt(w_t)); cheaper to store, different maths.
+    concat [cat]:      A = [w_1 s_1 A_1; ...; w_T s_T A_T]   (Σr x d_in)    B = [B_1, ..., B_T]  (d_out x Σr)
+                       ΔW = Σ_t w_t s_t B_t A_t   (eq. 5-6; any ranks)          rank Σ r_t, scale 1
+    linear [linear]:   A = Σ_t a_t A_t,  B = Σ_t b_t B_t,  ΔW = B A  (cross terms B_s A_t)  rank r, scale 1
+    magnitude [magnitude_prune], ties [ties], dare [dare_linear], dare_ties [dare_ties]:
+                       the operator below on {A_t} with weights a_t and on {B_t} with weights b_t
+    linear_eq8:        ΔW = s (Σ_t w_t B_t)(Σ_t w_t A_t)   (the paper's eq. 8 as printed; equal r and s)
+
+The operators on same-shaped tensors X_t with weights c_t (``combine``; as peft.utils.merge_utils):
+
+    sum        Σ_t c_t X_t
+    magnitude  Σ_t c_t top(X_t)              top: keep the k = int(density · numel) largest |.|
+    ties       X'_t = top(X_t), γ = sign(Σ_t X'_t) (+1 where the sum is 0), then per entry the mean
+               of c_t X'_t over the t with sign(X'_t) = γ   (majority_sign_method "total"; "frequency"
+               elects by Σ_t sign(X'_t))
+    dare       Σ_t c_t drop(X_t)             drop: X ⊙ Bernoulli(density), / density if ``rescale``
+    dare_ties  ties with drop instead of top
+    density >= 1 leaves a tensor as it is (and draws nothing).
+
+``merge_deltas`` applies the same operators to each ΔW_t = s_t B_t A_t with weights w_t (the
+result is one dense ΔW per module, not an adapter).
+
+DARE's drops are ``torch.bernoulli(full_like(X, density), generator)`` tensor by tensor in PEFT's
+order: module by module in the base model's order (``order``), inside a module A_1..A_T, then
+B_1..B_T. ``seed=None`` draws from torch's default generator, as PEFT does; ``seed=s`` draws from
+a fresh generator seeded s: the same drops as PEFT's when torch's default generator is at
+``torch.manual_seed(s)`` at PEFT's first drop. PEFT 0.12.0, the version the official code pins,
+does not rescale (its ``random_pruning`` computes ``torch.div(pruned, density)`` and discards the
+result); later PEFT releases divide: ``rescale=False`` is 0.12.0's DARE, ``rescale=True`` DARE's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,11 +46,26 @@ from torch import Tensor, nn
 from lori.core.adapter import Adapter, AdapterMismatchError
 from lori.core.config import LoRIConfig
 
-LORA_METHODS = ("concat", "linear", "magnitude", "ties", "dare")
+METHODS = ("concat", "linear", "linear_eq8", "magnitude", "ties", "dare", "dare_ties")
+PRUNING = ("magnitude", "ties", "dare", "dare_ties")  # the methods that take a density
+ALIASES = {"cat": "concat", "magnitude_prune": "magnitude", "dare_linear": "dare"}  # PEFT's names
+PEFT_TYPES = {"concat": "cat", "linear": "linear", "magnitude": "magnitude_prune", "ties": "ties",
+              "dare": "dare_linear", "dare_ties": "dare_ties"}  # lori name -> PEFT combination_type
+SIGN_METHODS = ("total", "frequency")
 
 
-def check_mergeable(adapters: Sequence[Adapter], weights: Sequence[float], same_rank: bool) -> None:
-    """Refuse adapters that cannot be merged: count, modules, shapes, base model, rank."""
+def canonical_method(name: str) -> str:
+    """lori's name of a merge method, PEFT's combination-type names accepted (``cat`` -> ``concat``)."""
+    method = ALIASES.get(name, name)
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; choose one of {list(METHODS) + list(ALIASES)}")
+    return method
+
+
+def check_mergeable(
+    adapters: Sequence[Adapter], weights: Sequence[float], same_rank: bool, same_scale: bool = False
+) -> None:
+    """Refuse adapters that cannot be merged: count, modules, shapes, base model, rank, scale."""
     if len(adapters) < 1:
         raise AdapterMismatchError("nothing to merge: no adapters given")
     if len(weights) != len(adapters):
@@ -50,10 +85,24 @@ def check_mergeable(adapters: Sequence[Adapter], weights: Sequence[float], same_
             raise AdapterMismatchError(f"adapter {i} comes from another base model than adapter 0 ({fps})")
         if same_rank and other.rank != first.rank:
             raise AdapterMismatchError(f"adapter {i} has rank {other.rank}, adapter 0 rank {first.rank}")
-        if same_rank and other.config.scale != first.config.scale:
+        if same_scale and other.config.scale != first.config.scale:
             raise AdapterMismatchError(
-                f"adapter {i} has scale {other.config.scale}, adapter 0 {first.config.scale}"
+                f"adapter {i} has scale {other.config.scale} (alpha / r), adapter 0 scale {first.config.scale}"
             )
+
+
+def module_order(adapters: Sequence[Adapter], order: Sequence[str] | None) -> list[str]:
+    """The adapted module paths in ``order`` (e.g. the base model's ``named_modules`` paths; other
+    paths are skipped); None = the first adapter's order."""
+    paths = list(adapters[0].A)
+    if order is None:
+        return paths
+    known = set(paths)
+    ordered = [p for p in dict.fromkeys(order) if p in known]
+    if len(ordered) != len(paths):
+        missing = sorted(known - set(ordered))[:3]
+        raise AdapterMismatchError(f"the module order misses adapted modules, e.g. {missing}")
+    return ordered
 
 
 def _merged_config(first: Adapter, r: int, alpha: float) -> LoRIConfig:
@@ -61,104 +110,196 @@ def _merged_config(first: Adapter, r: int, alpha: float) -> LoRIConfig:
     return LoRIConfig.from_dict(cfg)
 
 
-def merge_concat(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
-    """Concatenated merge (eq. 6) as one adapter of rank Σ r_t and scale 1."""
+def _merged(first: Adapter, A: dict, B: dict, alpha: float, meta: dict) -> Adapter:
+    r = next(iter(A.values())).shape[0]
+    return Adapter(_merged_config(first, r, alpha), A, B, None, first.base_model, first.base_fingerprint,
+                   {"merge": meta})
+
+
+def merge_concat(adapters: Sequence[Adapter], weights: Sequence[float], order: Sequence[str] | None = None) -> Adapter:
+    """Concatenated merge (eq. 5-6) as PEFT's ``cat``: rank Σ r_t, scale 1, w_t s_t folded into A."""
     check_mergeable(adapters, weights, same_rank=False)
     A, B = {}, {}
-    for path in adapters[0].A:
-        A[path] = torch.cat([a.A[path].float() for a in adapters], dim=0)
-        B[path] = torch.cat([w * a.config.scale * a.B[path].float() for a, w in zip(adapters, weights)], dim=1)
+    for path in module_order(adapters, order):
+        A[path] = torch.cat([a.A[path].float() * w * a.config.scale for a, w in zip(adapters, weights)], dim=0)
+        B[path] = torch.cat([a.B[path].float() for a in adapters], dim=1)
     r = sum(a.rank for a in adapters)
-    first = adapters[0]
-    meta = {"merge": {"method": "concat", "weights": list(weights)}}
-    return Adapter(_merged_config(first, r, float(r)), A, B, None, first.base_model, first.base_fingerprint, meta)
+    return _merged(adapters[0], A, B, float(r), {"method": "concat", "weights": list(weights)})
 
 
-def merge_linear(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
-    """Linear merge (eq. 7): (Σ w_t B_t)(Σ w_t A_t); equal rank and scale required."""
-    check_mergeable(adapters, weights, same_rank=True)
+def merge_linear(adapters: Sequence[Adapter], weights: Sequence[float], order: Sequence[str] | None = None) -> Adapter:
+    """Linear merge as PEFT's (and the official code's) ``linear``: (Σ b_t B_t)(Σ a_t A_t), scale 1."""
+    return merge_factors(adapters, weights, "linear", order=order)
+
+
+def merge_linear_eq8(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    """The paper's eq. 8 as printed: s (Σ w_t B_t)(Σ w_t A_t); equal rank and scale required."""
+    check_mergeable(adapters, weights, same_rank=True, same_scale=True)
     A = {p: sum(w * a.A[p].float() for a, w in zip(adapters, weights)) for p in adapters[0].A}
     B = {p: sum(w * a.B[p].float() for a, w in zip(adapters, weights)) for p in adapters[0].A}
     first = adapters[0]
-    meta = {"merge": {"method": "linear", "weights": list(weights)}}
-    cfg = _merged_config(first, first.rank, first.config.alpha)
-    return Adapter(cfg, A, B, None, first.base_model, first.base_fingerprint, meta)
+    return _merged(first, A, B, first.config.alpha, {"method": "linear_eq8", "weights": list(weights)})
 
 
+# ---- the operators (PEFT's definitions) --------------------------------------------------------
 def magnitude_prune(t: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of entries of largest magnitude, zero the rest."""
-    k = max(1, round(density * t.numel()))
-    if k >= t.numel():
-        return t.clone()
-    threshold = t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values
-    return torch.where(t.abs() >= threshold, t, torch.zeros_like(t))
+    """Keep the k = int(density · numel) entries of largest magnitude (exactly k), zero the rest."""
+    if density >= 1:
+        return t
+    keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    keep[torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True).indices] = 1
+    return t * keep.view_as(t)
 
 
-def dare_drop(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Drop each entry with probability 1 - density and rescale the rest by 1 / density."""
-    keep = torch.rand(t.shape, generator=generator) < density
-    return torch.where(keep, t / density, torch.zeros_like(t))
+def random_prune(t: Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> Tensor:
+    """DARE's drop: keep each entry with probability ``density`` (one Bernoulli draw per entry),
+    then divide by ``density`` if ``rescale``; ``generator`` None = torch's default generator."""
+    if density >= 1:
+        return t
+    kept = t * torch.bernoulli(torch.full_like(t, density), generator=generator)
+    return kept / density if rescale else kept
 
 
-def ties_combine(tensors: Sequence[Tensor], weights: Sequence[float], density: float) -> Tensor:
-    """TIES: trim each to ``density``, elect the sign by weighted sum, mean of agreeing entries."""
-    stacked = torch.stack([w * magnitude_prune(t, density) for t, w in zip(tensors, weights)])
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    total = (stacked * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1)
+def majority_sign_mask(stacked: Tensor, method: str = "total") -> Tensor:
+    """(T, ...) bool: sign(X_t) equals the elected sign (of Σ_t X_t, or of Σ_t sign(X_t))."""
+    if method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {list(SIGN_METHODS)}, got {method!r}")
+    sign = stacked.sign()
+    votes = stacked.sum(0) if method == "total" else sign.sum(0)
+    return sign == torch.where(votes >= 0, 1.0, -1.0).to(sign.dtype)
+
+
+def _weighted(stacked: Tensor, weights: Sequence[float]) -> Tensor:
+    c = torch.tensor(list(weights), dtype=torch.float32, device=stacked.device).to(stacked.dtype)
+    return stacked * c.view((-1,) + (1,) * (stacked.dim() - 1))
+
+
+def _disjoint_mean(stacked: Tensor, weights: Sequence[float], sign_method: str) -> Tensor:
+    agree = majority_sign_mask(stacked, sign_method)
+    return (_weighted(stacked, weights) * agree).sum(0) / agree.sum(0).clamp(min=1.0)
 
 
 def combine(
-    tensors: Sequence[Tensor], weights: Sequence[float], method: str, density: float, generator: torch.Generator
+    tensors: Sequence[Tensor], weights: Sequence[float], method: str, density: float = 1.0,
+    generator: torch.Generator | None = None, rescale: bool = True, majority_sign_method: str = "total",
 ) -> Tensor:
-    """One LoRA-baseline merge operator on same-shaped tensors."""
+    """One merge operator (module docstring) on same-shaped tensors.
+
+    Args:
+        tensors: X_1..X_T, all of one shape.
+        weights: c_1..c_T.
+        method: ``concat`` / ``linear`` (weighted sum), ``magnitude``, ``ties``, ``dare``,
+            ``dare_ties`` (PEFT's names accepted).
+        density: kept fraction for the pruning methods.
+        generator: DARE's random source (None = torch's default generator).
+        rescale: DARE divides the kept entries by ``density`` (False = PEFT 0.12.0).
+        majority_sign_method: TIES's sign election, ``total`` (PEFT's default) or ``frequency``.
+    """
+    method = canonical_method(method)
     if method in ("concat", "linear"):
-        return sum(w * t for t, w in zip(tensors, weights))
-    if method == "magnitude":
-        return sum(w * magnitude_prune(t, density) for t, w in zip(tensors, weights))
-    if method == "dare":
-        return sum(w * dare_drop(t, density, generator) for t, w in zip(tensors, weights))
-    if method == "ties":
-        return ties_combine(tensors, weights, density)
-    raise ValueError(f"unknown merge method {method!r}; choose one of {list(LORA_METHODS)}")
+        trimmed = list(tensors)
+    elif method in ("magnitude", "ties"):
+        trimmed = [magnitude_prune(t, density) for t in tensors]
+    elif method in ("dare", "dare_ties"):
+        trimmed = [random_prune(t, density, generator, rescale) for t in tensors]
+    else:
+        raise ValueError(f"{method!r} is not an operator on tensors; choose one of {list(PEFT_TYPES)}")
+    stacked = torch.stack(trimmed)  # (T, ...)
+    if method in ("ties", "dare_ties"):
+        return _disjoint_mean(stacked, weights, majority_sign_method)
+    return _weighted(stacked, weights).sum(0)
 
 
 def _check_density(method: str, density: float) -> None:
-    if method in ("magnitude", "ties", "dare") and not 0.0 < density <= 1.0:
+    if method in PRUNING and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1] for {method}, got density={density!r}")
 
 
-def merge_deltas(
-    adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float = 1.0, seed: int = 0
-) -> dict[str, Tensor]:
-    """A LoRA-baseline merge in ΔW space: one fp32 ΔW (d_out x d_in) per module."""
-    _check_density(method, density)
-    check_mergeable(adapters, weights, same_rank=False)
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        p: combine([a.delta(p) for a in adapters], weights, method, density, generator) for p in adapters[0].A
-    }
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def factor_weights(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[list[float], list[float]]:
+    """PEFT's (a_t, b_t): sign(w_t s_t) sqrt(|w_t s_t|) for A, sqrt(|w_t s_t|) for B."""
+    ws = [w * a.config.scale for a, w in zip(adapters, weights)]
+    return [math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws], [math.sqrt(abs(x)) for x in ws]
 
 
 def merge_factors(
-    adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float = 1.0, seed: int = 0
+    adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float = 1.0,
+    seed: int | None = 0, rescale: bool = True, majority_sign_method: str = "total",
+    order: Sequence[str] | None = None,
 ) -> Adapter:
-    """A LoRA-baseline merge in factor space, as PEFT does: operator on A_t and on s_t B_t."""
+    """A merge in factor space with PEFT ``add_weighted_adapter`` semantics (module docstring).
+
+    Args:
+        adapters: the task adapters (equal ranks, except for ``concat``).
+        weights: one merge weight per adapter.
+        method: ``concat``, ``linear``, ``magnitude``, ``ties``, ``dare``, ``dare_ties`` (or
+            PEFT's ``cat``, ``magnitude_prune``, ``dare_linear``).
+        density: kept fraction for the pruning methods, in (0, 1].
+        seed: DARE's generator seed; None = torch's default generator (PEFT's draws).
+        rescale: DARE divides by ``density`` (False = PEFT 0.12.0, the official code's version).
+        majority_sign_method: ``total`` (PEFT's default) or ``frequency``.
+        order: module paths in the order DARE draws (the base model's ``named_modules`` paths for
+            PEFT's order); None = the first adapter's order.
+
+    Returns:
+        The merged adapter: rank r (Σ r_t for concat), scale 1.
+    """
+    method = canonical_method(method)
     _check_density(method, density)
     if method == "concat":
-        return merge_concat(adapters, weights)
+        return merge_concat(adapters, weights, order)
+    if method == "linear_eq8":
+        return merge_linear_eq8(adapters, weights)
     check_mergeable(adapters, weights, same_rank=True)
-    roots = [math.copysign(math.sqrt(abs(w)), w) for w in weights]
-    generator = torch.Generator().manual_seed(seed)
+    weights_A, weights_B = factor_weights(adapters, weights)
+    generator = _generator(seed)
     A, B = {}, {}
-    for p in adapters[0].A:
-        A[p] = combine([a.A[p].float() for a in adapters], roots, method, density, generator)
-        B[p] = combine([a.config.scale * a.B[p].float() for a in adapters], roots, method, density, generator)
-    first = adapters[0]
-    meta = {"merge": {"method": method, "space": "factors", "weights": list(weights), "density": density}}
-    cfg = _merged_config(first, first.rank, float(first.rank))
-    return Adapter(cfg, A, B, None, first.base_model, first.base_fingerprint, meta)
+    for p in module_order(adapters, order):
+        kwargs = {"density": density, "generator": generator, "rescale": rescale,
+                  "majority_sign_method": majority_sign_method}
+        A[p] = combine([a.A[p].float() for a in adapters], weights_A, method, **kwargs)
+        B[p] = combine([a.B[p].float() for a in adapters], weights_B, method, **kwargs)
+    meta = {"method": method, "combination_type": PEFT_TYPES[method], "weights": list(weights)}
+    if method in PRUNING:
+        meta |= {"density": density, "seed": seed}
+    if method in ("dare", "dare_ties"):
+        meta["rescale"] = rescale
+    if method in ("ties", "dare_ties"):
+        meta["majority_sign_method"] = majority_sign_method
+    return _merged(adapters[0], A, B, float(adapters[0].rank), meta)
+
+
+def iter_merged_deltas(
+    adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float = 1.0,
+    seed: int | None = 0, rescale: bool = True, majority_sign_method: str = "total",
+    order: Sequence[str] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """(path, ΔW) module by module: the operator on the ΔW_t = s_t B_t A_t with weights w_t.
+
+    One module's ΔW_t at a time (a full set of dense ΔW is a model's worth of memory); the
+    arguments as ``merge_factors``.
+    """
+    method = canonical_method(method)
+    if method == "linear_eq8":
+        raise ValueError("linear_eq8 is a factor-space merge; in ΔW space linear and concat are Σ w_t ΔW_t")
+    _check_density(method, density)
+    check_mergeable(adapters, weights, same_rank=False)
+    generator = _generator(seed)
+    for p in module_order(adapters, order):
+        deltas = [a.delta(p) for a in adapters]
+        yield p, combine(deltas, weights, method, density, generator, rescale, majority_sign_method)
+
+
+def merge_deltas(
+    adapters: Sequence[Adapter], weights: Sequence[float], method: str, density: float = 1.0,
+    seed: int | None = 0, rescale: bool = True, majority_sign_method: str = "total",
+    order: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """A merge in ΔW space: one fp32 ΔW (d_out x d_in) per module (``iter_merged_deltas``)."""
+    return dict(iter_merged_deltas(adapters, weights, method, density, seed, rescale, majority_sign_method, order))
 
 
 class DeltaMerge:
@@ -192,4 +333,3 @@ class DeltaMerge:
             self._apply(-1.0)
             self.merged = False
         return self
-

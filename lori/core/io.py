@@ -7,7 +7,9 @@
 
 ``PeftModel.from_pretrained(base, dir)`` reads the first two and gives lori's logits (B saved is
 the effective B, zero outside the mask for LoRI-S). Writes are atomic: the directory is built
-beside the target and swapped in by rename, so a crash leaves the old directory or the new one.
+beside the target and swapped in by rename, so a crash leaves the old directory or the new one
+(a full disk raises ``DiskFullError`` naming the target and the free space). Reads refuse a file
+holding NaN or inf, naming the file and the tensor (``lori.core.finite``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lori.core.adapter import Adapter
+from lori.core.atomic_files import disk_full_error, fsync_directory, is_disk_full
 from lori.core.config import LoRIConfig
+from lori.core.finite import check_finite
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,6 +53,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     The old directory is renamed aside, the new one renamed in, then the old one deleted; at every
     instant ``target`` is either absent-with-backup, the complete old, or the complete new
     directory. ``load_adapter`` restores an orphaned backup.
+
+    Raises:
+        DiskFullError: the file system filled up; ``target`` is as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(target, backup)
         os.replace(tmp, target)
+        fsync_directory(target.parent)
         shutil.rmtree(backup, ignore_errors=True)
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full_error(target, "the previous contents are kept" if target.exists() else None) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -136,9 +148,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as err:
         raise AdapterFileError(f"corrupt or unreadable safetensors file {path}: {err}") from None
+    check_finite(tensors.items(), f"{path}", AdapterFileError)
+    return tensors
 
 
 def split_peft_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -215,6 +229,9 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
             raise AdapterFileError(f"cannot read mask file {path}: {err}") from None
         if not isinstance(raw, dict):
             raise AdapterFileError(f"mask file {path} holds a {type(raw).__name__}, not a dict of tensors")
+        if not all(isinstance(v, Tensor) for v in raw.values()):
+            raise AdapterFileError(f"mask file {path} holds values that are not tensors")
+        check_finite(raw.items(), f"{path}", AdapterFileError)  # a NaN float mask would read as True
     masks: dict[str, Tensor] = {}
     for key, value in raw.items():
         match = _PEFT_KEY.match(key)

@@ -182,6 +182,8 @@ def atomic_write(path: str | Path, keep_previous: bool = False) -> Iterator[Bina
         os.replace(tmp, path)
         fsync_directory(path.parent)
     except Exception as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)  # first, so the free space reported is what is really left
         if is_disk_full(err):
             kept = "the previous file is kept" if path.exists() else None
             raise disk_full_error(path, kept) from None

@@ -45,15 +45,17 @@ def first_non_finite(tensors: Iterable[tuple[str, Tensor]]) -> str | None:
 
 
 def check_finite(
-    tensors: Iterable[tuple[str, Tensor]], where: str, error: type[Exception] = NonFiniteError
+    tensors: Iterable[tuple[str, Tensor]], where: str, error: type[Exception] = NonFiniteError,
+    hint: str = "",
 ) -> None:
-    """Raise ``error("<where>: tensor <name> holds ...")`` for the first non-finite tensor.
+    """Raise ``error("<where>: tensor <name> holds ...<hint>")`` for the first non-finite tensor.
 
     Args:
         tensors: (name, tensor) pairs, e.g. ``state.items()``; non-float tensors are skipped.
         where: what holds them (a file path, "merge"), the start of the message.
         error: the exception type to raise (a ValueError subclass the CLI reports in one line).
+        hint: appended to the message (what to do about it).
     """
     found = first_non_finite(tensors)
     if found is not None:
-        raise error(f"{where}: tensor {found}")
+        raise error(f"{where}: tensor {found}{hint}")

@@ -39,6 +39,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MASKS_FILE = "lori_masks.safetensors"
 META_FILE = "lori_meta.json"
 FORMAT_VERSION = 1
+_DAMAGED = "; the file is damaged or comes from a diverged run"
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
@@ -78,6 +79,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
     except Exception as err:
         if is_disk_full(err):
+            shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what is left
             raise disk_full_error(target, "the previous contents are kept" if target.exists() else None) from None
         raise
     finally:
@@ -151,7 +153,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as err:
         raise AdapterFileError(f"corrupt or unreadable safetensors file {path}: {err}") from None
-    check_finite(tensors.items(), f"{path}", AdapterFileError)
+    check_finite(tensors.items(), f"{path}", AdapterFileError, _DAMAGED)
     return tensors
 
 
@@ -231,7 +233,7 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
             raise AdapterFileError(f"mask file {path} holds a {type(raw).__name__}, not a dict of tensors")
         if not all(isinstance(v, Tensor) for v in raw.values()):
             raise AdapterFileError(f"mask file {path} holds values that are not tensors")
-        check_finite(raw.items(), f"{path}", AdapterFileError)  # a NaN float mask would read as True
+        check_finite(raw.items(), f"{path}", AdapterFileError, _DAMAGED)  # a NaN float mask would read as True
     masks: dict[str, Tensor] = {}
     for key, value in raw.items():
         match = _PEFT_KEY.match(key)

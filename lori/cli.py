@@ -198,13 +198,9 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
     return make
 
 
+@run_lock.scoped  # output_dir is locked while the arguments are parsed, before the model loads
 def pipeline(argv: list[str]) -> dict[str, Any]:
-    """Parse ``lori pipeline`` arguments and run the three stages (output_dir locked throughout)."""
-    with run_lock.scope():
-        return _pipeline(argv)
-
-
-def _pipeline(argv: list[str]) -> dict[str, Any]:
+    """Parse ``lori pipeline`` arguments and run the three stages."""
     cli = LoRICLI(
         LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
         parser_kwargs={"prog": "lori pipeline", "description": "LoRI-D -> mask calibration -> LoRI-S"},
@@ -229,13 +225,9 @@ class ContinualCLI(LoRICLI):
         parser.add_class_arguments(EvalSettings, "eval")
 
 
+@run_lock.scoped
 def continual(argv: list[str]) -> dict[str, Any]:
-    """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3; output_dir locked throughout)."""
-    with run_lock.scope():
-        return _continual(argv)
-
-
-def _continual(argv: list[str]) -> dict[str, Any]:
+    """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""
     cli = ContinualCLI(
         LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
         parser_kwargs={"prog": "lori continual", "description": "safety adapter -> task t under M_t"},

@@ -163,20 +163,13 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
     return masks
 
 
+@run_lock.locks_output_dir("cfg")
 def run_continual(
     module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,
     cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None,
 ) -> dict[str, Any]:
     """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked)."""
     cfg.check()
-    with run_lock.holding(cfg.output_dir):
-        return _run_continual(module, safety_data, task_data, make_trainer, cfg, settings, config_text)
-
-
-def _run_continual(
-    module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,
-    cfg: ContinualConfig, settings: EvalSettings, config_text: str | None,
-) -> dict[str, Any]:
     eval_sets = load_eval_sets(settings)  # before any training: bad tasks stop here
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

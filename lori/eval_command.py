@@ -93,7 +93,7 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-@run_lock.locks_output_dir(lambda target, *args, **kwargs: target.output_dir)
+@run_lock.locks_output_dir("target")
 def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
     """Evaluate and write the results (holding the output_dir's lock); returns what results.json holds."""
     eval_sets = load_eval_sets(settings)  # bad tasks / data stop here, before the model loads

@@ -322,7 +322,7 @@ def load_base(cfg: MergeConfig, aset: AdapterSet) -> tuple[nn.Module, Any]:
     return model.to(_device(cfg.device)).eval(), tokenizer
 
 
-@run_lock.locks_output_dir(lambda cfg, *args, **kwargs: cfg.output_dir)
+@run_lock.locks_output_dir("cfg")
 def run_merge(
     cfg: MergeConfig, eval_settings: Any = None, evaluate: Evaluate | None = None,
     config_text: str | None = None,

@@ -140,7 +140,7 @@ def _save_stage(
 ) -> None:
     summary[stage] = stats
     adapter = module_adapter(module, stage, step, {"summary": stats})
-    bad = first_non_finite(adapter.B.items())
+    bad = first_non_finite((f"B of {path}", b) for path, b in adapter.B.items())
     if bad is not None:  # the last optimizer step diverged after the last checkpoint
         raise FloatingPointError(f"{stage} ended with {bad} (global step {step}); the adapter is not saved, "
                                  "the last good checkpoint is kept")
@@ -202,6 +202,7 @@ def run_sparse(
     _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)
 
 
+@run_lock.locks_output_dir("cfg")
 def run_pipeline(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
     cfg: PipelineConfig, config_text: str | None = None,
@@ -215,14 +216,6 @@ def run_pipeline(
     if method != "lori":
         raise LoRIConfigError(f"lori pipeline runs LoRI-D -> calibration -> LoRI-S; model.method is {method!r}: "
                               "train baselines with `lori fit --config ...`")
-    with run_lock.holding(cfg.output_dir):
-        return _run_pipeline(module, datamodule, make_trainer, cfg, config_text)
-
-
-def _run_pipeline(
-    module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
-    cfg: PipelineConfig, config_text: str | None,
-) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"pipeline": asdict(cfg), "model": module.hparams.model,

@@ -27,6 +27,7 @@ import datetime
 import errno
 import fcntl
 import functools
+import inspect
 import json
 import os
 import socket
@@ -179,18 +180,31 @@ def holding(directory: str | Path) -> Iterator[None]:
         release(path)
 
 
-def locks_output_dir(directory_of: Callable[..., str | Path]) -> Callable[[Callable], Callable]:
-    """Decorate a run function to hold the lock of ``directory_of(*args, **kwargs)`` while it runs."""
+def locks_output_dir(config: str) -> Callable[[Callable], Callable]:
+    """Decorate a run function to hold the lock of ``<its argument named config>.output_dir`` while it runs."""
 
     def decorate(run: Callable) -> Callable:
+        signature = inspect.signature(run)
+
         @functools.wraps(run)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            with holding(directory_of(*args, **kwargs)):
+            with holding(signature.bind(*args, **kwargs).arguments[config].output_dir):
                 return run(*args, **kwargs)
 
         return locked
 
     return decorate
+
+
+def scoped(command: Callable) -> Callable:
+    """Decorate a command to run inside ``scope()`` (the locks it takes are released when it returns)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with scope():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def acquire_in_scope(directory: str | Path) -> None:

@@ -16,7 +16,14 @@ from pipeline_helpers import tiny_config, write_config
 import lori.cli as cli
 import lori.core.atomic_files as atomic_files
 from lori.checkpoint_io import AtomicCheckpointIO, resume_checkpoint, with_atomic_checkpoints
-from lori.core import DiskFullError, LoRIConfig, adapter_from_model, inject_lori, load_adapter, save_adapter
+from lori.core import (
+    DiskFullError,
+    LoRIConfig,
+    adapter_from_model,
+    inject_lori,
+    load_adapter,
+    save_adapter,
+)
 from lori.core.atomic_files import atomic_write, previous_path, write_text_atomic
 from lori.models import tiny_llama
 

@@ -70,7 +70,7 @@ def poison_file(directory: Path, path: str, which: str = "B", value: float = flo
 def test_adapter_file_with_non_finite_B_is_refused_naming_file_and_tensor(tmp_path, value, word):
     model = adapted()
     save_adapter(adapter_from_model(model, CFG, "tiny"), tmp_path / "ad")
-    path = sorted(lori_layers(model))[-1]
+    path = max(lori_layers(model))
     key = poison_file(tmp_path / "ad", path, "B", value)
     with pytest.raises(AdapterFileError) as info:
         load_adapter(tmp_path / "ad")
@@ -81,7 +81,7 @@ def test_adapter_file_with_non_finite_B_is_refused_naming_file_and_tensor(tmp_pa
 def test_adapter_file_with_non_finite_A_is_refused(tmp_path):
     model = adapted()
     save_adapter(adapter_from_model(model, CFG, "tiny"), tmp_path / "ad")
-    key = poison_file(tmp_path / "ad", sorted(lori_layers(model))[0], "A")
+    key = poison_file(tmp_path / "ad", min(lori_layers(model)), "A")
     with pytest.raises(AdapterFileError, match=key.replace(".", r"\.")):
         load_adapter(tmp_path / "ad")
 
@@ -196,27 +196,29 @@ def test_calibration_refuses_non_finite_B_naming_it():
 
 
 class PoisonB(L.Callback):
-    """Puts a NaN into the first dense B after optimizer step ``step`` (0 = at the end of the fit)."""
+    """Puts a NaN into the first B of ``phase`` after optimizer step ``step`` (0 = at the end of the fit)."""
 
-    def __init__(self, step: int = 0) -> None:
-        self.step = step
+    def __init__(self, step: int = 0, phase: str = "dense") -> None:
+        self.step, self.phase = step, phase
 
     def _poison(self, pl_module) -> None:
         layer = next(iter(lori_layers(pl_module.model).values()))
-        layer.lori_B.data[0, 0] = float("nan")
+        trainable = layer.lori_B if layer.lori_B_values is None else layer.lori_B_values
+        trainable.data.view(-1)[0] = float("nan")
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if self.step and trainer.global_step == self.step and pl_module.phase == "dense":
+        if self.step and trainer.global_step == self.step and pl_module.phase == self.phase:
             self._poison(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.step and pl_module.phase == "dense":
+        if not self.step and pl_module.phase == self.phase:
             self._poison(pl_module)
 
 
-def run_poisoned(tmp_path: Path, step: int, capsys) -> tuple[int, str]:
+def run_poisoned(tmp_path: Path, step: int, capsys, phase: str = "dense") -> tuple[int, str]:
     cfg = tiny_config(tmp_path, checkpoint_every=1, validate=False, dense_steps=4, sparse_steps=2)
-    cfg["trainer"]["callbacks"] = [{"class_path": "test_non_finite.PoisonB", "init_args": {"step": step}}]
+    cfg["trainer"]["callbacks"] = [{"class_path": "test_non_finite.PoisonB", "init_args": {"step": step,
+                                                                                         "phase": phase}}]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
@@ -242,3 +244,10 @@ def test_a_checkpoint_holding_nan_is_not_written(tmp_path, capsys):
     assert "lori_d_ckpt/last.ckpt" in line and "1 NaN" in line and "global step 3" in line
     ckpt = torch.load(tmp_path / "run" / "lori_d_ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2  # the previous good one
+
+
+def test_a_lori_s_whose_last_step_diverges_saves_no_adapter(tmp_path, capsys):
+    code, line = run_poisoned(tmp_path, 0, capsys, phase="sparse")
+    assert code == 1 and line.startswith("lori: error: lori_s ended with B of model.layers.0.self_attn.q_proj")
+    assert "1 NaN" in line and "global step 2" in line
+    assert (tmp_path / "run" / "lori_d").is_dir() and not (tmp_path / "run" / "lori_s").exists()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pipeline_helpers import tiny_config, write_config
 
@@ -161,3 +162,24 @@ def test_a_finished_pipeline_leaves_no_lock_and_a_second_one_is_refused_while_it
     assert not (tmp_path / "run").exists()  # refused before anything was written
     main(["pipeline", "--config", str(path)])
     assert (tmp_path / "run" / "summary.json").is_file() and not lock_path(tmp_path / "run").exists()
+
+
+def test_lori_fit_locks_its_checkpoint_directory_and_writes_through_the_atomic_plugin(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    cfg.pop("pipeline")
+    ckpt = tmp_path / "ckpt"
+    cfg["trainer"] |= {
+        "max_steps": 2, "logger": False, "default_root_dir": str(tmp_path),
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+            "dirpath": str(ckpt), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}],
+    }
+    path = write_config(tmp_path, cfg)
+    fd = hold_in_this_process(ckpt)
+    try:
+        refused(capsys, ["fit", "--config", str(path)])
+    finally:
+        os.close(fd)
+    assert not ckpt.exists()
+    main(["fit", "--config", str(path)])
+    steps = [torch.load(ckpt / n, weights_only=True)["global_step"] for n in ("last.ckpt", "last.prev.ckpt")]
+    assert steps == [2, 1] and not lock_path(ckpt).exists()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lori.core import (
     Adapter,
     AdapterMismatchError,
+    NonFiniteError,
     adapter_from_model,
     calibrate,
     count_trainable,
@@ -31,6 +31,7 @@ from lori.core import (
     unwrap_fsdp,
 )
 from lori.core.adapter import a_digest
+from lori.core.atomic_files import atomic_write, write_bytes_atomic
 from lori.core.io import MaskRecord, read_mask_record
 
 
@@ -76,8 +77,17 @@ class MaskCalibration(Callback):
             self.calibrate(trainer, pl_module)
 
     def calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """Masks from the current B (on every rank), logged and written by rank 0.
+
+        Raises:
+            FloatingPointError: some B holds NaN or inf (the last optimizer step diverged).
+        """
         with full_parameters(trainer.strategy.model or pl_module):  # FSDP / ZeRO-3: whole B on every rank
-            masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
+            try:
+                masks = calibrate(get_B(pl_module.model), self.sparsity, self.granularity)
+            except NonFiniteError as err:  # a diverged run, like a non-finite loss: exit 1, checkpoints kept
+                raise FloatingPointError(f"{err} (global step {trainer.global_step}); the last good checkpoint "
+                                         "is kept") from None
         self.masks = broadcast_masks(trainer, {p: m.cpu() for p, m in masks.items()})
         config = getattr(pl_module, "lori_config", None)  # A is a buffer: whole on every rank, no gather
         self.record = MaskRecord.of(get_A(pl_module.model), getattr(config, "seed", None),
@@ -89,12 +99,12 @@ class MaskCalibration(Callback):
             trainer.logger.log_metrics(stats, step=trainer.global_step)
             _log_heatmap(trainer, self.masks)
         if self.output_dir is not None and trainer.is_global_zero:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
+            # temporary file, fsync, rename: a kill or a full disk mid-write leaves no bad file
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            partial = self.output_dir / ".masks.safetensors.partial"  # a kill mid-write leaves no bad file
-            save_file(self.masks, str(partial), metadata=self.record.to_metadata())
-            os.replace(partial, self.output_dir / "masks.safetensors")
+            data = save(self.masks, metadata=self.record.to_metadata())
+            write_bytes_atomic(self.output_dir / "masks.safetensors", data)
             save_heatmap(self.masks, self.output_dir / "sparsity_heatmap.png")
         return self.masks
 
@@ -208,8 +218,9 @@ def heatmap_figure(masks: dict[str, torch.Tensor]):
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a figure as a PNG and free it."""
-    fig.savefig(path, dpi=100)
+    """Write a figure as a PNG (atomically) and free it."""
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     fig.clear()
 
 

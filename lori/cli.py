@@ -11,6 +11,7 @@ The same YAML serves every subcommand: ``model:`` (LoRIModule), ``data:`` (TaskD
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -23,9 +24,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import diagnostics, dryrun, eval_command, merging
-from lori.callbacks import Unshard
-from lori.core import AdapterFileError, AdapterMismatchError, InjectionError, LoRIConfig, LoRIConfigError
+from lori import diagnostics, dryrun, eval_command, merging, run_lock
+from lori.callbacks import SaveAdapter, Unshard
+from lori.checkpoint_io import with_atomic_checkpoints
+from lori.core import (
+    AdapterFileError,
+    AdapterMismatchError,
+    InjectionError,
+    LoRIConfig,
+    LoRIConfigError,
+    NonFiniteError,
+)
+from lori.core.atomic_files import disk_full_message
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
 from lori.continual import ContinualConfig, ContinualConfigError, run_continual
@@ -59,7 +69,7 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
     DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
-    ContinualConfigError, ProtocolError,
+    ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError,
 )
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
@@ -121,6 +131,8 @@ class LoRICLI(LightningCLI):
         world = _configured_world_size(cfg.get("trainer") or {})
         if cfg["data"].get("global_batch_size") is not None and world is not None:
             accumulation_steps(cfg["data"]["global_batch_size"], cfg["data"]["batch_size"], world)  # before any output
+        if self.subcommand is None and self.runs_stages:  # one run per output_dir, refused before the model loads
+            run_lock.acquire_in_scope((cfg.get("continual") or cfg["pipeline"])["output_dir"])
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -132,7 +144,19 @@ class LoRICLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer | None:
         if self.subcommand is None:  # pipeline / continual: make_trainer_factory builds one Trainer per stage
             return None  # (a Trainer built here would bind the YAML's strategy object to itself)
+        trainer = (self.config_init.get(self.subcommand) or self.config_init).get("trainer") or {}
+        kwargs.setdefault("plugins", with_atomic_checkpoints(trainer.get("plugins"), trainer.get("strategy")))
         return super().instantiate_trainer(**kwargs)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``lori fit``: Trainer.fit holding the lock of every directory the config fixes for
+        checkpoints (ModelCheckpoint ``dirpath``) or adapters (SaveAdapter ``directory``)."""
+        directories = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        directories += [cb.directory for cb in self.trainer.callbacks if isinstance(cb, SaveAdapter)]
+        with contextlib.ExitStack() as stack:
+            for directory in dict.fromkeys(str(d) for d in directories):
+                stack.enter_context(run_lock.holding(directory))
+            self.trainer.fit(**kwargs)
 
 
 def add_protocol_argument(parser: LightningArgumentParser) -> None:
@@ -214,12 +238,14 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
             ))
             extra.append(RNGState())  # a resumed stage draws the same dropout masks
         kwargs["enable_checkpointing"] = checkpoint
+        kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
         kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
         return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
 
     return make
 
 
+@run_lock.scoped  # output_dir is locked while the arguments are parsed, before the model loads
 def pipeline(argv: list[str]) -> dict[str, Any]:
     """Parse ``lori pipeline`` arguments and run the three stages."""
     cli = LoRICLI(
@@ -259,6 +285,7 @@ class ContinualCLI(LoRICLI):
                     print(f"lori: note: {note}", file=sys.stderr)
 
 
+@run_lock.scoped
 def continual(argv: list[str]) -> dict[str, Any]:
     """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""
     cli = ContinualCLI(
@@ -324,6 +351,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except FloatingPointError as err:  # a diverged run: say where, keep the checkpoints
         print(f"lori: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as err:  # a full disk: name the file and the free space; earlier files are kept
+        message = disk_full_message(err)
+        if message is None:
+            raise
+        print(f"lori: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -14,7 +14,8 @@ same adapter on task t under task t's mask, as chained ``Trainer.fit`` calls fro
     <output_dir>/results.json     refusal and task metrics after every phase
     <output_dir>/continual.png    the paper's Fig. 3 as bars, per phase
 
-A rerun with the same output_dir reuses finished phases.
+A rerun with the same output_dir reuses finished phases. The directory holds one run at a time
+(``lori.run_lock``); results are written atomically.
 
 M_t must be calibrated under the safety adapter's A: it keeps the largest entries of a B trained
 against one A, and phase 2 trains the safety adapter's B against the safety A. lori's mask files
@@ -37,6 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lori import run_lock
 from lori.callbacks import SparsePhase
 from lori.core import (
     LoRIConfig,
@@ -50,6 +52,7 @@ from lori.core import (
     set_masks,
 )
 from lori.core.adapter import a_digest
+from lori.core.atomic_files import atomic_write, write_text_atomic
 from lori.core.io import CONFIG_FILE, AIdentity, find_mask_file, read_a_identity, read_mask_record
 from lori.core.masks import mask_overlap
 from lori.data.datamodule import TaskDataModule
@@ -108,11 +111,16 @@ class ContinualConfig:
     validate: bool = False
 
     def check(self) -> None:
-        """Raise ContinualConfigError for files that do not exist or budgets that cannot run."""
+        """Raise ContinualConfigError for files that do not exist or budgets that cannot run, and
+        AdapterFileError for a safety adapter or task mask that cannot be read (or holds NaN / inf)."""
         if self.safety_adapter is not None and not (Path(self.safety_adapter) / CONFIG_FILE).is_file():
             raise ContinualConfigError(f"safety_adapter {self.safety_adapter} is not an adapter directory")
         if self.task_mask is not None and not Path(self.task_mask).exists():
             raise ContinualConfigError(f"task_mask file {self.task_mask} does not exist")
+        if self.safety_adapter is not None:
+            load_adapter(self.safety_adapter)  # read now: a corrupt file stops before the base evaluation
+        if self.task_mask is not None and Path(self.task_mask).is_file():
+            load_masks(self.task_mask)  # a directory is searched (and its file read) by check_pairing
         if self.protect_safety and not self.masked_task:
             raise ContinualConfigError("protect_safety needs masked_task: true (a dense phase 2 trains every entry)")
         if self.task_steps < 1 or self.safety_dense_steps < 1 or self.task_mask_steps < 1:
@@ -141,6 +149,7 @@ class ContinualConfig:
         mask_file = self.task_mask_file(lori)
         if mask_file is None:
             return []
+        load_masks(mask_file)  # unreadable, or holding NaN / inf: refused here
         record = read_mask_record(mask_file)
         if record is None:
             return [(f"task_mask {mask_file} carries no record of the A it was calibrated under (the original LoRI "
@@ -220,11 +229,12 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
     return masks
 
 
+@run_lock.locks_output_dir("cfg")
 def run_continual(
     module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,
     cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None,
 ) -> dict[str, Any]:
-    """Safety adapter -> task t under M_t, evaluating after every phase."""
+    """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked)."""
     cfg.check()
     # the model's A is the one an in-run safety adapter trains with: its digest settles the pairing
     drawn_A = get_A(module.model) if cfg.safety_adapter is None and cfg.task_mask is not None else None
@@ -277,7 +287,7 @@ def run_continual(
 
     summary["results"] = results
     if rank_zero_only.rank == 0:
-        (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
         plot_phases(results, out / "continual.png")
         writer.close()
     return summary
@@ -303,7 +313,8 @@ def plot_phases(results: dict[str, dict[str, dict[str, float]]], path: Path) -> 
     ax.legend(fontsize=8)
     ax.set_title("continual learning: safety -> task")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 

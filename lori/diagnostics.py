@@ -11,6 +11,9 @@ independent masks at sparsity s overlap on about (1 - s)^2 of the entries (1% at
 
     lori diagnose --adapters runs/math/lori_s runs/code/lori_s --output runs/diagnose
       -> diagnostics.json, cos_<a>_vs_<b>.png, sparsity_<name>.png, tb/ (tensorboard scalars)
+
+Adapters holding NaN or inf are refused when read; each output file is written atomically, and
+the output directory holds one run at a time (``lori.run_lock``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lori import run_lock
 from lori.core import Adapter, AdapterMismatchError, load_adapter, mask_density, mask_overlap, sparsity_table
+from lori.core.atomic_files import write_text_atomic
 from lori.core.masks import layer_index, projection_name
 
 
@@ -151,7 +156,7 @@ def write_report(report: dict[str, Any], out: Path, tensorboard: bool = True) ->
     from lori.callbacks import save_figure, table_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnostics.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out / "diagnostics.json", json.dumps(report, indent=2))
     figures = {}
     for pair in report["pairs"]:
         t = pair["cosine"]["table"]
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dirs = [Path(d) for d in args.adapters]
     names = args.names or _unique_names(dirs)
     adapters = [load_adapter(d) for d in dirs]
-    report = diagnose(adapters, names, args.output, args.tensorboard)
+    with run_lock.holding(args.output):
+        report = diagnose(adapters, names, args.output, args.tensorboard)
     for pair in report["pairs"]:
         overlap = pair["mask_overlap"]
         extra = "" if overlap is None else (f", mask overlap {overlap['intersection']:.4f} "

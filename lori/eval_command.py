@@ -6,7 +6,9 @@
 Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated, timing),
 ``<output_dir>/samples.json`` (every generation, for inspection) and tensorboard scalars under
 ``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
-loads; nothing is written unless the evaluation finishes.
+loads (an adapter holding NaN or inf is refused); nothing is written unless the evaluation
+finishes, and then the directory is replaced whole. One run at a time per output_dir
+(``lori.run_lock``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lori import run_lock
 from lori.core import apply_adapter, load_adapter, merge_lori
 from lori.core.io import atomic_directory
 from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
@@ -90,8 +93,9 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@run_lock.locks_output_dir("target")
 def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
-    """Evaluate and write the results; returns what results.json holds."""
+    """Evaluate and write the results (holding the output_dir's lock); returns what results.json holds."""
     eval_sets = load_eval_sets(settings)  # bad tasks / data stop here, before the model loads
     model, tokenizer, info = load_target(target)
     scalars: list[tuple[str, float]] = []

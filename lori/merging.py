@@ -34,11 +34,14 @@ for the methods under both.
 
 Every check (adapter dirs, DoRA, adaptation, weights, densities, ranks, targets, base
 fingerprints, evaluation settings and data) runs before the base model loads; the base's own
-fingerprint is checked before any merge; the output directory appears only complete.
+fingerprint is checked before any merge; a merge that would put NaN or inf into a base weight is
+refused before that weight changes (and the base is restored); the output directory appears only
+complete, and holds one run at a time (``lori.run_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lori import run_lock
 from lori.core import Adapter, load_adapter, save_adapter
 from lori.core.adapter import check_fits
 from lori.core.io import CONFIG_FILE, atomic_directory
@@ -332,6 +336,15 @@ class BaseWeights:
         for path, weight in self.saved.items():
             self.model.get_submodule(path).weight.copy_(weight)
 
+    @contextlib.contextmanager
+    def restored_on_error(self) -> Iterator[None]:
+        """Restore the base if the block fails (a merge refused half-way leaves no merged module)."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
 
 def apply_merge(model: nn.Module, deltas: Iterator[tuple[str, Tensor]]) -> dict[str, dict[str, float]]:
     """Add each ΔW into its base weight (fp32, cast back); returns ||ΔW||_F and nonzero fraction."""
@@ -377,6 +390,7 @@ def load_base(cfg: MergeConfig, aset: AdapterSet) -> tuple[nn.Module, Any]:
     return model.to(_device(cfg.device)).eval(), tokenizer
 
 
+@run_lock.locks_output_dir("cfg")
 def run_merge(
     cfg: MergeConfig, eval_settings: Any = None, evaluate: Evaluate | None = None,
     config_text: str | None = None,
@@ -399,7 +413,7 @@ def run_merge(
     base = BaseWeights(model, list(aset.adapters[0].A))
     order = [path for path, _ in model.named_modules()]
     results = _results_header(cfg, aset)
-    with atomic_directory(Path(cfg.output_dir)) as tmp:
+    with base.restored_on_error(), atomic_directory(Path(cfg.output_dir)) as tmp:
         if cfg.single_task:
             results["rows"].append(_single_task_row(model, tokenizer, aset, cfg.evaluate, evaluate, base))
         for method in cfg.methods:

@@ -3,12 +3,15 @@
     <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml
     <output_dir>/calibration/      masks.safetensors, sparsity_heatmap.png
     <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
-    <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt): adapter state, masks, phase, optimizer
+    <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt and the one before it, last.prev.ckpt):
+                                   adapter state, masks, phase, optimizer (lori.checkpoint_io)
     <output_dir>/tb/<stage>/       tensorboard logs
     <output_dir>/summary.json      held-out losses, trainable counts, sparsity, paths
+    <parent>/.<output_dir>.lock    held while the run lasts (lori.run_lock): one run per directory
 
 A rerun with the same ``output_dir`` continues: a finished stage is loaded, an unfinished one
-resumes from its last checkpoint.
+resumes from its last checkpoint (from the one before it when last.ckpt cannot be read; that
+file is set aside as last.ckpt.unreadable). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lori import run_lock
 from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
+from lori.checkpoint_io import resume_checkpoint
 from lori.core import (
     LoRIConfigError,
     apply_adapter,
@@ -37,6 +42,8 @@ from lori.core import (
     save_adapter,
     set_masks,
 )
+from lori.core.atomic_files import write_text_atomic
+from lori.core.finite import first_non_finite
 from lori.core.io import CONFIG_FILE
 from lori.module import LoRIModule, check_checkpoint
 
@@ -76,20 +83,13 @@ class PipelineConfig:
 TrainerFactory = Callable[..., L.Trainer]
 
 
-def _last_ckpt(directory: Path) -> str | None:
-    last = directory / "last.ckpt"
-    return str(last) if last.is_file() else None
-
-
-def _precheck_ckpt(path: str | None, module: LoRIModule) -> None:
-    """Refuse a checkpoint of another model before any training starts."""
-    if path is None:
-        return
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unreadable file: say so
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
-    check_checkpoint(ckpt, module)
+def _last_ckpt(directory: Path, module: LoRIModule) -> str | None:
+    """The checkpoint a stage resumes from (an unreadable last.ckpt is set aside for the one before
+    it, see ``resume_checkpoint``); one of another model is refused before any training starts."""
+    path, ckpt = resume_checkpoint(directory, directory.name.removesuffix("_ckpt"))
+    if ckpt is not None:
+        check_checkpoint(ckpt, module)
+    return path
 
 
 def _validate(make_trainer: TrainerFactory, module: LoRIModule, datamodule: L.LightningDataModule) -> float:
@@ -100,7 +100,7 @@ def _validate(make_trainer: TrainerFactory, module: LoRIModule, datamodule: L.Li
 
 def _write_config(directory: Path, config_text: str | None) -> None:
     if config_text is not None:
-        (directory / "resolved_config.yaml").write_text(config_text)
+        write_text_atomic(directory / "resolved_config.yaml", config_text)
 
 
 def _reuse_stage(module: LoRIModule, directory: Path, summary: dict[str, Any], stage: str) -> bool:
@@ -119,8 +119,7 @@ def _fit_stage(
     max_epochs: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
-    ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt")
-    _precheck_ckpt(ckpt, module)
+    ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt", module)
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
     if cfg.validate and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
@@ -140,8 +139,13 @@ def _save_stage(
     summary: dict[str, Any], config_text: str | None,
 ) -> None:
     summary[stage] = stats
+    adapter = module_adapter(module, stage, step, {"summary": stats})
+    bad = first_non_finite((f"B of {path}", b) for path, b in adapter.B.items())
+    if bad is not None:  # the last optimizer step diverged after the last checkpoint
+        raise FloatingPointError(f"{stage} ended with {bad} (global step {step}); the adapter is not saved, "
+                                 "the last good checkpoint is kept")
     if rank_zero_only.rank == 0:  # under DDP every rank holds the same adapter; one writes it
-        save_adapter(module_adapter(module, stage, step, {"summary": stats}), directory)
+        save_adapter(adapter, directory)
         _write_config(directory, config_text)
 
 
@@ -198,11 +202,16 @@ def run_sparse(
     _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)
 
 
+@run_lock.locks_output_dir("cfg")
 def run_pipeline(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
     cfg: PipelineConfig, config_text: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) LoRI-D -> calibration -> LoRI-S and write ``summary.json``."""
+    """Run (or continue) LoRI-D -> calibration -> LoRI-S and write ``summary.json``.
+
+    Holds the lock of ``cfg.output_dir`` throughout (``lori.run_lock``; a second live run on it
+    raises RunLockedError).
+    """
     method = module.hparams.get("method", "lori")
     if method != "lori":
         raise LoRIConfigError(f"lori pipeline runs LoRI-D -> calibration -> LoRI-S; model.method is {method!r}: "
@@ -218,7 +227,7 @@ def run_pipeline(
         "masks": str(out / "calibration" / "masks.safetensors"), "tensorboard": str(out / "tb"),
     }
     if rank_zero_only.rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

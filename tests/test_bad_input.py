@@ -1,9 +1,12 @@
 """The bad-input catalogue: every case across the codebase stops with ONE clear line
-(``lori: error: ...`` naming the problem, exit code 2, no traceback) and writes no output."""
+(``lori: error: ...`` naming the problem, exit code 2, no traceback) and writes no output
+(no file beside those a case planted)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,12 +14,14 @@ import pytest
 import torch
 import yaml
 from pipeline_helpers import tiny_config, write_config, write_tiny_gsm8k
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lori.cli import main
 from lori.core import LoRIConfig, adapter_from_model, inject_lori, lori_layers, save_adapter
+from lori.core.io import WEIGHTS_FILE
 from lori.models import tiny_llama
 from lori.module import build_model
+from lori.run_lock import lock_path
 
 OUT = "out"  # every case points its output at tmp/out, which must not exist afterwards
 
@@ -33,6 +38,37 @@ def tiny_adapter(directory: Path, seed_model: int | None = None, r: int = 4) -> 
         layer.lori_B.data.normal_()
     save_adapter(adapter_from_model(model, config, "tiny-llama" if seed_model is None else "another-base"), directory)
     return directory
+
+
+def poisoned(directory: Path, value: float = float("nan"), which: str = "lora_B") -> Path:
+    """Write ``value`` into the first entry of the first saved ``which`` tensor of an adapter."""
+    state = load_file(str(directory / WEIGHTS_FILE))
+    key = next(k for k in sorted(state) if which in k)
+    state[key].view(-1)[0] = value
+    save_file(state, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def overflowing_adapter(directory: Path) -> Path:
+    """Finite files whose last module's ΔW = s B A overflows float32 (B and A entries 1e30)."""
+    tiny_adapter(directory)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    last = sorted(k for k in state if "lora_B" in k)[-1]
+    state[last].fill_(1e30)
+    state[last.replace("lora_B", "lora_A")].fill_(1e30)
+    save_file(state, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+HELD: list[int] = []  # lock files held as another live run holds them, closed after each case
+
+
+def another_run_holds(tmp: Path) -> None:
+    fd = os.open(lock_path(tmp / OUT), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": 4242, "host": "node7", "command": "lori pipeline --config a.yaml",
+                             "started": "2025-01-01T12:00:00"}).encode())
+    HELD.append(fd)
 
 
 # --- case builders: each returns the argv of one command -------------------------------------------
@@ -98,13 +134,33 @@ def merge_case(edit: Callable[[dict, Path], None]) -> Callable[[Path], list[str]
     return build
 
 
-def continual_case(tmp: Path) -> list[str]:
+def continual_case(tmp: Path, **continual: str) -> list[str]:
     cfg = tiny_config(tmp)
     del cfg["pipeline"]
     cfg["task_data"] = dict(cfg["data"])
-    cfg["continual"] = {"output_dir": str(tmp / OUT), "task_mask": str(tmp / "missing_masks.safetensors")}
+    cfg["continual"] = {"output_dir": str(tmp / OUT), "task_mask": str(tmp / "missing_masks.safetensors")} | continual
     cfg["eval"] = {"tasks": ["gsm8k"], "max_examples": 1}
     return ["continual", "--config", str(write_config(tmp, cfg))]
+
+
+def nan_task_mask(tmp: Path) -> list[str]:
+    masks = tmp / "task_masks.pt"
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight":
+                torch.tensor([[1.0, float("nan")]])}, masks)
+    return continual_case(tmp, task_mask=str(masks))
+
+
+def finished_stage_with_nan(cfg: dict, tmp: Path) -> None:
+    """A LoRI-D stage on disk (adapter and masks) whose adapter file holds a NaN: reused, refused."""
+    poisoned(tiny_adapter(tmp / OUT / "lori_d"))
+    (tmp / OUT / "calibration").mkdir()
+    save_file({"model.layers.0.self_attn.q_proj": torch.ones(4, 4, dtype=torch.bool)},
+              str(tmp / OUT / "calibration" / "masks.safetensors"))
+
+
+def diagnose_case(tmp: Path) -> list[str]:
+    a, b = tiny_adapter(tmp / "a"), poisoned(tiny_adapter(tmp / "b"), float("inf"))
+    return ["diagnose", "--adapters", str(a), str(b), "--output", str(tmp / OUT)]
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
@@ -144,29 +200,54 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "merge of adapters with different ranks": (merge_case(lambda c, t: c["adapters"].__setitem__(
         1, str(tiny_adapter(t / "r8", r=8)))), ["rank"]),
     "continual mask file missing": (continual_case, ["task_mask"]),
+    # non-finite numbers, where they enter
+    "adapter B holding NaN": (eval_case(setup=lambda t: ["--adapter", str(poisoned(tiny_adapter(t / "nan")))]),
+                              ["adapter_model.safetensors", "lora_B", "1 NaN"]),
+    "adapter whose merge overflows": (eval_case(setup=lambda t: ["--adapter", str(overflowing_adapter(t / "big"))]),
+                                      ["refusing to merge", "inf", "no base weight was changed"]),
+    "merge of an adapter holding inf": (merge_case(lambda c, t: c["adapters"].__setitem__(
+        1, str(poisoned(tiny_adapter(t / "inf"), float("inf"))))), ["adapter_model.safetensors", "1 inf"]),
+    "merge whose ΔW overflows": (merge_case(lambda c, t: c["adapters"].__setitem__(
+        1, str(overflowing_adapter(t / "big")))), ["refusing to merge", "inf"]),
+    "continual safety adapter holding NaN": (lambda t: continual_case(
+        t, safety_adapter=str(poisoned(tiny_adapter(t / "safety"))), task_mask=None), ["safety", "1 NaN"]),
+    "continual task mask holding NaN": (nan_task_mask, ["task_masks.pt", "1 NaN"]),
+    "finished pipeline stage holding NaN": (pipeline_case(finished_stage_with_nan), ["lori_d", "1 NaN"]),
+    "diagnose of an adapter holding inf": (diagnose_case, ["adapter_model.safetensors", "1 inf"]),
+    # two runs in one directory
+    "output directory in use by another run": (pipeline_case(lambda c, t: another_run_holds(t)),
+                                               ["in use by another run", "pid 4242 on node7", "a.yaml"]),
 }
+
+
+def files_under(directory: Path) -> set[Path]:
+    return {p for p in directory.rglob("*") if p.is_file()} if directory.exists() else set()
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys):
     build, fragments = CASES[name]
     argv = build(tmp_path)
+    planted = files_under(tmp_path / OUT)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(argv)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+    finally:
+        while HELD:
+            os.close(HELD.pop())
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2, err[-5:]
     assert err and err[-1].startswith("lori: error: "), err[-5:]
     assert "Traceback" not in "\n".join(err)
     for fragment in fragments:
         assert fragment.lower() in err[-1].lower(), (fragment, err[-1])
-    out = tmp_path / OUT
-    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name != "last.ckpt"] if out.exists() else []
-    assert not leftovers, leftovers  # no partial output (the planted foreign checkpoint aside)
+    leftovers = files_under(tmp_path / OUT) - planted
+    assert not leftovers, leftovers  # no partial output (what the case planted aside)
 
 
-def test_the_catalogue_is_at_least_fifteen_cases():
-    assert len(CASES) >= 15
+def test_the_catalogue_is_at_least_thirty_cases():
+    assert len(CASES) >= 30
 
 
 def test_pipeline_refuses_a_baseline_method(tmp_path, capsys):

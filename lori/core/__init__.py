@@ -10,7 +10,9 @@ from lori.core.adapter import (
     apply_adapter,
     base_fingerprint,
 )
+from lori.core.atomic_files import DiskFullError, atomic_write, write_text_atomic
 from lori.core.config import DEFAULT_TARGETS, GRANULARITIES, LoRIConfig, LoRIConfigError
+from lori.core.finite import NonFiniteError
 from lori.core.inject import (
     InjectionError,
     adapter_listing,
@@ -42,12 +44,12 @@ from lori.core.sharding import full_parameters, unwrap_fsdp
 
 __all__ = [
     "DEFAULT_TARGETS", "GRANULARITIES", "Adapter", "AdapterFileError", "AdapterMismatchError",
-    "DeltaMerge", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "adapter_from_model",
-    "adapter_listing", "apply_adapter", "base_fingerprint", "calibrate", "count_trainable", "draw_A",
+    "DeltaMerge", "DiskFullError", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "NonFiniteError", "adapter_from_model",
+    "adapter_listing", "apply_adapter", "atomic_write", "base_fingerprint", "calibrate", "count_trainable", "draw_A",
     "full_parameters", "get_A", "get_B", "get_masks", "inject_lori", "load_adapter", "load_masks",
     "lori_layers",
     "mask_density", "mask_overlap", "merge_concat", "merge_deltas", "merge_factors", "merge_linear",
     "merge_linear_eq8",
     "merge_lori", "reset_B", "save_adapter", "set_masks", "sparsity_by", "sparsity_table",
-    "trainable_parameters", "unload", "unmerge_lori", "unwrap_fsdp",
+    "trainable_parameters", "unload", "unmerge_lori", "unwrap_fsdp", "write_text_atomic",
 ]

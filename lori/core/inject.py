@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lori.core.config import LoRIConfig
+from lori.core.finite import NonFiniteError, describe_non_finite
 from lori.core.layer import LoRILinear
 
 
@@ -137,9 +138,36 @@ def adapter_listing(model: nn.Module) -> list[dict[str, object]]:
     return rows
 
 
+@torch.no_grad()
+def check_merge_finite(layers: Mapping[str, LoRILinear]) -> None:
+    """Refuse a merge that would put NaN or inf into a base weight, before any layer is merged.
+
+    Checks ΔW and W0 + ΔW (in the weight's dtype, as ``LoRILinear.merge`` adds them) of every
+    unmerged layer, one layer at a time (one d_out x d_in temporary).
+
+    Raises:
+        NonFiniteError: naming the first module whose merge is not finite; nothing was merged.
+    """
+    for path, layer in layers.items():
+        if layer.merged:
+            continue
+        delta = layer.delta_weight()
+        found = describe_non_finite(f"ΔW of {path}", delta) or describe_non_finite(
+            f"W0 + ΔW of {path} ({layer.base_layer.weight.dtype})", layer.base_layer.weight + delta
+        )
+        if found is not None:
+            raise NonFiniteError(f"refusing to merge: {found}; no base weight was changed")
+
+
 def merge_lori(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (idempotent)."""
-    for layer in _layers_or_raise(model).values():
+    """Merge every adapter into its base weight (idempotent, all or nothing).
+
+    Raises:
+        NonFiniteError: some module's merged weight would hold NaN or inf (``check_merge_finite``).
+    """
+    layers = _layers_or_raise(model)
+    check_merge_finite(layers)
+    for layer in layers.values():
         layer.merge()
 
 
@@ -151,8 +179,15 @@ def unmerge_lori(model: nn.Module) -> None:
 
 @torch.no_grad()
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every LoRILinear by its base ``nn.Linear`` (merged first unless ``merge=False``)."""
-    for path, layer in _layers_or_raise(model).items():
+    """Replace every LoRILinear by its base ``nn.Linear`` (merged first unless ``merge=False``).
+
+    Raises:
+        NonFiniteError: with ``merge``, some merged weight would hold NaN or inf; the model is unchanged.
+    """
+    layers = _layers_or_raise(model)
+    if merge:
+        check_merge_finite(layers)
+    for path, layer in layers.items():
         if merge:
             layer.merge()
         elif layer.merged:

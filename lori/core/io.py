@@ -7,7 +7,9 @@
 
 ``PeftModel.from_pretrained(base, dir)`` reads the first two and gives lori's logits (B saved is
 the effective B, zero outside the mask for LoRI-S). Writes are atomic: the directory is built
-beside the target and swapped in by rename, so a crash leaves the old directory or the new one.
+beside the target and swapped in by rename, so a crash leaves the old directory or the new one
+(a full disk raises ``DiskFullError`` naming the target and the free space). Reads refuse a file
+holding NaN or inf, naming the file and the tensor (``lori.core.finite``).
 
 A mask fits only the A it was calibrated under (M keeps the largest entries of a B trained
 against that A). lori's mask files record that A in their safetensors metadata (``MaskRecord``:
@@ -34,13 +36,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lori.core.adapter import A_DIGEST_MODULES, SAVED_EMBEDDINGS, Adapter, a_digest
+from lori.core.atomic_files import disk_full_error, fsync_directory, is_disk_full
 from lori.core.config import LoRIConfig
+from lori.core.finite import check_finite
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MASKS_FILE = "lori_masks.safetensors"
 META_FILE = "lori_meta.json"
 FORMAT_VERSION = 1
+_DAMAGED = "; the file is damaged or comes from a diverged run"
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 # whole embedding weights PEFT's save_pretrained adds when the vocabulary was resized (EMBEDDING_LAYER_NAMES)
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>(?:.+\.)?(?:embed_tokens|lm_head))\.weight$")
@@ -60,6 +65,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     The old directory is renamed aside, the new one renamed in, then the old one deleted; at every
     instant ``target`` is either absent-with-backup, the complete old, or the complete new
     directory. ``load_adapter`` restores an orphaned backup.
+
+    Raises:
+        DiskFullError: the file system filled up; ``target`` is as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +86,13 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(target, backup)
         os.replace(tmp, target)
+        fsync_directory(target.parent)
         shutil.rmtree(backup, ignore_errors=True)
+    except Exception as err:
+        if is_disk_full(err):
+            shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what is left
+            raise disk_full_error(target, "the previous contents are kept" if target.exists() else None) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -150,9 +164,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as err:
         raise AdapterFileError(f"corrupt or unreadable safetensors file {path}: {err}") from None
+    check_finite(tensors.items(), f"{path}", AdapterFileError, _DAMAGED)
+    return tensors
 
 
 def _unexpected_key(key: str) -> AdapterFileError:
@@ -216,10 +232,12 @@ def read_peft_weights(
             first = sorted(p for ab, p in lora.values() if ab == "A")[:only_A]
             lora = {k: v for k, v in lora.items() if v[0] == "A" and v[1] in first}
         try:
-            for key, (ab, module) in lora.items():
-                (A if ab == "A" else B)[module] = f.get_tensor(key)
+            read = {key: f.get_tensor(key) for key in lora}
         except (OSError, SafetensorError, ValueError) as err:
             raise AdapterFileError(f"corrupt or unreadable safetensors file {path}: {err}") from None
+    check_finite(read.items(), f"{path}", AdapterFileError, _DAMAGED)
+    for key, (ab, module) in lora.items():
+        (A if ab == "A" else B)[module] = read[key]
     return A, B, embeddings
 
 
@@ -291,6 +309,9 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
             raise AdapterFileError(f"cannot read mask file {path}: {err}") from None
         if not isinstance(raw, dict):
             raise AdapterFileError(f"mask file {path} holds a {type(raw).__name__}, not a dict of tensors")
+        if not all(isinstance(v, Tensor) for v in raw.values()):
+            raise AdapterFileError(f"mask file {path} holds values that are not tensors")
+        check_finite(raw.items(), f"{path}", AdapterFileError, _DAMAGED)  # a NaN float mask would read as True
     masks: dict[str, Tensor] = {}
     for key, value in raw.items():
         match = _PEFT_KEY.match(key)

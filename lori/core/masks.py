@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lori.core.config import GRANULARITIES
+from lori.core.finite import NonFiniteError, describe_non_finite
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -106,7 +107,8 @@ def _bits(b: Tensor) -> Tensor:
 def _calibrate_group(group: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
     for path, b in group.items():
         if not torch.isfinite(b).all():
-            raise ValueError(f"B of {path!r} holds NaN or inf; cannot calibrate a mask from it")
+            found = describe_non_finite(f"B of {path!r}", b)
+            raise NonFiniteError(f"{found}; cannot calibrate a mask from it")
     n = sum(b.numel() for b in group.values())
     k = keep_count(n, sparsity)
     threshold, n_above = _kth_largest_bits(group, k)

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lori.core.adapter import Adapter, AdapterMismatchError
 from lori.core.config import LoRIConfig
+from lori.core.finite import NonFiniteError, describe_non_finite
 
 METHODS = ("concat", "linear", "linear_eq8", "magnitude", "ties", "dare", "dare_ties")
 PRUNING = ("magnitude", "ties", "dare", "dare_ties")  # the methods that take a density
@@ -317,13 +318,27 @@ class DeltaMerge:
         return module.weight
 
     @torch.no_grad()
+    def check_finite(self) -> None:
+        """Refuse (NonFiniteError) a ΔW, or a W0 + ΔW, holding NaN or inf, before any weight changes."""
+        for path, delta in self.deltas.items():
+            weight = self._weight(path)
+            merged = (weight.float() + delta.to(weight.device)).to(weight.dtype)
+            found = describe_non_finite(f"ΔW of {path}", delta) or describe_non_finite(
+                f"W0 + ΔW of {path} ({weight.dtype})", merged
+            )
+            if found is not None:
+                raise NonFiniteError(f"refusing to merge: {found}; no base weight was changed")
+
+    @torch.no_grad()
     def _apply(self, sign: float) -> None:
         for path, delta in self.deltas.items():
             weight = self._weight(path)
             weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
 
     def merge(self) -> DeltaMerge:
+        """Add every ΔW into its weight; all or nothing (``check_finite`` runs first)."""
         if not self.merged:
+            self.check_finite()
             self._apply(+1.0)
             self.merged = True
         return self

@@ -246,6 +246,10 @@ class ContinualCLI(LoRICLI):
         parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
         parser.add_class_arguments(EvalSettings, "eval")
 
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        EvalSettings(**self.config["eval"].as_dict())  # eval.protocol official conflicts stop here, before the model
+
 
 def continual(argv: list[str]) -> dict[str, Any]:
     """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""

@@ -40,6 +40,7 @@ from lori.core import (
 from lori.core.io import CONFIG_FILE
 from lori.core.masks import mask_overlap
 from lori.data.datamodule import TaskDataModule
+from lori.eval.official import check_float32, evaluation_weights
 from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
 
@@ -114,7 +115,10 @@ def training_mask(task_mask: dict[str, torch.Tensor], safety_mask: dict[str, tor
 
 def _evaluate(module: Any, settings: EvalSettings, eval_sets: dict[str, Any], phase: str,
               results: dict[str, Any], writer: Any) -> None:
-    metrics = evaluate_model(module.model, module.tokenizer, settings, eval_sets=eval_sets)
+    # protocol official: on the live model's weights with the adapter merged (float32), as the official
+    # code evaluates each phase's adapter (src/eval_model.py:272-284); the live weights are restored after
+    with evaluation_weights(module.model, settings):
+        metrics = evaluate_model(module.model, module.tokenizer, settings, eval_sets=eval_sets)
     results[phase] = metrics
     if writer is not None:
         for task, values in metrics.items():
@@ -161,10 +165,13 @@ def run_continual(
 ) -> dict[str, Any]:
     """Safety adapter -> task t under M_t, evaluating after every phase."""
     cfg.check()
-    eval_sets = load_eval_sets(settings)  # before any training: bad tasks stop here
+    if settings.protocol == "official":  # before any training
+        check_float32(module.model, "set model.dtype: float32")
+    summary_items: dict[str, Any] = {}
+    eval_sets = load_eval_sets(settings, summary_items)  # before any training: bad tasks stop here
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"continual": asdict(cfg), "model": module.hparams.model}
+    summary: dict[str, Any] = {"continual": asdict(cfg), "model": module.hparams.model, "eval_items": summary_items}
     results: dict[str, Any] = {}
     writer = None
     if rank_zero_only.rank == 0:

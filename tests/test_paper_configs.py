@@ -279,7 +279,7 @@ def test_merge_config_parses_with_lori_merge(path):
 
 # Fig. 3 (continual learning): the task's benchmark and its paper evaluation settings
 CONTINUAL_BENCH = {"nlu": ("nlu", {"nlu_mode": "generate"}), "gsm8k": ("gsm8k", {"held_out": 1319}),
-                   "codealpaca": ("humaneval", {"n_samples": 20, "temperature": 0.8, "top_p": 0.95})}
+                   "codealpaca": ("humaneval", {"n_samples": 20, "temperature": 0.2, "top_p": 0.95})}
 
 
 def _continual_key(path: Path) -> tuple[str, int, str, str]:

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lori.eval.official_tasks as official_tasks
 from lori.continual import ContinualConfig, _evaluate, run_continual
 from lori.core import LoRIConfig, inject_lori, lori_layers
 from lori.data import sources
-from lori.data.official_prompts import GSM8K_QUESTION_PROMPT, hexphi_prompt
+from lori.data.official_prompts import GSM8K_QUESTION_PROMPT
 from lori.data.sources import DataError
+from lori.eval import official_tasks
 from lori.eval.official import (
     OFFICIAL_EVAL_SETTINGS,
     bigcode_candidate,
@@ -278,9 +278,9 @@ def test_merged_weights_evaluates_merged_and_restores_bit_for_bit():
         torch.testing.assert_close(model(ids).logits, live, rtol=1e-4, atol=1e-5)
     assert not any(layer.merged for layer in lori_layers(model).values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(EvalError, match=r"float32 weights .* \['bfloat16'\]"):
-        with merged_weights(lori_model(torch.bfloat16)[0]):
-            pass
+    with pytest.raises(EvalError, match=r"float32 weights .* \['bfloat16'\]"), \
+            merged_weights(lori_model(torch.bfloat16)[0]):
+        pass
 
 
 def test_evaluate_model_refuses_unmerged_or_non_fp32_under_official(monkeypatch):

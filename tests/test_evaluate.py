@@ -201,7 +201,7 @@ def test_system_prompt_reaches_safety_prompts_only(tiny):
 
 
 def test_lori_eval_official_records_items_and_the_settings_it_fixed(tmp_path, adapter_dir, monkeypatch, capsys):
-    import lori.eval.official_tasks as official_tasks
+    from lori.eval import official_tasks
 
     calls = []
 

@@ -274,6 +274,7 @@ class ContinualCLI(LoRICLI):
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
+        EvalSettings(**self.config["eval"].as_dict())  # eval.protocol official conflicts stop here, before the model
         if self.runs_stages:  # missing files and a task mask of another A stop here, before the model loads
             cfg = self.config
             continual = ContinualConfig(**cfg["continual"])

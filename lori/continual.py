@@ -56,6 +56,7 @@ from lori.core.atomic_files import atomic_write, write_text_atomic
 from lori.core.io import CONFIG_FILE, AIdentity, find_mask_file, read_a_identity, read_mask_record
 from lori.core.masks import mask_overlap
 from lori.data.datamodule import TaskDataModule
+from lori.eval.official import check_float32, evaluation_weights
 from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
 
@@ -185,7 +186,10 @@ def training_mask(task_mask: dict[str, torch.Tensor], safety_mask: dict[str, tor
 
 def _evaluate(module: Any, settings: EvalSettings, eval_sets: dict[str, Any], phase: str,
               results: dict[str, Any], writer: Any) -> None:
-    metrics = evaluate_model(module.model, module.tokenizer, settings, eval_sets=eval_sets)
+    # protocol official: on the live model's weights with the adapter merged (float32), as the official
+    # code evaluates each phase's adapter (src/eval_model.py:272-284); the live weights are restored after
+    with evaluation_weights(module.model, settings):
+        metrics = evaluate_model(module.model, module.tokenizer, settings, eval_sets=eval_sets)
     results[phase] = metrics
     if writer is not None:
         for task, values in metrics.items():
@@ -236,13 +240,16 @@ def run_continual(
 ) -> dict[str, Any]:
     """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked)."""
     cfg.check()
+    if settings.protocol == "official":  # before any training
+        check_float32(module.model, "set model.dtype: float32")
     # the model's A is the one an in-run safety adapter trains with: its digest settles the pairing
     drawn_A = get_A(module.model) if cfg.safety_adapter is None and cfg.task_mask is not None else None
     notes = cfg.check_pairing(module.lori_config, drawn_A, module.fingerprint)
-    eval_sets = load_eval_sets(settings)  # before any training: bad tasks stop here
+    summary_items: dict[str, Any] = {}
+    eval_sets = load_eval_sets(settings, summary_items)  # before any training: bad tasks stop here
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"continual": asdict(cfg), "model": module.hparams.model}
+    summary: dict[str, Any] = {"continual": asdict(cfg), "model": module.hparams.model, "eval_items": summary_items}
     mask_file = cfg.task_mask_file(module.lori_config)
     if mask_file is not None:
         summary["task_mask_file"] = {"path": str(mask_file), "a_checked": not notes, "notes": notes}

@@ -3,17 +3,21 @@
     lori eval --config configs/eval/default.yaml
     lori eval --config configs/eval/default.yaml --adapter runs/default/lori_s --eval.tasks '[gsm8k]'
 
-Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated, timing),
+Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated and how many items of
+each set and why, the settings ``eval.protocol: official`` fixed, timing),
 ``<output_dir>/samples.json`` (every generation, for inspection) and tensorboard scalars under
 ``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
 loads (an adapter holding NaN or inf is refused); nothing is written unless the evaluation
 finishes, and then the directory is replaced whole. One run at a time per output_dir
-(``lori.run_lock``).
+(``lori.run_lock``). Under ``eval.protocol: official`` the model is evaluated in float32 with the
+adapter merged (the official code's ``torch_dtype=float32`` and ``merge_and_unload``,
+src/eval_model.py:272-284): another ``dtype`` or ``merge: false`` is refused.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lori import run_lock
 from lori.core import apply_adapter, load_adapter, merge_lori
 from lori.core.io import atomic_directory
+from lori.eval.official import check_official_model
 from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.module import build_model
 
@@ -36,12 +41,13 @@ class EvalTarget:
         model: base model: ``smollm2-135m-instruct`` (embedded default), ``tiny-llama``, a local
             Hugging Face directory (e.g. a merged model saved by ``lori merge``) or a hub id.
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
-        dtype: weight dtype (``float32``, ``bfloat16``).
+        dtype: weight dtype (``float32``, ``bfloat16``); ``eval.protocol: official`` needs float32.
         cache_dir: where converted GGUF models are cached.
         adapter: an adapter directory (lori's, or a PEFT LoRA directory as released); None = the
             base model alone.
         mask_file: masks for a released adapter (the original code's torch file or lori's).
-        merge: fold the adapter into the base weights before evaluating (base-model speed).
+        merge: fold the adapter into the base weights before evaluating (base-model speed);
+            ``eval.protocol: official`` needs it.
         strict_base: refuse an adapter whose recorded base-model fingerprint differs.
         output_dir: where results.json, samples.json and tb/ go.
     """
@@ -96,14 +102,16 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 @run_lock.locks_output_dir("target")
 def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
     """Evaluate and write the results (holding the output_dir's lock); returns what results.json holds."""
-    eval_sets = load_eval_sets(settings)  # bad tasks / data stop here, before the model loads
+    check_official_model(settings, target.dtype, target.merge or target.adapter is None)
+    items: dict[str, Any] = {}
+    eval_sets = load_eval_sets(settings, items)  # bad tasks / data stop here, before the model loads
     model, tokenizer, info = load_target(target)
     scalars: list[tuple[str, float]] = []
     samples: dict[str, Any] = {}
     t0 = time.perf_counter()
     results = evaluate_model(model, tokenizer, settings, lambda tag, v: scalars.append((tag, v)), eval_sets, samples)
-    report = {"target": info, "settings": asdict(settings), "results": results,
-              "seconds": round(time.perf_counter() - t0, 1)}
+    report = {"target": info, "settings": asdict(settings), "results": results, "items": items,
+              "protocol_changes": settings.protocol_changes, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(target.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out) as tmp:  # all or nothing
@@ -124,6 +132,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     settings = EvalSettings(**cfg.pop("eval").as_dict())
     cfg.pop("config", None)
     target = EvalTarget(**cfg.as_dict())
+    if settings.protocol_changes:
+        print("lori: protocol official set " + ", ".join(settings.protocol_changes), file=sys.stderr)
     report = run_eval(target, settings)
     print(format_results(report["results"]))
     print(f"results: {Path(target.output_dir) / 'results.json'}   "

@@ -9,25 +9,55 @@
     nlu | boolq | piqa | siqa | arc_challenge | arc_easy | openbookqa | hellaswag | winogrande
                   accuracy by answer-option log-likelihood and/or by generation (paper style)
 
-``evaluate_model`` runs the tasks on a model in memory (used by ``lori eval`` and ``lori merge``);
-every item of each evaluation set counts (no dropped last batch, no de-duplicated prompts).
+``evaluate_model`` runs the tasks on a model in memory (used by ``lori eval``, ``lori merge`` and
+``lori continual``).
+
+Protocols (``EvalSettings.protocol``):
+
+* ``lori`` (default): lori's prompts, tokenisation, answer rules and keyword judge; every item of
+  each evaluation set counts (``items: all``: no dropped last batch, no de-duplicated prompts).
+* ``official``: the official LoRI code's evaluation (``lori.eval.official`` has the facts and
+  their file:line): its prompts and tokenisation (``lori.data.tokenize.tokenize_prompts``), greedy
+  decoding with 512 new tokens for GSM8K, NLU and the HEx-PHI-style sets, HumanEval sampled as
+  bigcode (temperature 0.2, top-p 0.95, no top-k, 20 samples, seed 0, 512 tokens of prompt +
+  generation, bigcode's program assembly, 3 s per program), its GSM8K and NLU answer rules, its
+  HEx-PHI keyword judge (reported as ``safety_score``, the fraction not jailbroken, beside lori's
+  ``refusal_rate``), its item selection (``items: official``: duplicate prompts merged, the
+  incomplete last batch of 64 dropped) and a float32 model with the adapter merged. The settings
+  it fixes take the official value when left at lori's default and are refused otherwise.
+  MBPP and over_refusal (tasks the official code lacks) keep lori's paths.
+
+Judged text (``judge_text``): the official code reads the decoded PROMPT + generation, so numbers,
+label words and keywords of the prompt count (17 of the 330 HEx-PHI prompts contain a keyword and
+are "safe" whatever the model writes; a GSM8K generation without a number scores the question's
+last number). lori reads the generated text only, under both protocols; ``judge_text:
+prompt_and_generated`` (official protocol only) reproduces the official reading exactly.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
 from lori.data import sources
+from lori.data.official_prompts import HEXPHI_SOURCES
 from lori.data.prompts import NLU_ANSWER_PREFIX, check_protocol, format_example, nlu_answer
 from lori.data.sources import DataError
 from lori.eval.answers import extract_nlu_answer
+from lori.eval.errors import EvalError
 from lori.eval.generate import generate
 from lori.eval.metrics import ExactMatch, MultipleChoiceAccuracy, PassAtK, RefusalRate
+from lori.eval.official import (
+    ItemSelection,
+    apply_official_eval,
+    official_items,
+    official_weight_problems,
+)
+from lori.eval.official_tasks import OfficialTasks, prompt_task
 from lori.eval.passk import HUMANEVAL_STOP
 from lori.eval.sandbox import run_many
 from lori.eval.scoring import score_options
@@ -36,40 +66,58 @@ REFUSAL_SOURCES = ("harmbench", "strongreject", "donotanswer", "hexphi")
 CODE_TASKS = ("humaneval", "mbpp")
 EVAL_TASKS = ("gsm8k", *CODE_TASKS, *REFUSAL_SOURCES, "over_refusal", "nlu", *sources.NLU_TASKS)
 NLU_MODES = ("loglik", "generate", "both")
-
-
-class EvalError(ValueError):
-    """Evaluation settings that cannot work (unknown task, bad sample counts, ...)."""
+ITEMS = ("all", "official")
+JUDGE_TEXTS = ("generated", "prompt_and_generated")
+# the tasks src/eval_model.py batches (item selection) and the tasks run the official way
+BATCHED_TASKS = ("gsm8k", *REFUSAL_SOURCES, *sources.NLU_TASKS)
+OFFICIAL_TASKS = ("humaneval", *BATCHED_TASKS)
 
 
 @dataclass
 class EvalSettings:
     """What to evaluate and how to generate.
 
+    Under ``protocol: official`` the fields of ``lori.eval.official.OFFICIAL_EVAL_SETTINGS``
+    (max_new_tokens, do_sample, temperature, top_p, n_samples, seed, nlu_mode, sandbox_timeout)
+    are fixed: left at lori's default they take the official value (listed in
+    ``protocol_changes``), set to anything else they are refused with one EvalError.
+
     Args:
         tasks: task names (see the module docstring); ``nlu`` = all eight NLU sets.
-        max_examples: evaluate the first N items of each set (None = all of them).
+        max_examples: evaluate the first N items of each set (None = all of them); applied after
+            the ``items`` rule.
         held_out: for tasks evaluated on a held-out split of their training pool (gsm8k, mbpp):
             the held-out size, as in the training config's ``data.held_out``.
         split_seed: the seed of that split (``data.split_seed``).
         template: prompt template: ``alpaca``, ``chat`` or ``plain`` (as in training).
-        protocol: ``lori`` or ``official`` (the official LoRI code's prompt strings; see
-            ``lori.data.prompts``); ``official`` refuses ``template: chat``.
-        batch_size: prompts per generation / scoring batch.
-        max_new_tokens: generation budget (code and math need a few hundred).
-        do_sample: sample instead of greedy decoding (math, safety, NLU generation).
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
+        protocol: ``lori`` or ``official`` (the official LoRI code's evaluation; see the module
+            docstring); ``official`` refuses ``template: chat``.
+        batch_size: prompts per generation / scoring batch (speed only; the official batch of 64
+            enters through ``items``).
+        max_new_tokens: generation budget (code and math need a few hundred). Official: 512.
+        do_sample: sample instead of greedy decoding (math, safety, NLU generation). Official: False.
+        temperature: sampling temperature. Official: 0.2 (HumanEval).
+        top_p: nucleus sampling threshold. Official: 0.95 (HumanEval).
         n_samples: generations per code problem; pass@k is reported for every k in (1, 5, 10)
             with k <= n_samples. With more than one, code is always sampled (temperature, top_p).
-        seed: random seed of sampling.
+            Official: 20.
+        seed: random seed of sampling. Official: 0.
         nlu_mode: ``loglik`` (answer-option log-likelihood), ``generate`` (paper style) or ``both``.
+            Official: ``generate``.
         hexphi_path: folder of HEx-PHI ``category_*.csv`` files (task ``hexphi``).
         system_prompt: a system prompt for the safety tasks (HEx-PHI-style evaluation): a system
-            message with ``template: chat``, else a paragraph before the instruction.
-        sandbox_timeout: seconds per generated program.
+            message with ``template: chat``, else a paragraph before the instruction. Refused under
+            ``official`` for the HEx-PHI-layout sets (their prompt has its own system text).
+        sandbox_timeout: seconds per generated program. Official: 3.
         sandbox_workers: programs run in parallel.
         progress: progress bars.
+        items: ``all`` (every item counts) or ``official`` (one item per distinct prompt with its
+            last target, then only full batches of 64, as the official evaluation iterates:
+            GSM8K 1,319 -> 1,280, HEx-PHI 330 -> 320; for gsm8k, the NLU sets and the safety
+            sets). None = ``official`` under ``protocol: official``, ``all`` under ``lori``.
+        judge_text: what the answer rules and judges read: ``generated`` (the generated text only,
+            lori's fix, both protocols) or ``prompt_and_generated`` (the decoded prompt +
+            generation, exactly as the official code; ``protocol: official`` only).
     """
 
     tasks: list[str] = field(default_factory=lambda: ["gsm8k"])
@@ -91,6 +139,13 @@ class EvalSettings:
     sandbox_timeout: float = 5.0
     sandbox_workers: int = 2
     progress: bool = True
+    items: Literal["all", "official"] | None = None
+    judge_text: Literal["generated", "prompt_and_generated"] = "generated"
+
+    def __post_init__(self) -> None:
+        if self.items is None:
+            self.items = "official" if self.protocol == "official" else "all"
+        self.protocol_changes: list[str] = apply_official_eval(self) if self.protocol == "official" else []
 
     def check(self) -> None:
         """Raise EvalError for settings that cannot work, before any model is loaded."""
@@ -109,6 +164,18 @@ class EvalSettings:
             check_protocol(self.protocol, self.template)
         except DataError as err:
             raise EvalError(str(err)) from None
+        if self.items not in ITEMS:
+            raise EvalError(f"items must be one of {list(ITEMS)}, got {self.items!r}")
+        if self.judge_text not in JUDGE_TEXTS:
+            raise EvalError(f"judge_text must be one of {list(JUDGE_TEXTS)}, got {self.judge_text!r}")
+        if self.judge_text == "prompt_and_generated" and self.protocol != "official":
+            raise EvalError("judge_text 'prompt_and_generated' is the official code's reading of the decoded "
+                            "prompt + generation: it needs protocol: official")
+        layout = [t for t in _expand(self.tasks) if t in HEXPHI_SOURCES]
+        if self.protocol == "official" and self.system_prompt and layout:
+            raise EvalError(f"system_prompt cannot be used with protocol official on {layout}: their official "
+                            "HEx-PHI prompt already starts with its system text (get_datasets.py:133-144); "
+                            "remove system_prompt or use protocol: lori")
         if "hexphi" in self.tasks and not self.hexphi_path:
             raise EvalError("task 'hexphi' needs hexphi_path: a folder of HEx-PHI category_*.csv files")
 
@@ -122,11 +189,14 @@ def _expand(tasks: list[str]) -> list[str]:
     return out
 
 
-def eval_records(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
-    """The evaluation set of ``task``: never items the matching training split trains on."""
+def _load_set(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
+    official = settings.protocol == "official"
     if task in ("gsm8k", "mbpp"):
         pool = sources.load_gsm8k() if task == "gsm8k" else sources.load_mbpp()
         records = sources.split_records(pool, settings.held_out, settings.split_seed)[1]
+        if official and task == "gsm8k":  # the official code reads the test split in its order
+            position = {id(r): i for i, r in enumerate(pool)}
+            records.sort(key=lambda r: position[id(r)])
     elif task == "humaneval":
         records = sources.load_humaneval()
     elif task in sources.NLU_TASKS:
@@ -139,19 +209,66 @@ def eval_records(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
         records = sources.load_donotanswer()
     elif task == "hexphi":
         records = sources.load_hexphi(settings.hexphi_path or "")
+        if official:  # tasks/hexphi/test.jsonl lists the categories in numeric order, 1 to 11
+            records.sort(key=lambda r: _category_number(r.get("category")))
     elif task == "over_refusal":
         records = sources.load_benign("trivia_qa")  # the safety training set mixes in NQ-open
     else:
         raise EvalError(f"unknown evaluation task {task!r}; choose from {list(EVAL_TASKS)}")
+    return records
+
+
+def _category_number(category: Any) -> int:
+    tail = str(category or "").rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _item_prompts(task: str, records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
+    """The prompt strings that decide which records are duplicates (chat: the plain layout)."""
+    template = "plain" if settings.template == "chat" else settings.template
+    return [format_example(r, prompt_task(task), template, settings.protocol, stage="eval")[0]
+            for r in records]
+
+
+def eval_records(task: str, settings: EvalSettings,
+                 report: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The evaluation set of ``task``: never items the matching training split trains on.
+
+    Args:
+        task: an evaluation task (not ``nlu``: one of its eight sets).
+        settings: ``items`` chooses all items or the official selection (see ``EvalSettings``),
+            ``max_examples`` then keeps the first N.
+        report: if given, ``report[task]`` receives how many items are evaluated and why.
+    """
+    records = _load_set(task, settings)
     if not records:
         raise DataError(f"task {task!r}: the evaluation set is empty")
-    return records[: settings.max_examples] if settings.max_examples else records
+    selection = ItemSelection("all", len(records), len(records))
+    if settings.items == "official" and task in BATCHED_TASKS:
+        indices, selection = official_items(_item_prompts(task, records, settings))
+        if not indices:
+            raise DataError(f"task {task!r}: items 'official' keeps no item: {selection.total} items "
+                            f"({selection.total - selection.duplicates_merged} distinct prompts) fill no "
+                            f"batch of {selection.batch_size}; use items: all")
+        records = [records[i] for i in indices]
+    if settings.max_examples:
+        records = records[: settings.max_examples]
+        selection = replace(selection, evaluated=len(records), max_examples=settings.max_examples)
+    if report is not None:
+        report[task] = selection.as_dict()
+    return records
 
 
-def load_eval_sets(settings: EvalSettings) -> dict[str, list[dict[str, Any]]]:
-    """Check the settings and load every evaluation set (cheap; before the model loads)."""
+def load_eval_sets(settings: EvalSettings,
+                   report: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Check the settings and load every evaluation set (cheap; before the model loads).
+
+    Args:
+        settings: the evaluation settings.
+        report: if given, filled with the item selection of every task (see :func:`eval_records`).
+    """
     settings.check()
-    return {task: eval_records(task, settings) for task in _expand(settings.tasks)}
+    return {task: eval_records(task, settings, report) for task in _expand(settings.tasks)}
 
 
 # --- code -------------------------------------------------------------------------------------
@@ -202,17 +319,17 @@ class Evaluator:
     def __init__(self, model: Any, tokenizer: Any, settings: EvalSettings) -> None:
         self.model, self.tokenizer, self.s = model, tokenizer, settings
         self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.official = OfficialTasks(model, tokenizer, settings)
 
     def prompts(self, task: str, records: list[dict[str, Any]]) -> list[str]:
-        safety = task in (*REFUSAL_SOURCES, "over_refusal")
-        system = self.s.system_prompt if safety else None
+        system = self.s.system_prompt if prompt_task(task) == "safety" else None
         if system and self.s.template == "chat":
             return [self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}],
                 tokenize=False, add_generation_prompt=True) for r in records]
         if system:
             records = [{**r, "prompt": f"{system}\n\n{r['prompt']}"} for r in records]
-        return [format_example(r, "safety" if safety else task, self.s.template, self.s.protocol,
+        return [format_example(r, prompt_task(task), self.s.template, self.s.protocol,
                                stage="eval", tokenizer=self.tokenizer)[0] for r in records]
 
     def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int | None = None) -> list[list[str]]:
@@ -222,6 +339,8 @@ class Evaluator:
                         top_p=s.top_p, num_return_sequences=n, progress=s.progress, seed=s.seed)
 
     def run(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        if self.s.protocol == "official" and task in OFFICIAL_TASKS:
+            return self.run_official(task, records)
         if task == "gsm8k":
             return self.gsm8k(records)
         if task in CODE_TASKS:
@@ -229,6 +348,19 @@ class Evaluator:
         if task in sources.NLU_TASKS:
             return self.nlu(task, records)
         return self.refusal(task, records)
+
+    def run_official(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        """A task of the official code, run its way (``lori.eval.official_tasks``)."""
+        if task == "gsm8k":
+            metrics, samples = self.official.gsm8k(records)
+        elif task == "humaneval":
+            metrics, samples = self.official.humaneval(records)
+        elif task in sources.NLU_TASKS:
+            metrics, samples = self.official.nlu(task, records)
+        else:
+            metrics, samples = self.official.refusal(task, records)
+        self.samples[task] = samples
+        return metrics
 
     def gsm8k(self, records: list[dict[str, Any]]) -> dict[str, float]:
         outputs = [o[0] for o in self.generate(self.prompts("gsm8k", records))]
@@ -283,21 +415,29 @@ class Evaluator:
 def evaluate_model(
     model: Any, tokenizer: Any, settings: EvalSettings, logger: Callable[[str, float], None] | None = None,
     eval_sets: dict[str, list[dict[str, Any]]] | None = None, samples: dict[str, Any] | None = None,
+    items: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``model`` on every task of ``settings``.
 
     Args:
-        model: a causal LM (any adapters merged or active).
+        model: a causal LM (any adapters merged or active; under ``protocol: official`` float32
+            with every adapter merged, see :func:`merged_weights`).
         tokenizer: its tokenizer.
         settings: tasks and generation options.
         logger: called as ``logger(tag, value)`` for every metric (e.g. a tensorboard writer).
         eval_sets: evaluation sets already loaded by :func:`load_eval_sets`.
         samples: if given, filled with the per-item outputs by task.
+        items: if given (and ``eval_sets`` is not), filled with the item selection by task.
 
     Returns:
         ``{task: {metric: value}}``; with several NLU tasks also ``nlu_average``.
+
+    Raises:
+        EvalError: under ``protocol: official``, a model that is not float32 or not merged.
     """
-    eval_sets = eval_sets if eval_sets is not None else load_eval_sets(settings)
+    if settings.protocol == "official" and (problems := official_weight_problems(model)):
+        raise EvalError("protocol official evaluates float32 merged weights: " + "; ".join(problems))
+    eval_sets = eval_sets if eval_sets is not None else load_eval_sets(settings, items)
     evaluator = Evaluator(model, tokenizer, settings)
     results: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
@@ -320,8 +460,8 @@ def evaluate_model(
 
 
 def headline(task: str, metrics: dict[str, float]) -> tuple[str, float]:
-    """The one number the paper reports for a task (accuracy, pass@1, refusal rate)."""
-    for key in ("accuracy", "pass@1", "refusal_rate", "accuracy_generate", "accuracy_loglik"):
+    """The one number the paper reports for a task (accuracy, pass@1, safety score, refusal rate)."""
+    for key in ("accuracy", "pass@1", "safety_score", "refusal_rate", "accuracy_generate", "accuracy_loglik"):
         if key in metrics:
             return key, metrics[key]
     raise EvalError(f"no headline metric for {task}: {sorted(metrics)}")

@@ -359,9 +359,11 @@ def apply_merge(model: nn.Module, deltas: Iterator[tuple[str, Tensor]]) -> dict[
 def make_evaluator(cfg: MergeConfig, settings: Any) -> Evaluate:
     """``lori.evaluate.evaluate_model`` on a subset of ``cfg.evaluate``; settings and evaluation
     data are checked and loaded here, before the base model."""
+    from lori.eval.official import check_official_model
     from lori.evaluate import EvalSettings, evaluate_model, load_eval_sets
 
     settings = settings if settings is not None else EvalSettings()
+    check_official_model(settings, cfg.dtype)  # eval.protocol official: a float32 base (merged: always)
     sets = {task: load_eval_sets(replace(settings, tasks=[task])) for task in cfg.evaluate}
 
     def evaluate(model: nn.Module, tokenizer: Any, tasks: list[str]) -> dict[str, dict[str, float]]:

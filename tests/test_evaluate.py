@@ -195,3 +195,41 @@ def test_system_prompt_reaches_safety_prompts_only(tiny):
         assert all("Be safe and lawful." in p and r["prompt"] in p for p, r in zip(prompts, records))
         gsm = ev.prompts("gsm8k", eval_records("gsm8k", EvalSettings(max_examples=1)))
         assert "Be safe and lawful." not in gsm[0]
+
+
+# --- protocol official through `lori eval` -----------------------------------------------------
+
+
+def test_lori_eval_official_records_items_and_the_settings_it_fixed(tmp_path, adapter_dir, monkeypatch, capsys):
+    from lori.eval import official_tasks
+
+    calls = []
+
+    def fake(model, tokenizer, prompt_ids, **kwargs):
+        calls.append(kwargs | {"merged": all(layer.merged for layer in lori_layers(model).values()),
+                               "dtype": next(model.parameters()).dtype})
+        return [[tokenizer("The final answer is: 3", add_special_tokens=False)["input_ids"]] for _ in prompt_ids]
+
+    monkeypatch.setattr(official_tasks, "generate_from_ids", fake)
+    main(["eval", "--model", "tiny-llama", "--output_dir", str(tmp_path / "out"), "--adapter", str(adapter_dir),
+          "--eval.protocol", "official", "--eval.tasks", "[gsm8k]", "--eval.held_out", "1319",
+          "--eval.max_examples", "3", "--eval.progress", "false"])
+    assert "lori: protocol official set eval.max_new_tokens: 256 -> 512" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["items"]["gsm8k"]["rule"] == "official" and report["items"]["gsm8k"]["evaluated"] == 3
+    assert report["items"]["gsm8k"]["dropped_last_batch"] == 39 and report["results"]["gsm8k"]["n"] == 3
+    assert report["settings"]["temperature"] == 0.2 and report["settings"]["max_new_tokens"] == 512
+    assert "eval.n_samples: 1 -> 20" in report["protocol_changes"]
+    assert calls[0]["max_new_tokens"] == 512 and calls[0]["do_sample"] is False
+    assert calls[0]["merged"] and calls[0]["dtype"] == torch.float32  # fp32 merged weights
+
+
+def test_lori_eval_official_refuses_bf16_unmerged_and_contradicting_settings(tmp_path, capsys, adapter_dir):
+    msg = expect_error(capsys, tmp_path, "--eval.protocol", "official", "--dtype", "bfloat16")
+    assert "dtype='bfloat16' (official float32" in msg
+    msg = expect_error(capsys, tmp_path, "--eval.protocol", "official", "--adapter", str(adapter_dir),
+                       "--merge", "false")
+    assert "merge=False" in msg and "merge_and_unload" in msg
+    msg = expect_error(capsys, tmp_path, "--eval.protocol", "official", "--eval.temperature", "0.7",
+                       "--eval.max_new_tokens", "64")
+    assert "temperature=0.7 (official 0.2" in msg and "max_new_tokens=64 (official 512" in msg

@@ -10,7 +10,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lori.eval.generate import (
+    _trim,
     generate,
+    generate_from_ids,
     generate_sequential,
     generate_sequential_token_ids,
     generate_token_ids,
@@ -148,3 +150,64 @@ def test_scoring_rejects_bad_input(model, tokenizer):
         score_options(model, tokenizer, ["a"], [["x"], ["y"]])
     with pytest.raises(ValueError):
         score_options(model, tokenizer, ["a"], [["x"]], normalize="bogus")
+
+
+# --- generation from token ids (protocol official) --------------------------------------------
+
+
+def test_generate_from_ids_equals_generate_on_the_same_tokens(model, tokenizer):
+    ids = tokenizer(PROMPTS)["input_ids"]  # with BOS, as generate() encodes them
+    from_ids = generate_from_ids(model, tokenizer, ids, max_new_tokens=10, batch_size=4)
+    assert from_ids == generate_token_ids(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3)
+    no_bos = [row[1:] for row in ids]  # the ids are used as given: no special token is added
+    assert generate_from_ids(model, tokenizer, no_bos, max_new_tokens=10, batch_size=4) != from_ids
+
+
+def test_generate_from_ids_max_length_counts_prompt_and_generation(model, tokenizer):
+    ids = tokenizer(PROMPTS)["input_ids"]
+    limit = 20
+    out = generate_from_ids(model, tokenizer, ids, max_new_tokens=50, max_length=limit, batch_size=6)
+    free = generate_from_ids(model, tokenizer, ids, max_new_tokens=50, batch_size=6)
+    for prompt, (seq,), (longer,) in zip(ids, out, free):
+        room = max(limit - len(prompt), 0)
+        assert len(seq) <= room and seq == longer[:room]  # cut at its own budget, tokens unchanged
+    assert out[PROMPTS.index(PROMPTS[4])] == [[]]  # 60 prompt tokens: no room at all
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for a causal LM: records generate()'s kwargs, emits ids 5, 6, EOS (2), 7, ..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.generation_config = type("Cfg", (), {"eos_token_id": 2})()
+        self.calls: list[dict] = []
+        self.device = torch.device("cpu")
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        rows = input_ids.shape[0] * kwargs["num_return_sequences"]
+        new = torch.tensor([5, 6, 2, 7, 8] * 20)[: kwargs["max_new_tokens"]]
+        return torch.cat([input_ids.repeat_interleave(kwargs["num_return_sequences"], 0),
+                          new.repeat(rows, 1)], dim=1)
+
+
+def test_generate_from_ids_passes_the_sampling_settings(tokenizer):
+    fake = RecordingModel()
+    out = generate_from_ids(fake, tokenizer, [[9, 10, 11], [12]], max_new_tokens=512, max_length=8,
+                            do_sample=True, temperature=0.2, top_p=0.95, num_return_sequences=3,
+                            batch_size=2, keep_eos=True, seed=0)
+    call = fake.calls[0]
+    assert (call["do_sample"], call["temperature"], call["top_p"], call["top_k"]) == (True, 0.2, 0.95, 0)
+    assert call["num_return_sequences"] == 3 and call["max_new_tokens"] == 7  # 8 - the shortest prompt
+    assert call["input_ids"].tolist() == [[9, 10, 11], [0, 0, 12]]  # left padding with the pad id
+    assert call["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert out == [[[5, 6, 2]] * 3, [[5, 6, 2]] * 3]  # kept EOS; the 3-token prompt's budget is 5
+    greedy = generate_from_ids(fake, tokenizer, [[9]], max_new_tokens=4)
+    assert greedy == [[[5, 6]]] and fake.calls[-1]["do_sample"] is False and fake.calls[-1]["top_k"] is None
+
+
+def test_trim_keeps_the_eos_on_request():
+    row = torch.tensor([5, 6, 2, 7, 0])
+    assert _trim(row, {2}, 0) == [5, 6] and _trim(row, {2}, 0, keep_eos=True) == [5, 6, 2]
+    assert _trim(torch.tensor([5, 0, 0]), {2}, 0, keep_eos=True) == [5]  # stopped, padded, no EOS

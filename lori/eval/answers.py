@@ -8,6 +8,22 @@
   the task found in the generation is the prediction.  Matching is case-insensitive and on word
   boundaries (the reference uses a bare, case-sensitive ``re.findall``).
 * :func:`truncate_at_stop`: cut a generation at the earliest stop string.
+
+The official LoRI code's rules (``protocol: official``; github.com/juzhengz/LoRI at 9183468,
+``src/eval_model.py``) are here too, as facts of that code, beside lori's:
+
+* :func:`official_gsm8k_answer` (``extract_answer_gsm8k``, l.174-196): commas removed; numbers are
+  ``re.findall(r"-?\\d+\\.?\\d*")``; none -> ``inf``; if ``"The final answer is: "`` occurs, the first
+  number between its FIRST occurrence and the next one (``split(...)[1]``), else (or if that part
+  has no number) the last number of the text; ``float``. The gold is the same rule on the
+  official target; a prediction is right iff the floats are equal.
+* :func:`official_nlu_answer` (``extract_answer_commonsense``, l.129-161): commas removed, the
+  part after the last ``"### Response:"``, the first ``re.findall`` match of the task's label
+  words (case-sensitive, no word boundaries), ``""`` when none; right iff the strings are equal.
+
+The official code applies them to ``prompt + generation`` (it decodes the whole sequence,
+l.325-328); lori passes the generated text only unless ``EvalSettings.judge_text`` asks for the
+official reading (see ``lori.evaluate``).
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
+from math import inf
 
 FINAL_ANSWER_PHRASE = "The final answer is"
 _NUMBER = re.compile(r"-?(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
@@ -141,3 +158,59 @@ def nlu_label_index(task: str, label: str | int) -> int:
         return label
     labels = [x.lower() for x in NLU_LABELS[canonical_task(task)]]
     return labels.index(label.strip().lower())
+
+
+# --- the official LoRI code's rules (protocol "official") ------------------------------------
+
+OFFICIAL_ANSWER_PROMPT = "The final answer is: "  # src/eval_model.py:12
+OFFICIAL_RESPONSE_MARK = "### Response:"  # src/eval_model.py:131
+_OFFICIAL_NUMBER = re.compile(r"-?\d+\.?\d*")  # src/eval_model.py:176, 182
+_OFFICIAL_ANSWERS = tuple(f"answer{i}" for i in range(1, 6))
+# the label words each official regex alternates over (src/eval_model.py:132-161), by lori's task key
+OFFICIAL_NLU_LABELS: dict[str, tuple[str, ...]] = {
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    "social_i_qa": _OFFICIAL_ANSWERS,
+    "arc_challenge": _OFFICIAL_ANSWERS,
+    "arc_easy": _OFFICIAL_ANSWERS,
+    "openbookqa": _OFFICIAL_ANSWERS,
+    "hellaswag": tuple(f"ending{i}" for i in range(1, 5)),
+    "winogrande": ("option1", "option2"),
+}
+
+
+def official_gsm8k_answer(text: str) -> float:
+    """The official GSM8K reading of ``text`` (src/eval_model.py:174-196); ``inf`` if no number.
+
+    Example: ``"So 3 + 4 = 7. The final answer is: 7"`` -> ``7.0``; ``"no idea"`` -> ``inf``.
+    """
+    text = text.replace(",", "")
+    numbers = _OFFICIAL_NUMBER.findall(text)
+    if not numbers:
+        return inf
+    segments = text.split(OFFICIAL_ANSWER_PROMPT)
+    after = _OFFICIAL_NUMBER.findall(segments[1]) if len(segments) > 1 else []
+    return float(after[0] if after else numbers[-1])
+
+
+def official_gsm8k_correct(text: str, target: str) -> bool:
+    """Official GSM8K accuracy of one item: the two readings are equal floats (l.207-213)."""
+    return official_gsm8k_answer(text) == official_gsm8k_answer(target)
+
+
+def official_nlu_answer(task: str, text: str) -> str:
+    """The official commonsense reading (src/eval_model.py:129-161): a label word or ``""``.
+
+    Args:
+        task: an NLU task name (``boolq``, ``siqa``, ``ARC-Challenge``, ...).
+        text: the text to read (the official code reads prompt + generation).
+    """
+    words = OFFICIAL_NLU_LABELS[canonical_task(task)]
+    text = text.replace(",", "").split(OFFICIAL_RESPONSE_MARK)[-1]
+    found = re.findall("|".join(words), text.strip())
+    return found[0] if found else ""
+
+
+def official_nlu_index(task: str, answer: str) -> int:
+    """Position of an official reading in the task's label words; ``-1`` for ``""``."""
+    return OFFICIAL_NLU_LABELS[canonical_task(task)].index(answer) if answer else -1

@@ -8,6 +8,10 @@ token borrowed from EOS, if it had none) is restored afterwards.
 
 :func:`generate_sequential` is the one-prompt-at-a-time reference (no padding at all); greedy
 decoding gives the same tokens as :func:`generate` up to floating-point ties.
+
+:func:`generate_from_ids` takes prompts already tokenised (``lori.data.tokenize.tokenize_prompts``
+under ``protocol: official``: no BOS, the official over-length rule) and returns the new token ids;
+its ``max_length`` counts prompt + generated tokens per prompt (bigcode's ``max_length_generation``).
 """
 
 from __future__ import annotations
@@ -64,16 +68,18 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     return ids
 
 
-def _trim(ids: torch.Tensor, eos_ids: set[int], pad_id: int | None) -> TokenIds:
-    """Token ids before the first EOS, without the trailing padding of finished rows."""
-    out = []
+def _trim(ids: torch.Tensor, eos_ids: set[int], pad_id: int | None,
+          keep_eos: bool = False) -> TokenIds:
+    """Token ids before the first EOS (and it, with ``keep_eos``), without trailing padding."""
+    out, eos = [], []
     for token in ids.tolist():
         if token in eos_ids:
+            eos = [token] if keep_eos else []
             break
         out.append(token)
     while out and out[-1] == pad_id:
         out.pop()
-    return out
+    return out + eos
 
 
 def _generate_kwargs(do_sample: bool, temperature: float, top_p: float,
@@ -207,3 +213,97 @@ def generate_sequential(
     """Greedy one-at-a-time reference path (used by tests and the benchmark); new text only."""
     ids = generate_sequential_token_ids(model, tokenizer, prompts, max_new_tokens, stop, progress)
     return [_decode(tokenizer, seq, stop) for seq in ids]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows padded on the left to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def _generate_id_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       rows: Sequence[Sequence[int]], budgets: Sequence[int],
+                       stop: Sequence[str] | None, keep_eos: bool, pad_id: int,
+                       gen_kwargs: dict[str, Any]) -> list[TokenIds]:
+    """One left-padded batch of token rows; each row's new ids cut to its own budget."""
+    n = gen_kwargs["num_return_sequences"]
+    top = max(budgets)
+    if top <= 0:  # no room at all (bigcode returns the prompt itself: an empty completion)
+        return [[] for _ in range(len(rows) * n)]
+    ids, mask = _left_pad(rows, pad_id)
+    criteria = [StopOnStrings(tokenizer, stop, ids.shape[1])] if stop else None
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         pad_token_id=pad_id, stopping_criteria=criteria,
+                         **{**gen_kwargs, "max_new_tokens": top})
+    new = out[:, ids.shape[1]:].cpu()
+    eos_ids = _eos_ids(model, tokenizer)
+    return [_trim(new[j, :max(budgets[j // n], 0)], eos_ids, pad_id, keep_eos)
+            for j in range(new.shape[0])]
+
+
+def generate_from_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256, batch_size: int = 8,
+    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+    num_return_sequences: int = 1, max_length: int | None = None,
+    stop: Sequence[str] | None = None, keep_eos: bool = False, progress: bool = False,
+    seed: int | None = None,
+) -> list[list[TokenIds]]:
+    """Generate from prompts given as token ids (left-padded batches, longest first).
+
+    Args:
+        model: a causal LM (put in eval mode for the call; its mode is restored).
+        tokenizer: its tokenizer (pad id, EOS and the stop strings' decoding).
+        prompt_ids: one token list per prompt, used as given (no special tokens added).
+        max_new_tokens: generation budget per sequence.
+        batch_size: prompts per ``model.generate`` call.
+        do_sample: sample (``top_k`` 0: nucleus only) or greedy decode.
+        temperature: sampling temperature (only with ``do_sample``).
+        top_p: nucleus threshold (only with ``do_sample``).
+        num_return_sequences: samples per prompt (``> 1`` needs ``do_sample``).
+        max_length: a limit on prompt + new tokens per prompt (each prompt gets
+            ``min(max_new_tokens, max_length - len(prompt))`` new tokens, none if that is <= 0).
+        stop: stop strings: a sequence stops generating once its new text contains one (the
+            returned ids are NOT cut at them: cut the decoded text).
+        keep_eos: keep the EOS token that ended a sequence as its last id.
+        progress: show a tqdm bar.
+        seed: ``torch.manual_seed`` before generating.
+
+    Returns:
+        For each prompt (input order), ``num_return_sequences`` lists of new token ids, cut at the
+        first EOS (excluded unless ``keep_eos``) and at the prompt's budget.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    gen_kwargs = _generate_kwargs(do_sample, temperature, top_p, num_return_sequences,
+                                  max_new_tokens)
+    budgets = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p))
+               for p in prompt_ids]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    n = num_return_sequences
+    results: list[list[TokenIds]] = [[] for _ in prompt_ids]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[start:start + batch_size]
+            rows = _generate_id_batch(model, tokenizer, [prompt_ids[i] for i in idx],
+                                      [budgets[i] for i in idx], stop, keep_eos, pad_id,
+                                      gen_kwargs)
+            for j, i in enumerate(idx):
+                results[i] = rows[j * n:(j + 1) * n]
+    finally:
+        model.train(was_training)
+    return results

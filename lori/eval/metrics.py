@@ -9,7 +9,7 @@ padding before ``update``: the metric cannot tell repeats from real items).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -36,13 +36,19 @@ class ExactMatch(Metric):
 
     ``update(preds, targets)``: ``preds`` are generated texts (prompt excluded), ``targets`` the
     gold answers (``"... #### 42"`` or ``"42"``).  ``compute()`` returns the accuracy.
+
+    Args:
+        correct: ``correct(pred, target) -> bool`` for one item: lori's
+            :func:`~lori.eval.answers.gsm8k_correct` (default) or the official rule
+            :func:`~lori.eval.answers.official_gsm8k_correct`.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, correct: Callable[[str, str], bool] = gsm8k_correct, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.correct_fn = correct
         _count_state(self, "correct")
         _count_state(self, "total")
 
@@ -50,7 +56,7 @@ class ExactMatch(Metric):
         """Add a batch of generations and their gold answers."""
         if len(preds) != len(targets):
             raise ValueError(f"{len(preds)} predictions but {len(targets)} targets")
-        self.correct += sum(gsm8k_correct(p, t) for p, t in zip(preds, targets))
+        self.correct += sum(bool(self.correct_fn(p, t)) for p, t in zip(preds, targets))
         self.total += len(preds)
 
     def compute(self) -> torch.Tensor:

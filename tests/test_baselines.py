@@ -14,7 +14,14 @@ from torch.utils.data import DataLoader
 
 import lori.module
 from lori import baselines
-from lori.baselines import LORI_METHODS, METHODS, PEFT_METHODS, BaselineOptionsError, kept_ranks, peft_handle
+from lori.baselines import (
+    LORI_METHODS,
+    METHODS,
+    PEFT_METHODS,
+    BaselineOptionsError,
+    kept_ranks,
+    peft_handle,
+)
 from lori.cli import main, parse_config
 from lori.core import AdapterFileError, LoRIConfig, load_adapter, merge_lori, unmerge_lori
 from lori.dryrun import method_size

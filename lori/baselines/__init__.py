@@ -16,7 +16,7 @@
     full           every base weight                    none                                HF model dir
 
 Every method reads r, alpha, dropout, target modules and seed from the same ``LoRIConfig`` (the
-fields each one uses: ``methods.READS``), and its own options from ``model.baseline``
+fields each one uses: ``lori.baselines.methods``), and its own options from ``model.baseline``
 (``BaselineOptions``), so a config differs from another only in ``method`` (and those options).
 ``lora_frozen_a`` is the paper's "limiting case" of LoRI (Sec. 2.1: a single task and zero
 sparsity reduce LoRI to LoRA-FA): frozen A, plain AdamW on B. ``lora_fa`` is the LoRA-FA optimizer
@@ -35,7 +35,6 @@ from lori.baselines.methods import (
     METHODS,
     OPTIONS,
     PEFT_METHODS,
-    READS,
     BaselineOptions,
     BaselineOptionsError,
     check_method,
@@ -49,7 +48,7 @@ from lori.baselines.saving import is_saved_key, peft_state, save_full_model, sav
 from lori.core import LoRIConfig, inject_lori
 
 __all__ = [
-    "LORI_METHODS", "METHODS", "OPTIONS", "PEFT_METHODS", "READS", "AdaLoraBudget", "BaselineOptions",
+    "LORI_METHODS", "METHODS", "OPTIONS", "PEFT_METHODS", "AdaLoraBudget", "BaselineOptions",
     "BaselineOptionsError", "PeftHandle", "attach", "attach_peft", "build_optimizer", "check_method",
     "check_method_options", "is_saved_key", "kept_ranks", "orthogonality_penalty", "peft_config",
     "peft_handle", "peft_state", "resolved_options", "save_full_model", "save_peft_adapter", "target_paths",

@@ -9,8 +9,11 @@ An option that does not apply to the method is refused before anything loads:
   but ``lori`` (every shipped config carries the defaults, which stay accepted; ``sparsity: 0`` is
   accepted too: no method other than LoRI sparsifies).
 
-The ``model.lori`` fields a method has no use for (IA3 has no rank; VeRA no alpha) are listed in
-``READS`` and not checked: the embedded configs share one ``model.lori`` block across methods.
+The ``model.lori`` fields a method has no use for are not checked, since the embedded configs
+share one ``model.lori`` block across methods: IA3 reads only ``target_modules`` (no rank, alpha or
+dropout), VeRA has no ``alpha``, full fine-tuning reads none; every other method reads r, alpha,
+dropout, target_modules and seed (AdaLoRA: r is the initial rank; PiSSA: the seed only matters for
+the randomized SVD).
 """
 
 from __future__ import annotations
@@ -29,15 +32,6 @@ PEFT_METHODS: tuple[str, ...] = (
 )
 METHODS: tuple[str, ...] = (*LORI_METHODS, *PEFT_METHODS, "full")
 
-_RANKED = frozenset({"r", "alpha", "dropout", "target_modules", "seed"})
-READS: dict[str, frozenset[str]] = {  # the model.lori fields each method uses
-    "lori": frozenset(LoRIConfig.__dataclass_fields__),
-    **{m: _RANKED for m in ("lora_frozen_a", "lora", "dora", "lora_fa", "adalora", "rslora", "pissa",
-                           "loraplus")},
-    "vera": frozenset({"r", "dropout", "target_modules", "seed"}),  # no alpha: lambda_b, lambda_d scale
-    "ia3": frozenset({"target_modules"}),  # one learned vector per module: no rank, no dropout
-    "full": frozenset(),
-}
 LORI_ONLY: tuple[str, ...] = ("sparsity", "granularity")
 
 

@@ -159,28 +159,42 @@ def check_method_options(method: str, lori: LoRIConfig, options: BaselineOptions
         _check_range(name, value, lori)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+RULES: dict[str, tuple[Any, str]] = {  # option -> (is the value allowed?, what it must be)
+    "loraplus_lr_ratio": (lambda v: _number(v) and v > 0, "> 0"),
+    "d_initial": (_number, "a finite number"),
+    "projection_prng_key": (lambda v: _count(v, -(2**63)), "an int"),
+    "target_r": (lambda v: _count(v, 1), "a positive int"),
+    "tinit": (lambda v: _count(v, 0), "an int >= 0"),
+    "tfinal": (lambda v: _count(v, 0), "an int >= 0"),
+    "delta_t": (lambda v: _count(v, 1), "a positive int"),
+    "beta1": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    "beta2": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    "orth_reg_weight": (lambda v: _number(v) and v >= 0, ">= 0"),
+    "pissa_niter": (lambda v: _count(v, 1), "a positive int"),
+}
+
+
 def _check_range(name: str, value: Any, lori: LoRIConfig) -> None:
-    positive_int = ("target_r", "delta_t", "pissa_niter")
-    ok = {
-        "loraplus_lr_ratio": lambda v: isinstance(v, int | float) and v > 0 and math.isfinite(v),
-        "d_initial": lambda v: isinstance(v, int | float) and math.isfinite(v),
-        "projection_prng_key": lambda v: isinstance(v, int),
-        "feedforward_modules": lambda v: bool(v) and set(v) <= set(lori.target_modules),
-        "tinit": lambda v: isinstance(v, int) and v >= 0,
-        "tfinal": lambda v: isinstance(v, int) and v >= 0,
-        "beta1": lambda v: 0 < v < 1,
-        "beta2": lambda v: 0 < v < 1,
-        "orth_reg_weight": lambda v: v >= 0,
-        **{k: (lambda v: isinstance(v, int) and v > 0) for k in positive_int},
-    }[name](value)
-    if name == "target_r" and ok and value > lori.r:
-        raise BaselineOptionsError(f"model.baseline.target_r={value} exceeds the initial rank model.lori.r={lori.r}")
-    if not ok:
-        rule = {"feedforward_modules": f"a non-empty subset of target_modules {list(lori.target_modules)}",
-                "beta1": "in (0, 1)", "beta2": "in (0, 1)", "orth_reg_weight": ">= 0", "tinit": "an int >= 0",
-                "tfinal": "an int >= 0", "loraplus_lr_ratio": "> 0", "d_initial": "a finite number",
-                "projection_prng_key": "an int"}.get(name, "a positive int")
+    if name == "feedforward_modules":
+        if not value or not set(value) <= set(lori.target_modules):
+            raise BaselineOptionsError(
+                f"model.baseline.feedforward_modules must be a non-empty subset of target_modules "
+                f"{list(lori.target_modules)}, got {value!r}"
+            )
+        return
+    allowed, rule = RULES[name]
+    if not allowed(value):
         raise BaselineOptionsError(f"model.baseline.{name} must be {rule}, got {value!r}")
+    if name == "target_r" and value > lori.r:
+        raise BaselineOptionsError(f"model.baseline.target_r={value} exceeds the initial rank model.lori.r={lori.r}")
 
 
 def resolved_options(method: str, lori: LoRIConfig, options: BaselineOptions) -> dict[str, Any]:

@@ -14,6 +14,13 @@ Meta tensors hold no values, so LoRI-S cannot be calibrated here; its size does 
 values though: calibration keeps exactly ``keep_count(n, s) = n - round(s * n)`` entries of each
 group (``lori.core.masks``), which is what is summed.
 
+A config whose ``model.method`` is a baseline (``lori.baselines``) also gets that method's count:
+its adapter is built on the meta device by ``lori.baselines.attach(..., shapes_only=True)`` and its
+trainable tensors counted (PiSSA's SVD does not run: its tensors are LoRA's; VeRA's shared
+projections are built, they are small). On Llama-3-8B, r = 32, all seven projections: LoRA / rsLoRA
+/ PiSSA / LoRA+ 83,886,080; AdaLoRA 83,893,248 (+ E); DoRA 85,262,336; LoRA-FA and LoRI-D
+44,040,192; IA3 1,703,936; VeRA 1,383,424 (the paper's 84M, 85M, 44M, 1.70M, 1.38M).
+
 Percentages are ``trainable / (base parameters + adapter entries A and B)``, the denominator of
 PEFT's ``print_trainable_parameters`` (the paper's "# Params (%)" column matches it); the percentage
 of the base model alone is reported too. The memory estimate is explained in ``estimate_memory``
@@ -106,6 +113,38 @@ def adapter_shape(arch: str, r: int, targets: tuple[str, ...]) -> AdapterShape:
         layers=cfg.num_hidden_layers,
         vocab=cfg.vocab_size,
     )
+
+
+def _entries(model: Any) -> int:
+    """Parameters and buffers of a model, each shared tensor once."""
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+@lru_cache(maxsize=64)
+def method_size(
+    arch: str, method: str, r: int, targets: tuple[str, ...], options: tuple[tuple[str, Any], ...] = ()
+) -> tuple[int, int]:
+    """(trainable entries, entries the adapter adds) of ``method`` on ``arch``, on the meta device.
+
+    Args:
+        arch: an architecture config (``configs/arch`` name or folder).
+        method: a ``lori.baselines.METHODS`` name.
+        r: rank (AdaLoRA: initial rank; unused by IA3 and full fine-tuning).
+        targets: target module names.
+        options: the method's ``model.baseline`` options as sorted (key, value) pairs.
+    """
+    from lori.baselines import BaselineOptions, attach  # PEFT; kept out of module import time
+
+    model = build_from_arch_config(arch, device="meta")
+    before = _entries(model)
+    opts = BaselineOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in options})
+    attach(model, method, LoRIConfig(r=r, target_modules=list(targets), sparsity=0.0), opts, shapes_only=True)
+    return count_trainable(model), _entries(model) - before
+
+
+def _option_items(baseline: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    items = {k: tuple(v) if isinstance(v, list) else v for k, v in (baseline or {}).items() if v is not None}
+    return tuple(sorted(items.items()))
 
 
 def sparse_trainable(b_by_path: tuple[tuple[str, int], ...], sparsity: float, granularity: str) -> int:
@@ -240,8 +279,9 @@ def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -
         trainer_preset: a YAML whose ``trainer:`` keys replace the config's (``configs/trainer/*.yaml``).
 
     Returns:
-        model, arch, r, alphas, learning rates, epochs, global batch, base parameters, trainable
-        entries and percentages of LoRI-D and LoRI-S, the device plan and memory estimates (GiB).
+        method, its trainable entries and percentage (of base + adapter entries), model, arch, r,
+        alphas, learning rates, epochs, global batch, base parameters, trainable entries and
+        percentages of LoRI-D and LoRI-S, the device plan and memory estimates (GiB).
     """
     cfg = _load(config_path, trainer_preset)
     model, data, trainer, pipe = cfg["model"], cfg["data"], cfg["trainer"], cfg["pipeline"]
@@ -253,7 +293,15 @@ def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -
     total = shape.base_params + shape.a_entries + sum(n for _, n in shape.b_by_path)
     plan = plan_of(trainer, model["dtype"], data["batch_size"], data["max_length"])
     world_batch = data["batch_size"] * plan.world * int(trainer.get("accumulate_grad_batches") or 1)
+    method = model.get("method", "lori")
+    if method == "lori":
+        trainable, added = dense, total - shape.base_params
+    else:
+        trainable, added = method_size(arch, method, lori.r, tuple(lori.target_modules),
+                                       _option_items(model.get("baseline")))
     return {
+        "method": method, "trainable": trainable,
+        "percent": 100 * trainable / (shape.base_params + added),
         "config": str(config_path), "model": model["model"], "arch": Path(arch).name, "r": lori.r,
         "alpha": lori.alpha, "sparse_alpha": pipe.get("sparse_alpha") or lori.alpha,
         "sparsity": lori.sparsity, "granularity": lori.granularity, "seed": lori.seed,
@@ -289,6 +337,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{_millions(row['trainable_lori_s']):>6} ({row['percent_lori_s']:.2f}%)  "
             f"{row['memory_gib_lori_d']['total']:>6.1f}/{row['memory_gib_lori_s']['total']:<6.1f}  "
             f"{plan['strategy']} x{plan['world']}{' +ckpt' if plan['checkpointing'] else ''}"
+            + (f"  {row['method']}: {_millions(row['trainable'])} ({row['percent']:.2f}%)"
+               if row.get("method", "lori") != "lori" else "")
         )
     return "\n".join(lines)
 

@@ -259,8 +259,12 @@ def _read_adapter(directory: Path) -> Adapter:
 
 
 def adaptation_of(adapter: Adapter) -> str:
-    """``lori_d`` / ``lori_s`` for a seeded, frozen A (LoRI, LoRA-FA), else ``lora``."""
-    frozen_A = adapter.meta.get("method", "lori") in ("lori", "lora_fa") and adapter.config.seed >= 0
+    """``lori_d`` / ``lori_s`` for a seeded, frozen A (LoRI, lora_frozen_a), else ``lora``.
+
+    ``lora_fa`` is the old name of lora_frozen_a in lori adapter dirs (seed >= 0); PEFT LoRA-FA
+    dirs carry no LoRI seed (-1) and read as ``lora``.
+    """
+    frozen_A = adapter.meta.get("method", "lori") in ("lori", "lora_frozen_a", "lora_fa") and adapter.config.seed >= 0
     if not frozen_A:
         return "lora"
     return "lori_s" if adapter.masks is not None else "lori_d"

@@ -1,10 +1,11 @@
 """LoRIModule: the LightningModule that holds an adapted causal LM and trains its adapter.
 
 The nn.Module is built outside (``lori.models``) and adapted by ``lori.baselines.attach``: LoRI
-(the default), or a baseline (LoRA, DoRA, LoRA-FA, full fine-tuning) with the same data, loss and
-optimizer settings. This class only adds the loss, logging and the optimizer over the trainable
-tensors (dense B in LoRI-D, the kept entries in LoRI-S). Phase changes (calibration, the LoRI-S
-reset) belong to ``lori.callbacks``.
+(the default), or a baseline (``lori.baselines``: LoRA, DoRA, LoRA-FA, VeRA, IA3, AdaLoRA, rsLoRA,
+PiSSA, LoRA+, full fine-tuning) with the same data, loss and optimizer settings. This class only
+adds the loss, logging and the optimizer over the trainable tensors (dense B in LoRI-D, the kept
+entries in LoRI-S; LoRA+ and LoRA-FA bring their own optimizers, AdaLoRA its penalty and rank
+schedule). Phase changes (calibration, the LoRI-S reset) belong to ``lori.callbacks``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from lori.core import (
     base_fingerprint,
     count_trainable,
     save_adapter,
-    trainable_parameters,
 )
 from lori.models import load_base_model, tiny_llama
 from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
@@ -55,10 +55,15 @@ class LoRIModule(L.LightningModule):
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
         dtype: weight dtype of the base model (``float32``, ``bfloat16``).
         cache_dir: where converted GGUF models are cached (default ``~/.cache/lori/models``).
-        method: ``lori`` (A frozen from the seed, B trained), ``lora`` (A and B trained, PEFT),
-            ``dora`` (PEFT DoRA), ``lora_fa`` (LoRI with sparsity 0: the LoRI-D stage alone) or
-            ``full`` (every base weight trained). r, alpha, dropout, targets and seed come from ``lori``.
+        method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
+            0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
+            ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``) or ``full`` (every base weight
+            trained); the table is in ``lori.baselines``. r, alpha, dropout, targets and seed come
+            from ``lori``.
         lori: the adapter's hyperparameters (rank, alpha, dropout, targets, sparsity, granularity, seed).
+        baseline: options of the baselines that have their own (``lori.baselines.BaselineOptions``:
+            LoRA+'s lr ratio, VeRA's d_initial, IA3's feed-forward modules, AdaLoRA's schedule,
+            PiSSA's SVD iterations); an option of another method is refused.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (applies only to trainable, i.e. kept, entries).
         betas: AdamW betas.
@@ -80,8 +85,10 @@ class LoRIModule(L.LightningModule):
         gguf_file: str | None = None,
         dtype: str = "float32",
         cache_dir: str | None = None,
-        method: Literal["lori", "lora", "dora", "lora_fa", "full"] = "lori",
+        method: Literal["lori", "lora_frozen_a", "lora", "dora", "lora_fa", "vera", "ia3", "adalora", "rslora",
+                        "pissa", "loraplus", "full"] = "lori",
         lori: LoRIConfig = LoRIConfig(),  # noqa: B008 - a frozen-by-convention default
+        baseline: baselines.BaselineOptions = baselines.BaselineOptions(),  # noqa: B008 - never mutated
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -93,13 +100,17 @@ class LoRIModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.lori_config = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
-        self.save_hyperparameters(ignore=["lori"])
-        self.check_options(dict(self.hparams) | {"lori": self.lori_config.to_dict()})
+        self.baseline = baselines.BaselineOptions.from_value(baseline)
+        self.save_hyperparameters(ignore=["lori", "baseline"])
+        # before the model loads: method options, clipping, protocol
+        self.check_options(dict(self.hparams) | {"lori": self.lori_config, "baseline": self.baseline})
         self.model, self.tokenizer = build_model(model, gguf_file, dtype, cache_dir)
         targets = baselines.target_paths(self.model, self.lori_config.target_modules)
         self.fingerprint = base_fingerprint(self.model, targets)  # before any weight is wrapped or trained
-        self.lori_config = baselines.attach(self.model, method, self.lori_config)
+        self.lori_config = baselines.attach(self.model, method, self.lori_config, self.baseline)
         self.hparams["lori"] = self.lori_config.to_dict()  # plain types: checkpoints load weights_only
+        self.hparams["baseline"] = self.baseline.given()
+        self.method_options = baselines.resolved_options(method, self.lori_config, self.baseline)
         self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
         self.phase = "dense"  # "dense" (LoRI-D) or "sparse" (LoRI-S); set by the callbacks
         self.strict_loading = method == "full"  # adapter checkpoints hold only the adapter, not the frozen base
@@ -109,8 +120,12 @@ class LoRIModule(L.LightningModule):
         """Validate parsed ``model:`` options before anything loads (names the bad value)."""
         lori = options.get("lori") if hasattr(options, "get") else None
         if lori is not None and not isinstance(lori, LoRIConfig):
-            LoRIConfig.from_dict(dict(lori))
-        baselines.check_method(options.get("method", "lori"))
+            lori = LoRIConfig.from_dict(dict(lori))
+        baseline = options.get("baseline") if hasattr(options, "get") else None
+        if baseline is not None and not isinstance(baseline, baselines.BaselineOptions):
+            baseline = dict(baseline)
+        baselines.check_method_options(options.get("method", "lori"), lori or LoRIConfig(),
+                                       baselines.BaselineOptions.from_value(baseline))
         if options.get("gradient_clipping", "global") not in ("global", "per_tensor"):
             raise ValueError(f"gradient_clipping must be 'global' or 'per_tensor', got {options.get('gradient_clipping')!r}")
         if check_protocol(options.get("protocol", "lori")) == "official":
@@ -144,6 +159,10 @@ class LoRIModule(L.LightningModule):
                 f"(phase {self.phase}); the last good checkpoint is kept"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self.hparams.method == "adalora":  # AdaLoRA trains on loss + its orthogonality penalty
+            penalty = baselines.orthogonality_penalty(self.model)
+            self.log("train/orth_penalty", penalty, batch_size=batch["input_ids"].shape[0])
+            loss = loss + penalty
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -158,13 +177,17 @@ class LoRIModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        params = trainable_parameters(self.model)
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        optimizer = baselines.build_optimizer(hp.method, self.model, hp.lr, hp.weight_decay, tuple(hp.betas),
+                                              self.method_options)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = _lr_lambda(hp.scheduler, hp.warmup_steps, total, hp.get("protocol", "lori"))
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """AdaLoRA's rank schedule runs as a Callback of every fit of an ``adalora`` module."""
+        return [baselines.AdaLoraBudget()] if self.hparams.method == "adalora" else []
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -190,11 +213,13 @@ class LoRIModule(L.LightningModule):
     def save_adapter(
         self, directory: str | Path, stage: str = "fit", extra: dict[str, Any] | None = None
     ) -> Path:
-        """Write what was trained: a lori adapter dir (lori, lora_fa), a PEFT adapter dir (lora,
-        dora) or a Hugging Face model dir (full), with the base fingerprint and a few facts."""
+        """Write what was trained: a lori adapter dir (lori, lora_frozen_a), a PEFT adapter dir (the
+        PEFT methods) or a Hugging Face model dir (full), with the base fingerprint and a few facts."""
         method = self.hparams.method
         meta = {"method": method, "stage": stage, "global_step": self.global_step,
                 "trainable": count_trainable(self.model)} | dict(extra or {})
+        if self.method_options:
+            meta["options"] = self.method_options
         name, fingerprint = self.hparams.model, self.fingerprint
         if method in baselines.LORI_METHODS:
             return save_adapter(adapter_from_model(self.model, self.lori_config, name, meta, fingerprint), directory)

@@ -81,6 +81,20 @@ def pipeline_case(edit: Callable[[dict, Path], None]) -> Callable[[Path], list[s
     return build
 
 
+def fit_case(method: str, lori: dict | None = None, baseline: dict | None = None) -> Callable[[Path], list[str]]:
+    """``lori fit`` of a baseline on the tiny config (model.lori fields / model.baseline options set)."""
+    def build(tmp: Path) -> list[str]:
+        cfg = tiny_config(tmp)
+        cfg.pop("pipeline")
+        cfg["model"]["method"] = method
+        cfg["model"]["lori"].update(lori or {})
+        if baseline is not None:
+            cfg["model"]["baseline"] = baseline
+        cfg["trainer"].update(max_steps=1, default_root_dir=str(tmp / OUT))
+        return ["fit", "--config", str(write_config(tmp, cfg))]
+    return build
+
+
 def write_file(tmp: Path, name: str, text: str) -> str:
     (tmp / name).write_text(text)
     return str(tmp / name)
@@ -179,6 +193,15 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
         ["global_batch_size 6", "world size 2"]),
     "ZeRO-3 for a multi-stage command": (pipeline_case(lambda c, t: c["trainer"].update(strategy={
         "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}})), ["ZeRO-3"]),
+    # baselines (lori fit): a method that does not exist, an option that does not apply to the method
+    "unknown method": (fit_case("qlora"), ["qlora"]),
+    "sparsity for VeRA": (fit_case("vera", lori={"sparsity": 0.5}), ["sparsity=0.5", "vera"]),
+    "AdaLoRA option for LoRA": (fit_case("lora", baseline={"target_r": 8}), ["target_r", "adalora"]),
+    "unknown baseline option": (fit_case("vera", baseline={"rank": 3}), ["rank"]),
+    "IA3 feed-forward module that is not a target": (fit_case(
+        "ia3", lori={"target_modules": ["q_proj", "v_proj"]}, baseline={"feedforward_modules": ["down_proj"]}),
+        ["feedforward_modules", "down_proj"]),
+    "AdaLoRA target rank above the initial rank": (fit_case("adalora", baseline={"target_r": 9}), ["target_r=9"]),
     # data
     "empty dataset file": (pipeline_case(lambda c, t: c["data"].update(train_file=write_file(t, "e.jsonl", ""))),
                            ["no records"]),

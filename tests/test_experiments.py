@@ -22,15 +22,30 @@ def load(name: str):
 
 
 def test_single_task(tmp_path):
-    results = load("single_task").main(["--tiny", "--out", str(tmp_path)])
+    """Each kind of method (LoRI pipeline, PEFT LoRA, own optimizer, AdaLoRA schedule, PiSSA conversion,
+    VeRA, full fine-tuning) trains, saves, reloads and is measured; one more in its own process."""
+    some = ["lori", "lora", "lora_fa", "adalora", "pissa", "vera", "full"]
+    results = load("single_task").main(["--tiny", "--in-process", "--out", str(tmp_path), "--methods", *some])
     rows = {r["method"]: r for r in results["rows"]}
-    assert set(rows) == {"base", "LoRI-D", "LoRI-S", "LoRA"}
+    assert set(rows) == {"base", "LoRI-D", "LoRI-S", *some[1:]}
     assert rows["LoRI-S"]["trainable"] == round(0.1 * rows["LoRI-D"]["trainable"])
-    assert rows["LoRA"]["trainable"] > rows["LoRI-D"]["trainable"]  # LoRA also trains A
-    for method in ("LoRI-D", "LoRI-S", "LoRA"):
-        assert rows[method]["loss/gsm8k"] < rows["base"]["loss/gsm8k"]  # each learned something
+    assert rows["lora_fa"]["trainable"] == rows["LoRI-D"]["trainable"] < rows["lora"]["trainable"]  # A frozen
+    assert rows["pissa"]["trainable"] == rows["lora"]["trainable"] < rows["full"]["trainable"]
+    assert rows["vera"]["trainable"] < rows["LoRI-D"]["trainable"]
+    for name, row in rows.items():
+        if name != "base":
+            assert row["steps"] == 3 and row["median_step_s"] > 0 and row["memory_mib"] is not None, name
+    for method in ("LoRI-D", "LoRI-S", "lora", "lora_fa", "pissa"):
+        assert rows[method]["loss/gsm8k"] < rows["base"]["loss/gsm8k"], method  # each learned something
+    table = (tmp_path / "single_task.md").read_text()
+    assert all(f"| {name} |" in table for name in rows) and "RSS growth" in table
     assert (tmp_path / "single_task.png").is_file()
-    assert json.loads((tmp_path / "single_task.json").read_text())["rows"]
+    assert json.loads((tmp_path / "single_task.json").read_text())["rows"] == results["rows"]
+    # the default: a process per method (ia3 runs now, vera is read back from vera/rows.json)
+    again = load("single_task").main(["--tiny", "--out", str(tmp_path), "--methods", "vera", "ia3"])
+    assert [r["method"] for r in again["rows"]] == ["base", "vera", "ia3"]
+    assert again["rows"][1]["loss/gsm8k"] == rows["vera"]["loss/gsm8k"]
+    assert again["memory"] == "peak RSS" and again["rows"][2]["memory_mib"] > 100  # the process, base model included
 
 
 def _merge_root(tmp_path_factory) -> Path:

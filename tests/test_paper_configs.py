@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy, St
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
+from lori.baselines import OPTIONS
 from lori.cli import parse_config, parse_continual_config
 from lori.continual import ContinualConfig, ContinualConfigError
 from lori.core import LoRIConfig, calibrate, get_B, inject_lori
@@ -387,3 +388,86 @@ def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
     alphas = [json.loads((out / s / "adapter_config.json").read_text())["lora_alpha"] for s in ("lori_d", "lori_s")]
     assert alphas == [32, 64]  # the two alphas of Table 5
     assert summary["lori_s"]["trainable"] == keep_count(summary["lori_d"]["trainable"], 0.9)
+
+
+# ---- baselines: Tables 1, 2, 11, 12 (configs/paper/baselines) ---------------------------------
+BASELINES = sorted((ROOT / "configs" / "paper" / "baselines").glob("*.yaml"))
+BASELINE_TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
+BASELINE_METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa",
+                    "loraplus"]
+# "# Params (%)" and results of Llama-3-8B, r = 32 (Tables 11 and 12; FFT, LoRA, DoRA also Tables 1, 2);
+# lora_frozen_a is a second reading of the LoRA-FA row
+ROW = {"full": "FFT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "ia3": "IA3", "lora_fa": "LoRA-FA",
+       "lora_frozen_a": "LoRA-FA", "adalora": "AdaLoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "loraplus": "LoRA+"}
+BASELINE_PARAMS = {"FFT": "8.03G (100%)", "LoRA": "84M (1.03%)", "DoRA": "85M (1.05%)", "VeRA": "1.38M (0.02%)",
+                   "IA3": "1.70M (0.02%)", "LoRA-FA": "44M (0.54%)", "AdaLoRA": "84M (1.03%)",
+                   "rsLoRA": "84M (1.03%)", "PiSSA": "84M (1.03%)", "LoRA+": "84M (1.03%)"}
+TABLE_11_AVG = {"FFT": 83.1, "LoRA": 87.1, "VeRA": 69.8, "IA3": 79.5, "LoRA-FA": 87.0, "AdaLoRA": 86.4,
+                "rsLoRA": 82.3, "PiSSA": 80.7, "LoRA+": 78.5, "DoRA": 87.1}
+TABLE_12 = {  # GSM8K, HumanEval pass@1, pass@5, pass@10, HEx-PHI
+    "FFT": (58.8, 30.5, 39.3, 41.7, 94.8), "LoRA": (64.4, 34.7, 46.4, 50.8, 91.6), "VeRA": (30.6, 32.4, 45.1, 50.9, 74.7),
+    "IA3": (48.0, 32.7, 45.6, 51.5, 85.4), "LoRA-FA": (64.8, 42.9, 57.5, 64.2, 94.1),
+    "AdaLoRA": (63.3, 33.5, 45.0, 49.4, 91.9), "rsLoRA": (61.3, 28.4, 35.5, 38.3, 98.1),
+    "PiSSA": (61.3, 32.0, 40.3, 43.3, 97.8), "LoRA+": (61.7, 33.0, 42.7, 46.0, 98.8), "DoRA": (65.4, 33.1, 44.0, 48.6, 93.6),
+}
+
+
+def _baseline_key(path: Path) -> tuple[str, str]:
+    """(task, method) of configs/paper/baselines/llama3_8b_r32_<task>_<method>.yaml."""
+    task, method = re.fullmatch(r"llama3_8b_r32_(nlu|gsm8k|codealpaca|saferpaca)_(\w+)", path.stem).groups()
+    return task, method
+
+
+def test_every_baseline_of_tables_11_and_12_has_a_config():
+    assert {_baseline_key(p) for p in BASELINES} == {(t, m) for t in BASELINE_TASKS for m in BASELINE_METHODS}
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=_ids)
+def test_baseline_config_is_lori_d_with_another_method(path):
+    """Sec. 3.1: "the same hyperparameters for PEFT baselines as for LoRI-D" - model, data, trainer, epochs."""
+    task, method = _baseline_key(path)
+    cfg, ref = parse_config(path), parse_config(ROOT / "configs" / "paper" / f"llama3_8b_r32_{task}.yaml")
+    mine, theirs = cfg["model"].as_dict(), ref["model"].as_dict()
+    assert mine.pop("method") == method and theirs.pop("method") == "lori"
+    given = {k: v for k, v in mine.pop("baseline").items() if v is not None}
+    theirs.pop("baseline")
+    assert set(given) <= set(OPTIONS.get(method, ()))
+    assert mine == theirs and cfg["data"] == ref["data"]
+    trainer, ref_trainer = cfg["trainer"].as_dict(), ref["trainer"].as_dict()
+    extra = {k for k in trainer if trainer[k] != ref_trainer.get(k)}
+    assert extra == {"max_epochs", "callbacks", "logger"}
+    assert cfg["trainer"]["max_epochs"] == ref["pipeline"]["dense_epochs"] == TASK_OF_TABLE[task][1]
+    save = cfg["trainer"]["callbacks"][0]
+    assert save["class_path"] == "lori.callbacks.SaveAdapter"
+    assert save["init_args"]["directory"] == f"runs/paper/{method}/llama3_8b_r32_{task}"
+    text = path.read_text()
+    assert f"lori fit --config configs/paper/baselines/{path.name}" in text
+    assert f"Trainable parameters (paper): {BASELINE_PARAMS[ROW[method]]};" in text
+    if task == "nlu":
+        assert f"{TABLE_11_AVG[ROW[method]]:.1f}\n" in text
+    else:
+        gsm, p1, p5, p10, hexphi = TABLE_12[ROW[method]]
+        want = {"gsm8k": f"{ROW[method]} {gsm:.1f}", "codealpaca": f"{ROW[method]} {p1:.1f} / {p5:.1f} / {p10:.1f}",
+                "saferpaca": f"{ROW[method]} {hexphi:.1f}"}[task]
+        assert want in text
+
+
+def test_lora_merge_inputs_are_written_by_the_lora_baseline_configs():
+    outputs = {parse_config(p)["trainer"]["callbacks"][0]["init_args"]["directory"] for p in BASELINES}
+    llama_lora = {a for p in MERGE if p.stem.startswith("llama3_8b") and p.stem.endswith("_lora")
+                  for a in yaml.safe_load(p.read_text())["adapters"]}
+    assert llama_lora and llama_lora <= outputs
+
+
+def _paper_format(n: int) -> str:
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_baseline_dry_run_counts_match_the_paper(method):
+    row = dry_run(ROOT / "configs" / "paper" / "baselines" / f"llama3_8b_r32_gsm8k_{method}.yaml")
+    count, pct = BASELINE_PARAMS[ROW[method]].split()
+    pct = float(pct.strip("(%)"))
+    assert row["method"] == method and _paper_format(row["trainable"]) == count
+    assert abs(row["percent"] - pct) < 0.006  # of base + adapter entries, as PEFT prints it
+    assert f"{method}: " in format_table([row])

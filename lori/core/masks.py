@@ -33,6 +33,10 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "qu
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
+class CalibrationError(ValueError):
+    """B that no mask can be calibrated from: NaN / inf entries, or a group that is all zero."""
+
+
 def layer_index(path: str) -> int | None:
     """Decoder-block number in a module path (``model.layers.3.mlp.up_proj`` -> 3)."""
     match = _LAYER_RE.search(path)
@@ -228,7 +232,7 @@ def _calibrate_group(group: dict[str, Tensor], sparsity: float) -> dict[str, Ten
     hist = _histogram([p.keys for p in parts], _HIGH_BINS)
     if int(hist[_NONFINITE_HIGH:].sum()):
         bad = next(p for p in group if not torch.isfinite(group[p].float()).all())
-        raise ValueError(f"B of {bad!r} holds NaN or inf; cannot calibrate a mask from it")
+        raise CalibrationError(f"B of {bad!r} holds NaN or inf; cannot calibrate a mask from it")
     high, n_above = _select_digit(hist, k)
     for part in parts:
         _gather_bucket(part, high)
@@ -236,7 +240,7 @@ def _calibrate_group(group: dict[str, Tensor], sparsity: float) -> dict[str, Ten
     threshold, n_above = (high << 16) | low, n_above + above_low
     if threshold == 0 and n_above == 0:  # the k-th largest |b| is 0 and none is larger: all zero
         paths = list(group)
-        raise ValueError(
+        raise CalibrationError(
             f"every B entry of the group ({len(paths)} tensors, {paths[0]!r} ... {paths[-1]!r}, {n:,} entries) "
             "is zero: a mask calibrated from it would keep entries by position only; train B first (LoRI-D)"
         )

@@ -95,9 +95,10 @@ def _check_trainer_options(trainer: Any) -> None:
             raise LoRIConfigError(f"trainer.{name} must be >= 0 or -1 (no limit), got {value}")
 
 
-def check_run_options(cfg: Any, subcommand: str | None) -> None:
+def check_run_options(cfg: Any, subcommand: str | None, runs: bool = True) -> None:
     """Every cheap check of a parsed config, before anything loads: data, optimizer, trainer and the
-    pipeline's stage budgets. Raises a USER_ERRORS exception naming the bad value."""
+    pipeline's stage budgets; with ``runs`` (not a parse-only check of a config whose inputs may not
+    exist yet) also the continual phases' files. Raises a USER_ERRORS exception naming the bad value."""
     TaskDataModule.check_options(cfg["data"])
     if cfg.get("task_data") is not None:
         TaskDataModule.check_options(cfg["task_data"])
@@ -108,7 +109,7 @@ def check_run_options(cfg: Any, subcommand: str | None) -> None:
         if pipe.validate and cfg["data"].get("held_out") == 0:
             raise DataError("data.held_out is 0 but pipeline.validate is true: the held-out loss needs held-out "
                             "examples (set data.held_out > 0, or pipeline.validate: false)")
-    if subcommand is None and cfg.get("continual") is not None:
+    if subcommand is None and cfg.get("continual") is not None and runs:
         ContinualConfig(**cfg["continual"]).check()
 
 
@@ -161,7 +162,7 @@ class LoRICLI(LightningCLI):
                 "DeepSpeed ZeRO-3 partitions the model in a way lori cannot hand from one stage to the next: "
                 "run lori pipeline / lori continual with configs/trainer/fsdp.yaml (ZeRO-3 serves lori fit)"
             )
-        check_run_options(cfg, self.subcommand)
+        check_run_options(cfg, self.subcommand, runs=self.runs_stages)
         world = _configured_world_size(cfg.get("trainer") or {})
         if cfg["data"].get("global_batch_size") is not None and world is not None:
             accumulation_steps(cfg["data"]["global_batch_size"], cfg["data"]["batch_size"], world)  # before any output

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from conftest import make_tiny_llama
+from torch.overrides import TorchFunctionMode
 
 from lori.core import (
     LoRIConfig,
@@ -137,7 +137,7 @@ def test_calibration_threshold_bucket_holds_every_entry():
 class _HostTransferSpy(TorchFunctionMode):
     """Records every call that would copy a tensor of more than ``allowed`` elements to host memory."""
 
-    HOST = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__}
+    HOST = (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__)
 
     def __init__(self, allowed: int) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -168,8 +169,8 @@ def _high_half(b: Tensor) -> Tensor:
 def _parts(group: dict[str, Tensor]) -> list[_Part]:
     """The group's tensors (in path order) as runs of one device, each with its key buffer."""
     runs: list[list[str]] = []
-    for path in group:
-        if runs and group[runs[-1][0]].device == group[path].device:
+    for path, b in group.items():
+        if runs and group[runs[-1][0]].device == b.device:
             runs[-1].append(path)
         else:
             runs.append([path])
@@ -210,7 +211,7 @@ def _gather_bucket(part: _Part, high: int) -> None:
     starts = torch.tensor(part.offsets, device=index.device)
     bounds = torch.searchsorted(index, starts).tolist()  # one small transfer: a count per tensor
     bits = []
-    for t, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+    for t, (lo, hi) in enumerate(pairwise(bounds)):
         if hi > lo:
             values = part.tensors[t].detach().reshape(-1)[index[lo:hi] - part.offsets[t]]
             bits.append(values.float().view(torch.int32) & 0x7FFFFFFF)

@@ -148,6 +148,8 @@ class TaskDataModule(L.LightningDataModule):
             raise DataError(f"data.max_length must be >= 2 tokens (a prompt and an answer token), got {get('max_length')}")
         if get("num_workers") is not None and get("num_workers") < 0:
             raise DataError(f"data.num_workers must be >= 0 (0 = load in the main process), got {get('num_workers')}")
+        if get("template") is not None and get("template") not in TEMPLATES:
+            raise DataError(f"unknown template {get('template')!r}; choose one of {list(TEMPLATES)}")
         held = get("held_out")
         if isinstance(held, float) and not 0.0 <= held < 1.0 or isinstance(held, int) and held < 0:
             raise DataError(f"data.held_out must be a count >= 0 or a fraction in [0, 1), got {held}")

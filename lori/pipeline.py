@@ -271,8 +271,8 @@ def run_pipeline(
     summary: dict[str, Any] = {"pipeline": asdict(cfg), "model": module.hparams.model,
                                "lori": module.lori_config.to_dict()}
     lori = module.lori_config
-    say(f"lori pipeline: {module.hparams.model}, LoRI r={lori.r} alpha={lori.alpha} sparsity {lori.sparsity} "
-        f"-> {out}")
+    say(f"LoRI-D -> calibration -> LoRI-S on {module.hparams.model}: r={lori.r}, alpha={lori.alpha}, "
+        f"sparsity {lori.sparsity} ({lori.granularity}); files in {out}")
     masks = run_dense(module, datamodule, make_trainer, cfg, summary, config_text)
     run_sparse(module, datamodule, make_trainer, cfg, masks, summary, config_text)
     summary["paths"] = {

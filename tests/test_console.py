@@ -43,10 +43,12 @@ def test_pipeline_prints_stage_lines_a_step_bar_and_the_users_warning_only(tmp_p
     for noise in CHATTER:
         assert noise not in text, (noise, text[-3000:])
     assert "site-packages" not in text  # no warning raised (and located) inside a dependency
-    warning_lines = [line for line in res.stderr.splitlines() if "Warning" in line or "warn(" in line]
-    assert warning_lines and all(USER_WARNING in line or "warnings.warn" in line for line in warning_lines), warning_lines
-    for line in ("lori pipeline: tiny-llama", "LoRI-D: 2 steps on 8 examples, 2,048 trainable (float32 base",
-                 "LoRI-D done in", "calibration at step 2: kept 205 of 2,048 B entries", "LoRI-S: 2 steps on 8",
+    warnings_shown = [line for line in res.stderr.splitlines() if "Warning" in line or "warn(" in line]
+    assert warnings_shown, "the user's warning is missing"
+    assert all(USER_WARNING in line or "warnings.warn" in line for line in warnings_shown), warnings_shown
+    for line in ("LoRI-D -> calibration -> LoRI-S on tiny-llama: r=4",
+                 "LoRI-D: 2 steps on 8 examples, 2,048 trainable (float32 base", "LoRI-D done in",
+                 "calibration at step 2: kept 205 of 2,048 B entries", "LoRI-S: 2 steps on 8",
                  "LoRI-S done in", "2/2 steps", "loss "):
         assert line in res.stderr, (line, res.stderr[-3000:])
     assert "Epoch" not in res.stderr

@@ -94,6 +94,9 @@ def calibrate(
 
     Returns:
         Bool masks of the same shapes and devices, by module path.
+
+    Raises:
+        CalibrationError: a B holds NaN / inf, or every B of a group is zero (nothing to rank).
     """
     if not b_tensors:
         raise ValueError("calibrate got no B tensors")
@@ -113,9 +116,9 @@ def _one_cpu_thread(active: bool) -> Iterator[None]:
 
     Calibration's ops are many and small (one B matrix, a few MB, per op). On a CPU shared with
     other busy processes every multi-threaded op waits for its slowest thread: on 2 loaded cores,
-    two threads made calibration of Llama-3-8B-sized B 10x slower than one (2.5x vs 0.2x one
-    ``torch.topk`` of all entries, experiments/bench_calibration.py), while on idle cores one
-    thread costs little.
+    two threads made calibration of a quarter of Llama-3-8B's B (11M entries) 10x slower than one
+    (2.5x vs 0.2x one ``torch.topk`` of the same entries, experiments/bench_calibration.py), while
+    on idle cores one thread costs little.
     """
     before = torch.get_num_threads()
     if not active or before == 1:

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import diagnostics, dryrun, eval_command, merging, run_lock
+from lori import console, diagnostics, dryrun, eval_command, merging, progress, run_lock
 from lori.callbacks import SaveAdapter, Unshard
 from lori.checkpoint_io import with_atomic_checkpoints
 from lori.core import (
@@ -36,6 +38,7 @@ from lori.core import (
     NonFiniteError,
 )
 from lori.core.atomic_files import disk_full_message
+from lori.core.masks import CalibrationError
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
 from lori.continual import ContinualConfig, ContinualConfigError, run_continual
@@ -61,7 +64,9 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,
   dryrun     trainable parameters and memory of a config on the meta device (no weights, no GPU)
   diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
 
-`lori <subcommand> --help` lists every option with its default.
+`lori <subcommand> --help` lists every option with its default. lori prints a line per stage, a
+progress bar and a summary; `--verbose` (anywhere, or LORI_VERBOSE=1) shows Lightning's, transformers'
+and datasets' own logs, warnings, model summaries and loading bars as well.
 """
 
 
@@ -69,11 +74,57 @@ USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,
 USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
     DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
-    ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError,
+    ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError, CalibrationError,
 )
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
 PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
+
+
+def _check_optimizer_options(model: Any) -> None:
+    """AdamW's own range checks, run before the model loads instead of at the first fit."""
+    if model.get("weight_decay", 0.0) < 0:
+        raise LoRIConfigError(f"model.weight_decay must be >= 0, got {model.get('weight_decay')}")
+    betas = model.get("betas") or (0.9, 0.999)
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise LoRIConfigError(f"model.betas must both be in [0, 1), got {list(betas)}")
+
+
+def _check_trainer_options(trainer: Any) -> None:
+    """Trainer values that Lightning would refuse (or divide by) only once a Trainer is built."""
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise LoRIConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        raise LoRIConfigError(f"trainer.gradient_clip_val must be >= 0 (or null: no clipping), got {clip}")
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise LoRIConfigError(f"trainer.devices must be >= 1, -1 (all) or auto, got {devices}")
+    for name in ("max_steps", "max_epochs"):
+        value = trainer.get(name)
+        if value is not None and value < -1:
+            raise LoRIConfigError(f"trainer.{name} must be >= 0 or -1 (no limit), got {value}")
+
+
+def check_run_options(cfg: Any, subcommand: str | None, runs: bool = True) -> None:
+    """Every cheap check of a parsed config, before anything loads: data, optimizer, trainer and the
+    pipeline's stage budgets; with ``runs`` (not a parse-only check of a config whose inputs may not
+    exist yet) also the continual phases' files. Raises a USER_ERRORS exception naming the bad value."""
+    TaskDataModule.check_options(cfg["data"])
+    if cfg.get("task_data") is not None:
+        TaskDataModule.check_options(cfg["task_data"])
+    _check_optimizer_options(cfg["model"])
+    _check_trainer_options(cfg.get("trainer") or {})
+    if subcommand is None and cfg.get("pipeline") is not None:
+        pipe = PipelineConfig(**cfg["pipeline"])
+        if pipe.validate and cfg["data"].get("held_out") == 0:
+            raise DataError("data.held_out is 0 but pipeline.validate is true: the held-out loss needs held-out "
+                            "examples (set data.held_out > 0, or pipeline.validate: false)")
+    if subcommand is None and cfg.get("continual") is not None and runs:
+        ContinualConfig(**cfg["continual"]).check()
 
 
 def _is_zero3(trainer: Any) -> bool:
@@ -128,6 +179,7 @@ class LoRICLI(LightningCLI):
                 "DeepSpeed ZeRO-3 partitions the model in a way lori cannot hand from one stage to the next: "
                 "run lori pipeline / lori continual with configs/trainer/fsdp.yaml (ZeRO-3 serves lori fit)"
             )
+        check_run_options(cfg, self.subcommand, runs=self.runs_stages)
         world = _configured_world_size(cfg.get("trainer") or {})
         if cfg["data"].get("global_batch_size") is not None and world is not None:
             accumulation_steps(cfg["data"]["global_batch_size"], cfg["data"]["batch_size"], world)  # before any output
@@ -146,6 +198,10 @@ class LoRICLI(LightningCLI):
             return None  # (a Trainer built here would bind the YAML's strategy object to itself)
         trainer = (self.config_init.get(self.subcommand) or self.config_init).get("trainer") or {}
         kwargs.setdefault("plugins", with_atomic_checkpoints(trainer.get("plugins"), trainer.get("strategy")))
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        kwargs.setdefault("callbacks", callbacks + progress.for_trainer(self.subcommand, trainer, callbacks))
+        kwargs.update(console.trainer_overrides(trainer))
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, **kwargs: Any) -> None:
@@ -212,6 +268,13 @@ def parse_configs(*paths: str | Path) -> Any:
     return _ParseOnlyCLI(LoRIModule, TaskDataModule, run=False, args=args, save_config_callback=None).config
 
 
+def _dump(cli: LightningCLI) -> str:
+    """The resolved config as YAML, None values included (saved beside each stage's adapter)."""
+    if "skip_unset" in inspect.signature(cli.parser.dump).parameters:  # jsonargparse >= 4.49
+        return cli.parser.dump(cli.config, skip_unset=False)
+    return cli.parser.dump(cli.config, skip_none=False)
+
+
 def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
     """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
 
@@ -240,6 +303,8 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
         kwargs["enable_checkpointing"] = checkpoint
         kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
         kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
+        extra += progress.for_trainer(stage, kwargs, extra + list(callbacks))  # steps of this stage, its loss
+        kwargs.update(console.trainer_overrides(kwargs))
         return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
 
     return make
@@ -256,7 +321,7 @@ def pipeline(argv: list[str]) -> dict[str, Any]:
     trainer_config = cli.config_init["trainer"]
     out = Path(cfg.output_dir)
     make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every)
-    config_text = cli.parser.dump(cli.config, skip_none=False)
+    config_text = _dump(cli)
     summary = run_pipeline(cli.model, cli.datamodule, make, cfg, config_text)
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
@@ -301,7 +366,7 @@ def continual(argv: list[str]) -> dict[str, Any]:
     task_data.set_tokenizer(cli.model.tokenizer)
     task_data.validate()  # the task's data is checked before the safety phase trains
     make = make_trainer_factory({**cli.config_init["trainer"]}, Path(cfg.output_dir), cfg.checkpoint_every)
-    config_text = cli.parser.dump(cli.config, skip_none=False)
+    config_text = _dump(cli)
     summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
     if rank_zero_only.rank == 0:
         print(format_continual(summary))
@@ -325,7 +390,8 @@ def parse_continual_config(path: str | Path) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lori`` command; input errors end with one line and exit code 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = console.pop_verbose(list(sys.argv[1:] if argv is None else argv))
+    console.configure(verbose)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -346,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
             LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
     except USER_ERRORS as err:
         print(f"lori: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MisconfigurationException as err:  # a Trainer setting Lightning refuses
+        print(f"lori: error: trainer: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except ArgumentError as err:  # a config or command-line option the parser refuses
         print(f"lori: error: {' '.join(str(err).split())}", file=sys.stderr)

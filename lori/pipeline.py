@@ -27,9 +27,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import run_lock
+from lori import progress, run_lock
 from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
 from lori.checkpoint_io import resume_checkpoint
+from lori.console import say
 from lori.core import (
     LoRIConfigError,
     apply_adapter,
@@ -79,6 +80,29 @@ class PipelineConfig:
     checkpoint_every: int = 20
     validate: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse budgets that cannot train (raises LoRIConfigError naming the value)."""
+        for name, steps, epochs in (("dense", self.dense_steps, self.dense_epochs),
+                                    ("sparse", self.sparse_steps, self.sparse_epochs)):
+            if epochs is not None and epochs < 1:
+                raise LoRIConfigError(f"pipeline.{name}_epochs must be >= 1 (or null to count steps), got {epochs}")
+            if epochs is None and steps < 1:
+                why = ("LoRI-D must train B before a mask can be calibrated from it (B starts at zero)"
+                       if name == "dense" else "LoRI-S trains B from zero inside the mask")
+                raise LoRIConfigError(f"pipeline.{name}_steps must be >= 1, got {steps}: {why}")
+        at = self.calibrate_at_step
+        if at is not None and (at < 1 or self.dense_epochs is None and at > self.dense_steps):
+            raise LoRIConfigError(f"pipeline.calibrate_at_step must be in [1, dense_steps={self.dense_steps}] "
+                                  f"(or null: at the end of LoRI-D), got {at}")
+        if self.checkpoint_every < 1:
+            raise LoRIConfigError(f"pipeline.checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
+        for name in ("sparse_lr", "sparse_alpha"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LoRIConfigError(f"pipeline.{name} must be > 0 (or null: LoRI-D's), got {value}")
+        if not str(self.output_dir).strip():
+            raise LoRIConfigError("pipeline.output_dir is empty: name a directory for the run's files")
+
 
 TrainerFactory = Callable[..., L.Trainer]
 
@@ -110,7 +134,36 @@ def _reuse_stage(module: LoRIModule, directory: Path, summary: dict[str, Any], s
     adapter = load_adapter(directory)
     apply_adapter(module.model, adapter)
     summary[stage] = adapter.meta.get("summary", {}) | {"reused": True}
+    say(f"{progress.stage_name(stage)}: finished in an earlier run, reusing {directory}")
     return True
+
+
+def _dtypes(module: LoRIModule) -> str:
+    """``float32 base, float32 adapter``: the dtypes of the frozen and the trained weights."""
+    frozen = next((p.dtype for p in module.model.parameters() if not p.requires_grad), None)
+    trained = next((p.dtype for p in module.model.parameters() if p.requires_grad), None)
+    return ", ".join(f"{str(dtype).removeprefix('torch.')} {what}"
+                     for dtype, what in ((frozen, "base"), (trained, "adapter")) if dtype is not None)
+
+
+def _stage_line(module: LoRIModule, datamodule: L.LightningDataModule, stage: str, max_steps: int,
+               max_epochs: int | None, ckpt: str | None, trainable: int) -> str:
+    """``LoRI-D: 20 steps on 1,287 examples, 2,488,320 trainable (float32 base, float32 adapter)``."""
+    budget = f"{max_epochs} epoch{'s' * (max_epochs != 1)}" if max_epochs is not None else f"{max_steps} steps"
+    data = getattr(datamodule, "train_dataset", None)
+    examples = f" on {len(data):,} examples" if data is not None else ""
+    resume = f"; resuming from {ckpt}" if ckpt else ""
+    return f"{progress.stage_name(stage)}: {budget}{examples}, {trainable:,} trainable ({_dtypes(module)}){resume}"
+
+
+def _done_line(stage: str, stats: dict[str, Any]) -> str:
+    """``LoRI-D done in 41 s: held-out loss 1.5012 -> 0.9388``."""
+    loss = ""
+    if "val_loss_after" in stats:
+        before = stats.get("val_loss_before")
+        loss = f": held-out loss {before:.4f} -> {stats['val_loss_after']:.4f}" if before is not None else (
+            f": held-out loss {stats['val_loss_after']:.4f}")
+    return f"{progress.stage_name(stage)} done in {stats['train_seconds']:.0f} s ({stats['steps']} steps){loss}"
 
 
 def _fit_stage(
@@ -121,6 +174,7 @@ def _fit_stage(
     """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
     ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt", module)
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
+    say(_stage_line(module, datamodule, stage, max_steps, max_epochs, ckpt, stats["trainable"]))
     if cfg.validate and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
     trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback], max_epochs=max_epochs)
@@ -131,6 +185,7 @@ def _fit_stage(
     stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
     if cfg.validate:
         stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
+    say(_done_line(stage, stats))
     return trainer.global_step, stats
 
 
@@ -167,6 +222,9 @@ def run_dense(
         calib.calibrate(make_trainer(stage="eval", max_steps=-1, callbacks=[], logger=False, checkpoint=False), module)
     stats["calibration"] = {"sparsity": lori.sparsity, "granularity": lori.granularity, "step": step,
                             "density": mask_density(calib.masks)}
+    kept, total = sum(int(m.sum()) for m in calib.masks.values()), sum(m.numel() for m in calib.masks.values())
+    say(f"calibration at step {step}: kept {kept:,} of {total:,} B entries ({kept / max(1, total):.1%}; sparsity "
+        f"{lori.sparsity}, granularity {lori.granularity}) -> {mask_file}")
     _save_stage(module, "lori_d", step, stats, d_dir, summary, config_text)
     return calib.masks
 
@@ -220,6 +278,9 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"pipeline": asdict(cfg), "model": module.hparams.model,
                                "lori": module.lori_config.to_dict()}
+    lori = module.lori_config
+    say(f"LoRI-D -> calibration -> LoRI-S on {module.hparams.model}: r={lori.r}, alpha={lori.alpha}, "
+        f"sparsity {lori.sparsity} ({lori.granularity}); files in {out}")
     masks = run_dense(module, datamodule, make_trainer, cfg, summary, config_text)
     run_sparse(module, datamodule, make_trainer, cfg, masks, summary, config_text)
     summary["paths"] = {

@@ -1,6 +1,7 @@
 """The bad-input catalogue: every case across the codebase stops with ONE clear line
 (``lori: error: ...`` naming the problem, exit code 2, no traceback) and writes no output
-(no file beside those a case planted)."""
+(no file beside those a case planted). Cases in EARLY stop before the model is even built (the values
+are checked on the parsed config)."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def merge_case(edit: Callable[[dict, Path], None]) -> Callable[[Path], list[str]
     return build
 
 
-def continual_case(tmp: Path, **continual: str) -> list[str]:
+def continual_case(tmp: Path, **continual) -> list[str]:
     cfg = tiny_config(tmp)
     del cfg["pipeline"]
     cfg["task_data"] = dict(cfg["data"])
@@ -175,6 +176,19 @@ def finished_stage_with_nan(cfg: dict, tmp: Path) -> None:
 def diagnose_case(tmp: Path) -> list[str]:
     a, b = tiny_adapter(tmp / "a"), poisoned(tiny_adapter(tmp / "b"), float("inf"))
     return ["diagnose", "--adapters", str(a), str(b), "--output", str(tmp / OUT)]
+
+
+def fit_args_case(*args: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        cfg = tiny_config(tmp)
+        cfg["trainer"]["default_root_dir"] = str(tmp / OUT)
+        return ["fit", "--config", str(write_config(tmp, cfg)), *args]
+    return build
+
+
+def pipeline_option(section: str, key: str, value) -> Callable[[Path], list[str]]:
+    """A pipeline case changing one value, as a user would on the command line."""
+    return pipeline_case(lambda c, t: c[section].update({key: value}))
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
@@ -240,7 +254,46 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     # two runs in one directory
     "output directory in use by another run": (pipeline_case(lambda c, t: another_run_holds(t)),
                                                ["in use by another run", "pid 4242 on node7", "a.yaml"]),
+    # budgets and sizes a new user might type (each checked on the parsed config, before loading)
+    "LoRI-D of zero steps (a mask from B = 0)": (pipeline_option("pipeline", "dense_steps", 0), ["dense_steps", "0"]),
+    "negative LoRI-D steps": (pipeline_option("pipeline", "dense_steps", -5), ["dense_steps", "-5"]),
+    "LoRI-S of zero steps": (pipeline_option("pipeline", "sparse_steps", 0), ["sparse_steps", "0"]),
+    "zero LoRI-D epochs": (pipeline_option("pipeline", "dense_epochs", 0), ["dense_epochs", "0"]),
+    "negative LoRI-S epochs": (pipeline_option("pipeline", "sparse_epochs", -1), ["sparse_epochs", "-1"]),
+    "calibration after LoRI-D ends": (pipeline_option("pipeline", "calibrate_at_step", 100),
+                                      ["calibrate_at_step", "100"]),
+    "checkpoint every -1 steps": (pipeline_option("pipeline", "checkpoint_every", -1), ["checkpoint_every", "-1"]),
+    "negative LoRI-S learning rate": (pipeline_option("pipeline", "sparse_lr", -0.01), ["sparse_lr", "-0.01"]),
+    "LoRI-S alpha 0": (pipeline_option("pipeline", "sparse_alpha", 0), ["sparse_alpha"]),
+    "empty output directory": (pipeline_option("pipeline", "output_dir", " "), ["output_dir"]),
+    "negative batch size": (pipeline_option("data", "batch_size", -1), ["batch_size", "-1"]),
+    "batch size 0": (pipeline_option("data", "batch_size", 0), ["batch_size", "0"]),
+    "eval_batch_size 0": (pipeline_option("data", "eval_batch_size", 0), ["eval_batch_size", "0"]),
+    "max_length 0": (pipeline_option("data", "max_length", 0), ["max_length", "0"]),
+    "negative held-out count": (pipeline_option("data", "held_out", -3), ["held_out", "-3"]),
+    "held-out fraction above 1": (pipeline_option("data", "held_out", 1.5), ["held_out", "1.5"]),
+    "no held-out examples to validate on": (pipeline_option("data", "held_out", 0), ["held_out", "validate"]),
+    "negative num_workers": (pipeline_option("data", "num_workers", -1), ["num_workers", "-1"]),
+    "zero training examples": (pipeline_option("data", "max_train_examples", 0), ["max_train_examples", "0"]),
+    "negative learning rate": (pipeline_option("model", "lr", -1e-4), ["lr", "-0.0001"]),
+    "negative weight decay": (pipeline_option("model", "weight_decay", -0.1), ["weight_decay", "-0.1"]),
+    "AdamW beta of 1.5": (pipeline_option("model", "betas", [1.5, 0.999]), ["betas", "1.5"]),
+    "accumulate_grad_batches 0": (pipeline_option("trainer", "accumulate_grad_batches", 0),
+                                  ["accumulate_grad_batches", "0"]),
+    "negative gradient clipping": (pipeline_option("trainer", "gradient_clip_val", -1.0), ["gradient_clip_val"]),
+    "zero devices": (pipeline_option("trainer", "devices", 0), ["devices", "0"]),
+    "lori fit of -5 steps": (fit_args_case("--trainer.max_steps", "-5"), ["max_steps", "-5"]),
+    "lori fit with batch size 0": (fit_args_case("--data.batch_size", "0"), ["batch_size", "0"]),
+    "continual task phase of zero steps": (lambda t: continual_case(t, task_steps=0, task_mask=None),
+                                           ["task_steps"]),
 }
+
+# cases refused on the parsed config: the base model is never built
+EARLY = {name for name in CASES if name.startswith((
+    "unknown config key", "sparsity 1.5", "rank 0", "unknown granularity", "unknown dtype", "world size",
+    "ZeRO-3", "LoRI-D of", "negative", "LoRI-S of", "zero", "calibration after", "checkpoint every", "LoRI-S alpha",
+    "empty output", "batch size", "eval_batch_size", "max_length 0", "held-out fraction", "no held-out", "AdamW",
+    "accumulate", "lori fit", "continual", "unknown template"))}
 
 
 def files_under(directory: Path) -> set[Path]:
@@ -248,10 +301,14 @@ def files_under(directory: Path) -> set[Path]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys, monkeypatch):
     build, fragments = CASES[name]
     argv = build(tmp_path)
     planted = files_under(tmp_path / OUT)
+    if name in EARLY:
+        def no_loading(*args, **kwargs):
+            raise AssertionError(f"{name!r} should stop before the model loads")
+        monkeypatch.setattr("lori.module.build_model", no_loading)
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as info:
@@ -269,8 +326,9 @@ def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys):
     assert not leftovers, leftovers  # no partial output (what the case planted aside)
 
 
-def test_the_catalogue_is_at_least_thirty_cases():
-    assert len(CASES) >= 30
+def test_the_catalogue_is_at_least_sixty_cases():
+    assert len(CASES) >= 60
+    assert len(EARLY) >= 30 and EARLY <= set(CASES)
 
 
 def test_pipeline_refuses_a_baseline_method(tmp_path, capsys):

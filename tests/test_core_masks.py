@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama
+from torch.overrides import TorchFunctionMode
 
 from lori.core import (
     LoRIConfig,
@@ -98,6 +99,90 @@ def test_calibration_refuses_nan_and_bad_sparsity():
         calibrate(_random_bs(), 1.0)
     with pytest.raises(ValueError, match="granularity"):
         calibrate(_random_bs(), 0.5, "row")
+
+
+def test_calibration_refuses_an_all_zero_group():
+    """B = 0 (LoRI-D trained nothing) carries no information: ties would be broken by position."""
+    zeros = {f"model.layers.{i}.self_attn.q_proj": torch.zeros(8, 4) for i in range(2)}
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="is zero.*by position"):
+        calibrate(zeros, 0.9)
+    assert torch.get_num_threads() == threads  # restored after calibration, even when it raises
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):  # the zero group, at matrix level
+        calibrate({**_random_bs(), "model.layers.1.mlp.up_proj": torch.zeros(24, 4)}, 0.9, "matrix")
+    # mostly zero but with some signal is fine: the nonzero entries are kept first
+    few = torch.zeros(8, 4)
+    few[3, 1] = -0.5
+    assert calibrate({"layers.0.q_proj": few}, 0.9)["layers.0.q_proj"][3, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_calibration_of_every_float_dtype_equals_the_reference(dtype):
+    bs = {p: t.to(dtype) for p, t in _random_bs(seed=3).items()}
+    ref = _reference({p: t.float() for p, t in bs.items()}, 0.9, "model")
+    masks = calibrate(bs, 0.9, "model")
+    assert all(torch.equal(masks[p], ref[p]) for p in bs)
+
+
+def test_calibration_threshold_bucket_holds_every_entry():
+    """All |b| share the high 15 bits (one pass-1 bucket): the low pass alone decides, exactly."""
+    g = torch.Generator().manual_seed(0)
+    bs = {f"layers.{i}.q_proj": 1.0 + torch.randint(0, 50, (16, 4), generator=g).float() * 2**-23
+          for i in range(3)}
+    masks = calibrate(bs, 0.75, "model")
+    ref = _reference(bs, 0.75, "model")
+    assert all(torch.equal(masks[p], ref[p]) for p in bs)
+
+
+class _HostTransferSpy(TorchFunctionMode):
+    """Records every call that would copy a tensor of more than ``allowed`` elements to host memory."""
+
+    HOST = (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__)
+
+    def __init__(self, allowed: int) -> None:
+        super().__init__()
+        self.allowed = allowed
+        self.transfers: list[str] = []
+        self.bincount_devices: set[torch.device] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if tensor is not None and tensor.numel() > self.allowed:
+            to_host = func is torch.Tensor.to and any(
+                str(a).startswith("cpu") for a in (*args[1:], kwargs.get("device")) if isinstance(a, str | torch.device)
+            )
+            if func in self.HOST or to_host:
+                self.transfers.append(f"{getattr(func, '__name__', func)} of {tuple(tensor.shape)}")
+        if func is torch.bincount:
+            self.bincount_devices.add(tensor.device)
+        return func(*args, **kwargs)
+
+
+def test_calibration_stays_on_the_device_of_b():
+    """No B-sized data is copied to the host (scalars and one count per tensor at most), and every
+    tensor calibration creates is on b's device.
+
+    Inside ``torch.device("meta")`` a tensor created without an explicit device would be a meta
+    tensor, and mixing it with b's (cpu) tensors or reading it fails; on a GPU the same code would
+    have made a host tensor and copied the histograms across every pass.
+    """
+    bs = _random_bs(with_ties=True)
+    spy = _HostTransferSpy(allowed=len(bs) + 1)
+    with torch.device("meta"), spy:
+        masks = calibrate(bs, 0.9, "model")
+    assert spy.transfers == []
+    assert spy.bincount_devices == {torch.device("cpu")}
+    assert all(m.device.type == "cpu" for m in masks.values())
+    assert all(torch.equal(masks[p], r) for p, r in _reference(bs, 0.9, "model").items())
+
+
+@pytest.mark.gpu
+def test_calibration_on_cuda_equals_cpu():
+    bs = _random_bs(with_ties=True)
+    cuda = calibrate({p: t.cuda() for p, t in bs.items()}, 0.9, "layer")
+    cpu = calibrate(bs, 0.9, "layer")
+    assert all(cuda[p].device.type == "cuda" and torch.equal(cuda[p].cpu(), cpu[p]) for p in bs)
 
 
 def test_calibration_on_44m_entries():

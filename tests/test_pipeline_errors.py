@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import lightning as L
 import pytest
 from pipeline_helpers import tiny_config, write_config
 
 from lori.cli import main
+from lori.core import get_B
 
 
 def _fails(tmp_path, capsys, config, *fragments):
@@ -76,3 +78,29 @@ def test_resume_checkpoint_from_another_adapter_shape(tmp_path, capsys):
     cfg["model"]["lori"]["r"] = 8
     _fails(tmp_path, capsys, cfg, "lori_A", "shape (4, 32)", "(8, 32)")
     assert sorted(p.name for p in run.rglob("*")) == written  # nothing new written
+
+
+class ZeroBAtTrainEnd(L.Callback):
+    """Leaves every B at zero when LoRI-D ends (before calibration runs), as an untrained LoRI-D would."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for b in get_B(pl_module.model).values():
+            b.data.zero_()
+
+
+def test_calibrating_from_an_all_zero_B_stops_with_one_line(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, validate=False)
+    cfg["trainer"]["callbacks"] = [{"class_path": "test_pipeline_errors.ZeroBAtTrainEnd"}]
+    err = _fails(tmp_path, capsys, cfg, "is zero", "by position only")
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lori: error: ")
+    assert not (tmp_path / "run" / "calibration" / "masks.safetensors").exists()
+
+
+def test_zero_dense_steps_stop_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lori.module.build_model", no_loading)
+    cfg = tiny_config(tmp_path, dense_steps=0)
+    _fails(tmp_path, capsys, cfg, "pipeline.dense_steps must be >= 1, got 0", "B starts at zero")
+    assert not (tmp_path / "run").exists()

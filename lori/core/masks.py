@@ -5,19 +5,25 @@ entries of largest |B| (at least one), where ``n`` is the group's entry count:
 
     M_t = 1[|B_t| >= tau],  tau = the s-quantile of |B| over the group
 
-The threshold is found by radix selection over the bit patterns of |B| (for non-negative
-IEEE floats, integer order of the bits equals numeric order), one tensor at a time: three
-histogram passes with ``torch.bincount``, no concatenated copy of all B, no sort and no
-``torch.quantile`` (which refuses inputs above 2^24 elements; Llama-3-8B has 44M B entries
-at r=32). Entries equal to the threshold are kept in a fixed order (groups' tensors by sorted
-module path, then row-major position) until exactly k are kept, so the result never depends
-on thread count or on the order of the input mapping.
+The threshold is found by radix selection over the bit patterns of |B| as float32 (for
+non-negative IEEE floats, integer order of the bits equals numeric order), one tensor at a time:
+one histogram (``torch.bincount``) of the high 15 bits of every entry, then one of the low 16
+bits of the few entries in the threshold's bucket. No concatenated copy of all B, no sort and no
+``torch.quantile`` (which refuses inputs above 2^24 elements; Llama-3-8B has 44M B entries at
+r=32); all work stays on the device B lives on. Entries equal to the threshold are kept in a
+fixed order (groups' tensors by sorted module path, then row-major position) until exactly k are
+kept, so the result never depends on thread count, device or the order of the input mapping.
+A group whose B is all zero (an untrained LoRI-D) is refused: its "mask" would be positions only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -27,8 +33,10 @@ from lori.core.finite import NonFiniteError, describe_non_finite
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-# (shift, bits) of the three radix passes over a 31-bit non-negative float pattern.
-_PASSES = ((20, 11), (10, 10), (0, 10))
+
+
+class CalibrationError(ValueError):
+    """B that no mask can be calibrated from: a group that is all zero (NaN / inf: NonFiniteError)."""
 
 
 def layer_index(path: str) -> int | None:
@@ -87,6 +95,10 @@ def calibrate(
 
     Returns:
         Bool masks of the same shapes and devices, by module path.
+
+    Raises:
+        NonFiniteError: a B holds NaN / inf.
+        CalibrationError: every B of a group is zero (nothing to rank).
     """
     if not b_tensors:
         raise ValueError("calibrate got no B tensors")
@@ -94,58 +106,172 @@ def calibrate(
     for path in sorted(b_tensors):
         groups.setdefault(group_of(path, granularity), []).append(path)
     masks: dict[str, Tensor] = {}
-    for paths in groups.values():
-        masks.update(_calibrate_group({p: b_tensors[p] for p in paths}, sparsity))
+    with _one_cpu_thread(all(b.device.type == "cpu" for b in b_tensors.values())):
+        for paths in groups.values():
+            masks.update(_calibrate_group({p: b_tensors[p] for p in paths}, sparsity))
     return {p: masks[p] for p in b_tensors}
 
 
-def _bits(b: Tensor) -> Tensor:
-    """|b| as int32 bit patterns (order-preserving for non-negative floats)."""
-    return b.detach().float().abs().view(torch.int32)
+@contextmanager
+def _one_cpu_thread(active: bool) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block (restored after it).
+
+    Calibration's ops are many and small (one B matrix, a few MB, per op). On a CPU shared with
+    other busy processes every multi-threaded op waits for its slowest thread: on 2 loaded cores,
+    two threads made calibration of a quarter of Llama-3-8B's B (11M entries) 10x slower than one
+    (2.5x vs 0.2x one ``torch.topk`` of the same entries, experiments/bench_calibration.py), while
+    on idle cores one thread costs little.
+    """
+    before = torch.get_num_threads()
+    if not active or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Calibration works on the 31-bit pattern of |b| as float32 (for non-negative IEEE floats, integer
+# order of the bits is numeric order), split into a high key (bits 16..30: exponent and the top 7
+# mantissa bits) and a low key (bits 0..15; zero for bfloat16).
+_HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16
+_NONFINITE_HIGH = 0x7F80  # high key of inf and NaN (exponent all ones)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@dataclass
+class _Part:
+    """Consecutive tensors of a group on one device, their high keys side by side in one buffer.
+
+    A few large ops over the buffer instead of several small ones per tensor: on a busy CPU every
+    multi-threaded op waits for its slowest thread, and on a GPU every op is a launch.
+    """
+
+    paths: list[str]
+    tensors: list[Tensor]
+    keys: Tensor  # (N,) int16: high keys of every entry, tensor after tensor, row-major
+    offsets: list[int]  # where each tensor starts in ``keys``, and N at the end
+    index: Tensor | None = None  # (m,) int64: positions in ``keys`` of the threshold bucket, increasing
+    bits: Tensor | None = None  # (m,) int32: their 31-bit patterns
+    bounds: list[int] | None = None  # where each tensor's entries start in ``index``, and m at the end
+
+
+def _high_half(b: Tensor) -> Tensor:
+    """The int16 holding sign, exponent and top mantissa bits of each float32 of ``b`` (a view when
+    possible), as a 2-D (rows, last dim) tensor."""
+    b = b.detach()
+    b = b.reshape(-1, b.shape[-1]) if b.dim() else b.reshape(1, 1)
+    if b.dtype == torch.bfloat16:  # bfloat16 is the high half of a float32
+        return b.contiguous().view(torch.int16)
+    b = b.float().contiguous()  # float16 / float64 are compared as float32, like the rest of the group
+    if _LITTLE_ENDIAN:  # the high half of each float32 is its second int16
+        return b.view(torch.int16)[:, 1::2]
+    return (b.view(torch.int32) >> 16).to(torch.int16)
+
+
+def _parts(group: dict[str, Tensor]) -> list[_Part]:
+    """The group's tensors (in path order) as runs of one device, each with its key buffer."""
+    runs: list[list[str]] = []
+    for path, b in group.items():
+        if runs and group[runs[-1][0]].device == b.device:
+            runs[-1].append(path)
+        else:
+            runs.append([path])
+    parts = []
+    for paths in runs:
+        halves = [_high_half(group[p]) for p in paths]
+        if len({h.shape[1] for h in halves}) == 1:  # e.g. every B is (out, r): one copy, no flattening
+            keys = torch.cat(halves).view(-1)
+        else:
+            keys = torch.cat([h.reshape(-1) for h in halves])
+        keys &= 0x7FFF  # drop the sign: |b|
+        offsets = [0]
+        for p in paths:
+            offsets.append(offsets[-1] + group[p].numel())
+        parts.append(_Part(paths, [group[p] for p in paths], keys, offsets))
+    return parts
+
+
+def _histogram(keys: list[Tensor], bins: int) -> Tensor:
+    """Counts of each key value over several 1-D int tensors, summed on the first one's device."""
+    hist = torch.zeros(bins, dtype=torch.int64, device=keys[0].device)
+    for key in keys:
+        counts = torch.bincount(key, minlength=bins)
+        hist += counts if counts.device == hist.device else counts.to(hist.device)
+    return hist
+
+
+def _select_digit(hist: Tensor, remaining: int) -> tuple[int, int]:
+    """Largest digit d with at least ``remaining`` entries at digits >= d, and the count above d."""
+    above = torch.flip(hist, [0]).cumsum(0)  # above[i]: entries at the i+1 largest digits
+    pos = int(torch.searchsorted(above, remaining))
+    return hist.numel() - 1 - pos, int(above[pos - 1]) if pos > 0 else 0
+
+
+def _gather_bucket(part: _Part, high: int) -> None:
+    """Positions and exact 31-bit patterns of the part's entries whose high key is ``high``."""
+    index = (part.keys == high).nonzero().squeeze(1)
+    starts = torch.tensor(part.offsets, device=index.device)
+    bounds = torch.searchsorted(index, starts).tolist()  # one small transfer: a count per tensor
+    bits = []
+    for t, (lo, hi) in enumerate(pairwise(bounds)):
+        if hi > lo:
+            values = part.tensors[t].detach().reshape(-1)[index[lo:hi] - part.offsets[t]]
+            bits.append(values.float().view(torch.int32) & 0x7FFFFFFF)
+    part.index, part.bounds = index, bounds
+    part.bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.int32, device=index.device)
 
 
 def _calibrate_group(group: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    for path, b in group.items():
-        if not torch.isfinite(b).all():
-            found = describe_non_finite(f"B of {path!r}", b)
-            raise NonFiniteError(f"{found}; cannot calibrate a mask from it")
-    n = sum(b.numel() for b in group.values())
+    """Masks keeping exactly k entries of a group (paths in sorted order): two radix passes.
+
+    Pass 1 histograms the high key of every entry; the bucket holding the k-th largest |b| is
+    found from the counts. Pass 2 histograms the low key of that bucket's entries only (a small
+    fraction), giving the exact 31-bit threshold. Everything stays on the tensors' devices; the
+    host reads only scalars and one count per tensor.
+    """
+    parts = _parts(group)
+    n = sum(p.offsets[-1] for p in parts)
     k = keep_count(n, sparsity)
-    threshold, n_above = _kth_largest_bits(group, k)
-    need = k - n_above  # entries equal to the threshold still to keep, in path/row order
+    hist = _histogram([p.keys for p in parts], _HIGH_BINS)
+    if int(hist[_NONFINITE_HIGH:].sum()):
+        bad = next(p for p in group if not torch.isfinite(group[p].float()).all())
+        found = describe_non_finite(f"B of {bad!r}", group[bad])
+        raise NonFiniteError(f"{found}; cannot calibrate a mask from it")
+    high, n_above = _select_digit(hist, k)
+    for part in parts:
+        _gather_bucket(part, high)
+    low, above_low = _select_digit(_histogram([p.bits & 0xFFFF for p in parts], _LOW_BINS), k - n_above)
+    threshold, n_above = (high << 16) | low, n_above + above_low
+    if threshold == 0 and n_above == 0:  # the k-th largest |b| is 0 and none is larger: all zero
+        paths = list(group)
+        raise CalibrationError(
+            f"every B entry of the group ({len(paths)} tensors, {paths[0]!r} ... {paths[-1]!r}, {n:,} entries) "
+            "is zero: a mask calibrated from it would keep entries by position only; train B first (LoRI-D)"
+        )
     masks: dict[str, Tensor] = {}
-    for path, b in group.items():
-        bits = _bits(b)
-        mask = bits > threshold
-        if need > 0:
-            ties = (bits == threshold).flatten().nonzero().squeeze(1)[:need]
-            mask.view(-1)[ties] = True
-            need -= ties.numel()
-        masks[path] = mask
+    need = k - n_above  # entries equal to the threshold still to keep, in path / row-major order
+    for part in parts:
+        need = _part_masks(part, high, threshold, need, masks)
     return masks
 
 
-def _kth_largest_bits(group: dict[str, Tensor], k: int) -> tuple[int, int]:
-    """Bit pattern of the k-th largest |B| in a group, and how many entries exceed it."""
-    prefix, prefix_shift, remaining, n_above = 0, 31, k, 0
-    for shift, width in _PASSES:
-        hist = torch.zeros(1 << width, dtype=torch.int64)
-        for b in group.values():
-            bits = _bits(b).flatten()
-            if prefix_shift < 31:
-                bits = bits[(bits >> prefix_shift) == prefix]
-            digits = (bits >> shift) & ((1 << width) - 1)
-            hist += torch.bincount(digits.cpu(), minlength=1 << width)
-        # walk the histogram from the largest digit down until `remaining` is covered
-        above = torch.flip(hist, [0]).cumsum(0)
-        pos = int(torch.searchsorted(above, remaining))
-        digit = (1 << width) - 1 - pos
-        count_above_digit = int(above[pos - 1]) if pos > 0 else 0
-        n_above += count_above_digit
-        remaining -= count_above_digit
-        prefix = (prefix << width) | digit
-        prefix_shift = shift
-    return prefix, n_above
+def _part_masks(part: _Part, high: int, threshold: int, need: int, masks: dict[str, Tensor]) -> int:
+    """Masks of a part's tensors: |b| > threshold, plus the first ``need`` ties; returns ties left."""
+    for t, (path, tensor) in enumerate(zip(part.paths, part.tensors)):
+        mask = part.keys[part.offsets[t]:part.offsets[t + 1]] > high  # (numel,) bool, its own storage
+        lo, hi = part.bounds[t], part.bounds[t + 1]
+        if hi > lo:  # the threshold bucket's entries of this tensor
+            index, bits = part.index[lo:hi] - part.offsets[t], part.bits[lo:hi]
+            mask[index[bits > threshold]] = True
+            if need > 0:
+                ties = index[bits == threshold][:need]
+                mask[ties] = True
+                need -= ties.numel()
+        masks[path] = mask.view(tensor.shape)
+    return need
 
 
 def mask_density(masks: Mapping[str, Tensor]) -> float:

@@ -168,6 +168,29 @@ class TaskDataModule(L.LightningDataModule):
         self.reports: dict[str, Any] = {}
         self._resume_batches = 0  # batches of the current epoch already trained (from a checkpoint)
 
+    @staticmethod
+    def check_options(options: Any) -> None:
+        """Refuse nonsense ``data:`` values before anything loads (raises DataError naming the value).
+
+        Args:
+            options: the parsed ``data:`` section (a mapping of this class's arguments).
+        """
+        get = options.get
+        for name in ("batch_size", "eval_batch_size", "global_batch_size", "max_train_examples"):
+            value = get(name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise DataError(f"data.{name} must be >= 1{'' if name == 'batch_size' else ' or null'}, "
+                                f"got {value}")
+        if get("max_length") is not None and get("max_length") < 2:
+            raise DataError(f"data.max_length must be >= 2 tokens (a prompt and an answer token), got {get('max_length')}")
+        if get("num_workers") is not None and get("num_workers") < 0:
+            raise DataError(f"data.num_workers must be >= 0 (0 = load in the main process), got {get('num_workers')}")
+        if get("template") is not None and get("template") not in TEMPLATES:
+            raise DataError(f"unknown template {get('template')!r}; choose one of {list(TEMPLATES)}")
+        held = get("held_out")
+        if isinstance(held, float) and not 0.0 <= held < 1.0 or isinstance(held, int) and held < 0:
+            raise DataError(f"data.held_out must be a count >= 0 or a fraction in [0, 1), got {held}")
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: how far into the current epoch training got."""
         trainer = getattr(self, "trainer", None)

@@ -68,6 +68,10 @@ def peft_lora_config(config: LoRIConfig, dora: bool) -> Any:
 def attach(model: nn.Module, method: str, config: LoRIConfig) -> LoRIConfig:
     """Make ``model`` trainable the way ``method`` says, in place.
 
+    The trained tensors are fp32 whatever the base's dtype: LoRI's A and B are created in fp32,
+    PEFT's LoRA / DoRA weights are upcast as ``get_peft_model(autocast_adapter_dtype=True)`` does;
+    ``full`` trains the base itself (``LoRIModule`` keeps it fp32 then).
+
     Returns:
         The effective config (``lora_fa`` is LoRI with sparsity 0).
     """
@@ -78,10 +82,12 @@ def attach(model: nn.Module, method: str, config: LoRIConfig) -> LoRIConfig:
         inject_lori(model, config)
     elif method in PEFT_METHODS:
         from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         with torch.random.fork_rng(devices=[]):  # A's Kaiming init from the config's seed
             torch.manual_seed(config.seed)
             inject_adapter_in_model(peft_lora_config(config, dora=method == "dora"), model)
+        cast_adapter_dtype(model, "default")  # a 16-bit base's adapter in fp32 (get_peft_model's default)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -101,7 +101,7 @@ class LoRICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         try:  # bad values stop here, before the model loads
-            LoRIModule.check_options(cfg["model"])
+            LoRIModule.check_options(cfg["model"], cfg.get("trainer"))
         except ValueError as err:
             raise LoRIConfigError(str(err)) from None
         if cfg["model"].get("dtype") is not None:

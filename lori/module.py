@@ -168,6 +168,7 @@ class LoRIModule(L.LightningModule):
             rank_zero_warn(f"FSDP shards one dtype per unit: the {self.compute_dtype} base is kept in float32 "
                            "(trainer.precision bf16-mixed computes in bf16)")
             self.model.to(ADAPTER_DTYPE)
+            self.compute_dtype = ADAPTER_DTYPE
 
     def precision_info(self) -> dict[str, Any]:
         """What ran: dtypes of the frozen base, of the trained tensors and of the compute."""

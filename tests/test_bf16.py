@@ -325,6 +325,7 @@ def test_fsdp_upcasts_a_16_bit_base_before_wrapping(tiny):
     with pytest.warns(UserWarning, match="FSDP"):
         module.configure_model()
     assert {p.dtype for p in module.model.parameters()} == {torch.float32}
+    assert module.compute_dtype == torch.float32 and module.precision_info()["base"] == "float32"
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

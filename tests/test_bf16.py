@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import make_tiny_llama, make_tiny_qwen2
-from pipeline_helpers import tiny_config, write_config
+from pipeline_helpers import multiprocess_config, run_lori, tiny_config, write_config
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -443,3 +444,20 @@ def test_auto_is_recorded(monkeypatch):
     line = lori.pipeline._precision_line(summary["precision"])
     assert "base float32 (model.dtype auto)" in line and "trainer.precision 32-true" in line
     assert resolve_base_dtype("auto") == torch.float32
+
+
+def test_fsdp_pipeline_with_a_bf16_base_runs_on_two_processes(tmp_path):
+    """The paper configs' bfloat16 base under the FSDP preset: upcast before wrapping, trains."""
+    strategy = {"class_path": "fsdp_cpu.CPUFSDPStrategy",
+                "init_args": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full"}}
+    path = multiprocess_config(tmp_path, "fsdp_bf16", 2, strategy, checkpoint_every=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["dtype"] = "bfloat16"
+    path.write_text(yaml.safe_dump(cfg))
+    done = run_lori("pipeline", "--config", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP shards one dtype per unit" in done.stderr
+    summary = json.loads((tmp_path / "fsdp_bf16" / "summary.json").read_text())
+    assert summary["precision"]["base"] == "float32" and summary["precision"]["adapter"] == "float32"
+    adapter = load_adapter(tmp_path / "fsdp_bf16" / "lori_s")
+    assert any(b.any() for b in adapter.B.values())

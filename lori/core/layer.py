@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+ADAPTER_DTYPE = torch.float32  # A, B and (so) B's optimizer state, whatever the base's dtype
+
 
 def module_seed(seed: int, path: str) -> int:
     """A 63-bit generator seed derived from the adapter seed and the module path."""
@@ -82,13 +84,13 @@ class LoRILinear(nn.Module):
             p.requires_grad_(False)
         w = base.weight
         self.lori_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype = ADAPTER_DTYPE if w.is_floating_point() else w.dtype
         if w.device.type == "meta":
-            A = torch.empty(r, base.in_features, device="meta", dtype=dtype)
+            A = torch.empty(r, base.in_features, device="meta", dtype=ADAPTER_DTYPE)
         else:
-            A = draw_A(r, base.in_features, seed, path).to(device=w.device, dtype=dtype)
-        self.register_buffer("lori_A", A)  # (r, d_in), frozen, fp32
-        self.lori_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+            A = draw_A(r, base.in_features, seed, path).to(device=w.device)
+        self.register_buffer("lori_A", A)  # (r, d_in), frozen, fp32 whatever the base's dtype
+        B = torch.zeros(base.out_features, r, device=w.device, dtype=ADAPTER_DTYPE)
+        self.lori_B = nn.Parameter(B)  # (d_out, r), trained, fp32
         self.register_buffer("lori_mask", None)
         self.register_buffer("lori_index", None, persistent=False)
         self.register_parameter("lori_B_values", None)
@@ -238,7 +240,6 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-ADAPTER_DTYPE = torch.float32  # A, B and (so) B's optimizer state, whatever the base's dtype
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (not fp64)
 
 

@@ -423,9 +423,11 @@ def test_chunked_loss_with_no_response_token_is_zero_with_a_graph():
 
 # ---- the pipeline records what ran ---------------------------------------------------------------
 def test_pipeline_in_bf16_records_its_precision(tmp_path):
-    cfg = tiny_config(tmp_path, dense_steps=2, sparse_steps=2, validate=False)
+    cfg = tiny_config(tmp_path, dense_steps=2, sparse_steps=2)
     cfg["model"]["dtype"] = "bfloat16"
     summary = pipeline(["--config", str(write_config(tmp_path, cfg))])
+    for stage in ("lori_d", "lori_s"):  # held-out loss (validation steps: the same chunked loss)
+        assert 0 < summary[stage]["val_loss_after"] < float("inf")
     assert summary["precision"] == {"base": "bfloat16", "adapter": "float32", "compute": "bfloat16",
                                     "auto": False, "trainer_precision": "32-true"}
     written = json.loads((tmp_path / "run" / "summary.json").read_text())

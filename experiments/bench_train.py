@@ -16,7 +16,13 @@ embeddings instead (``floor_embed``, reported beside it) also forms the input gr
 0's q/k/v/gate/up, which no adapter needs since the embeddings are frozen: a higher floor that
 would flatter the adapters, so the targets use ``floor``.
 
-Reported per size, one JSON line each:
+Precision (``--precision fp32 bf16``): fp32 trains everything in fp32; bf16 stores the frozen
+base in bf16 and computes in bf16 while every trained tensor (LoRI's A and B, PEFT LoRA's A and B,
+as ``get_peft_model``'s ``autocast_adapter_dtype`` keeps them) and its AdamW state stay fp32, as
+``model.dtype: bfloat16`` trains. Both precisions of a size are stepped in the same interleaved
+rounds, so cross-precision ratios are paired like the others.
+
+Reported per size and precision, one JSON line each:
   * ``step_ms`` (wall clock) and ``step_cpu_ms`` (process CPU time) per method; ratios LoRI-S /
     LoRA (target <= 0.80) and LoRI-S / floor (target <= 1.10), each also on CPU time (``_cpu``)
     and as the ratio of the fastest steps (``_best``);
@@ -28,7 +34,10 @@ Reported per size, one JSON line each:
     allocations); ``peak`` is the resident-set high-water mark over two steps (``VmHWM``,
     reset once the model is built), ``over_base`` that peak minus the resident set of
     the bare base model; LoRI-S <= LoRA is the target. On CUDA also peak allocated device memory;
-  * ``forward``: eval-mode forward of the base, LoRI-S unmerged and merged (merged / base ~ 1).
+  * ``forward``: eval-mode forward of the base, LoRI-S unmerged and merged (merged / base ~ 1);
+  * bf16 lines, when fp32 ran too: ``floor_bf16_vs_fp32`` (target <= 0.60), LoRI-S / floor (target
+    <= 1.12) and LoRI-S / LoRA (<= 0.90) within bf16, ``opt_state_lori_s_bf16_vs_lori_d_fp32``
+    (0.10: the kept 10% in fp32, as in fp32 mode).
 
 Threads default to 1: on a few cores shared with other jobs, two OpenMP threads spin-wait
 whenever the other is descheduled, which made steps 5-10x slower and far noisier when measured.
@@ -39,7 +48,9 @@ Sizes: ``smollm2-135m`` (SmolLM2-135M shape: 30 layers, width 576, tied 49k voca
 
     python experiments/bench_train.py                                 # both sizes, CPU fp32
     python experiments/bench_train.py --sizes smollm2-135m --steps 25
-    python experiments/bench_train.py --device cuda --dtype bfloat16 --threads 0
+    python experiments/bench_train.py --precision fp32 bf16       # both, paired, on CPU
+    python experiments/bench_train.py --device cuda --precision bf16 --threads 0
+    python experiments/bench_train.py --sizes toy --steps 1 --warmup 0 --rss-repeats 0  # smoke
     python experiments/bench_train.py --table experiments/results/bench_train.json  # markdown
 """
 
@@ -81,18 +92,30 @@ from lori.models import load_arch_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIRST_LAYER_NO_DX = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the embeddings
-SIZES = {"smollm2-135m": (2, 64, 12), "llama3-8b-2l": (1, 64, 7)}  # default batch, seq, steps
+SIZES = {"smollm2-135m": (2, 64, 12), "llama3-8b-2l": (1, 64, 7), "toy": (2, 16, 2)}  # batch, seq, steps
+DEFAULT_SIZES = ["smollm2-135m", "llama3-8b-2l"]  # toy: a 2-layer width-64 model for smoke tests
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # dtype of the frozen base and compute
 METHODS = ["floor", "floor_embed", "lori_d", "lori_s", "lora", "lori_s_p0", "lora_p0"]
 RSS_METHODS = ["floor", "lori_d", "lori_s", "lora"]
 TARGET_RATIOS = {
     "lori_s_vs_lora": 0.80, "lori_s_vs_floor": 1.10, "opt_state_lori_s_vs_lori_d": 0.12,
     "peak_rss_lori_s_vs_lora": 1.0,
 }
+TARGET_RATIOS_BF16 = {  # issue 15: bf16 compute with fp32 adapters
+    "floor_bf16_vs_fp32": 0.60, "lori_s_vs_floor": 1.12, "lori_s_vs_lora": 0.90,
+    "opt_state_lori_s_bf16_vs_lori_d_fp32": 0.105,  # 0.10 (a bf16 state would give 0.05)
+    "opt_state_lori_s_vs_lori_d": 0.12, "peak_rss_lori_s_vs_lora": 1.0,
+}
 
 
 # ---- models ------------------------------------------------------------------------------
 def model_config(size: str, vocab: int) -> LlamaConfig:
     """The architecture of a benchmark size, without a KV cache (training)."""
+    if size == "toy":
+        return LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, vocab_size=512, max_position_embeddings=128, use_cache=False,
+        )
     if size == "smollm2-135m":
         return LlamaConfig(
             hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -102,13 +125,14 @@ def model_config(size: str, vocab: int) -> LlamaConfig:
     return load_arch_config("llama3_8b", num_hidden_layers=2, vocab_size=vocab, use_cache=False)
 
 
-def build_base(args: argparse.Namespace, size: str) -> nn.Module:
-    """Random-init (seeded) frozen base model on the benchmark device and dtype."""
+def build_base(args: argparse.Namespace, size: str, precision: str = "fp32") -> nn.Module:
+    """Random-init (seeded) frozen base model on the benchmark device, in the precision's dtype
+    (the same weights for every precision, rounded once to bf16)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with torch.device(args.device):
             model = LlamaForCausalLM(model_config(size, args.vocab))
-    model.to(getattr(torch, args.dtype)).requires_grad_(False)
+    model.to(PRECISIONS[precision]).requires_grad_(False)
     return model.train()
 
 
@@ -141,8 +165,8 @@ def make_method(name: str, base: nn.Module, args: argparse.Namespace) -> nn.Modu
         config = LoraConfig(
             r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS
         )
-        # adapters in the model's dtype, as LoRI's B (PEFT would upcast bf16 adapters to fp32)
-        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        # adapters fp32 on a bf16 base (PEFT's default), as LoRI's A and B and lori.baselines.attach
+        model = get_peft_model(model, config, autocast_adapter_dtype=True)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS + ['floor_embed']}")
     return model.train()
@@ -320,18 +344,44 @@ def input_ids(args: argparse.Namespace, size: str, vocab: int) -> Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
 
 
-def bench_size(args: argparse.Namespace, size: str) -> dict:
-    """All in-process figures for one size, then the per-method subprocess memory figures."""
-    base = build_base(args, size)
-    ids = input_ids(args, size, base.config.vocab_size)
-    runners = {name: Runner.build(name, base, args) for name in args.methods}
-    log(f"[{size}] timing {list(runners)} on {tuple(ids.shape)} tokens")
-    steps = {k: (lambda r=r: r.step(ids)) for k, r in runners.items()}
+def bench_size(args: argparse.Namespace, size: str) -> list[dict]:
+    """All in-process figures for one size, every precision stepped in the same rounds, then the
+    per-method subprocess memory figures; one result per precision."""
+    bases = {prec: build_base(args, size, prec) for prec in args.precision}
+    vocab = next(iter(bases.values())).config.vocab_size
+    ids = input_ids(args, size, vocab)
+    runners = {(prec, name): Runner.build(name, base, args) for prec, base in bases.items()
+               for name in args.methods}
+    log(f"[{size}] timing {args.methods} x {args.precision} on {tuple(ids.shape)} tokens")
+    steps = {f"{name}@{prec}": (lambda r=r: r.step(ids)) for (prec, name), r in runners.items()}
     rounds = args.steps or SIZES[size][2]
-    samples = interleaved(steps, args.warmup, rounds)
+    every = interleaved(steps, args.warmup, rounds)
+    results = []
+    for prec, base in bases.items():
+        samples = {name: every[f"{name}@{prec}"] for name in args.methods}
+        mine = {name: runners[prec, name] for name in args.methods}
+        result = precision_figures(base, ids, samples, mine, args) | {"size": size, "precision": prec}
+        if "lori_s" in mine:
+            log(f"[{size}, {prec}] eval forward: base vs LoRI-S unmerged / merged")
+            result["forward"] = forward_times(base, mine["lori_s"].model, ids, rounds)
+        results.append((result, samples))
+    del runners, steps, bases
+    gc.collect()
+    for result, samples in results:
+        result["peak_rss_bytes"] = peak_memory(args, size, result["precision"])
+        result["ratios"] = summary_ratios(result, samples)
+        result["steps"] = rounds
+    out = [result for result, _ in results]
+    cross_precision_ratios(out, every)
+    return out
+
+
+def precision_figures(base: nn.Module, ids: Tensor, samples: Samples, runners: dict[str, Runner],
+                      args: argparse.Namespace) -> dict:
+    """Step times, ratios to the floor, FLOP bound, optimizer state and counts of one precision."""
     floor = "floor" if "floor" in samples else None
-    result = {
-        "size": size, "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
+    return {
+        "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
         "params": sum(p.numel() for p in base.parameters()),
         "step_ms": {k: ms(median_s(samples, k)) for k in samples},
         "step_cpu_ms": {k: ms(median_s(samples, k, col=1)) for k in samples},
@@ -343,15 +393,6 @@ def bench_size(args: argparse.Namespace, size: str) -> dict:
                                   for k, r in runners.items()},
         "trainable": trainable_counts(runners),
     }
-    if "lori_s" in runners:
-        log(f"[{size}] eval forward: base vs LoRI-S unmerged / merged")
-        result["forward"] = forward_times(base, runners["lori_s"].model, ids, rounds)
-    del runners, steps, base
-    gc.collect()
-    result["peak_rss_bytes"] = peak_memory(args, size)
-    result["ratios"] = summary_ratios(result, samples)
-    result["steps"] = rounds
-    return result
 
 
 def summary_ratios(result: dict, samples: Samples) -> dict:
@@ -375,8 +416,27 @@ def summary_ratios(result: dict, samples: Samples) -> dict:
         ratios["peak_over_base_lori_s_vs_lora"] = round(s["over_base"] / lora["over_base"], 4)
     if "forward" in result:
         ratios["merged_vs_base_forward"] = result["forward"]["merged_vs_base"]
-    ratios["met"] = {k: ratios[k] <= v for k, v in TARGET_RATIOS.items() if k in ratios}
+    targets = TARGET_RATIOS_BF16 if result.get("precision") == "bf16" else TARGET_RATIOS
+    ratios["met"] = {k: ratios[k] <= v for k, v in targets.items() if k in ratios}
     return ratios
+
+
+def cross_precision_ratios(results: list[dict], every: Samples) -> None:
+    """Into the bf16 result, when fp32 ran in the same rounds: floor bf16 / fp32 (paired, CPU
+    time, fastest steps) and LoRI-S's optimizer state in bf16 mode over LoRI-D's in fp32."""
+    by = {r["precision"]: r for r in results}
+    if not {"fp32", "bf16"} <= set(by):
+        return
+    ratios = by["bf16"]["ratios"]
+    if "floor@fp32" in every:
+        ratios["floor_bf16_vs_fp32"] = paired_ratio(every, "floor@bf16", "floor@fp32")
+        ratios["floor_bf16_vs_fp32_cpu"] = paired_ratio(every, "floor@bf16", "floor@fp32", col=1)
+        ratios["floor_bf16_vs_fp32_best"] = best_ratio(every, "floor@bf16", "floor@fp32")
+    d32 = by["fp32"]["optimizer_state_bytes"].get("lori_d")
+    if d32:
+        s16 = by["bf16"]["optimizer_state_bytes"].get("lori_s", 0)
+        ratios["opt_state_lori_s_bf16_vs_lori_d_fp32"] = round(s16 / d32, 4)
+    ratios["met"] = {k: ratios[k] <= v for k, v in TARGET_RATIOS_BF16.items() if k in ratios}
 
 
 # ---- peak memory: one fresh process per method -------------------------------------------
@@ -397,9 +457,9 @@ def release_free_memory() -> None:
         pass
 
 
-def rss_child(args: argparse.Namespace, size: str, method: str) -> None:
+def rss_child(args: argparse.Namespace, size: str, method: str) -> dict:
     """Child process: build, reset the high-water mark, train, print the peak as JSON."""
-    base = build_base(args, size)
+    base = build_base(args, size, args.precision[0])
     ids = input_ids(args, size, base.config.vocab_size)
     release_free_memory()
     rss_base = resident_bytes("VmRSS")
@@ -418,17 +478,19 @@ def rss_child(args: argparse.Namespace, size: str, method: str) -> None:
     if cuda:
         out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out))
+    return out
 
 
-def peak_memory(args: argparse.Namespace, size: str) -> dict[str, dict[str, int]]:
+def peak_memory(args: argparse.Namespace, size: str, precision: str = "fp32") -> dict[str, dict[str, int]]:
     """Median over ``--rss-repeats`` fresh processes per method, methods interleaved."""
     methods = [m for m in RSS_METHODS if m in args.methods]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     script = os.path.abspath(__file__)
     for _ in range(args.rss_repeats):
         for method in methods:
-            log(f"[{size}] peak memory of {method} in a fresh process")
-            cmd = [sys.executable, script, "--rss-child", size, method, *child_args(args)]
+            log(f"[{size}, {precision}] peak memory of {method} in a fresh process")
+            cmd = [sys.executable, script, "--rss-child", size, method, "--precision", precision,
+                   *child_args(args)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             runs[method].append(json.loads(out.strip().splitlines()[-1]))
     return {
@@ -438,7 +500,7 @@ def peak_memory(args: argparse.Namespace, size: str) -> dict[str, dict[str, int]
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
-    keep = ["threads", "device", "dtype", "r", "alpha", "dropout", "vocab", "batch", "seq"]
+    keep = ["threads", "device", "r", "alpha", "dropout", "vocab", "batch", "seq"]
     return [a for k in keep for a in (f"--{k}", str(getattr(args, k)))]
 
 
@@ -468,6 +530,9 @@ def markdown_table(results: list[dict]) -> str:
                        ("lori_s_vs_floor_best", "LoRI-S / floor, fastest steps"),
                        ("lori_s_vs_lora_p0", "LoRI-S / LoRA step, p = 0"),
                        ("opt_state_lori_s_vs_lori_d", "LoRI-S / LoRI-D optimizer state (<= 0.12)"),
+                       ("floor_bf16_vs_fp32", "bf16 floor / fp32 floor (<= 0.60)"),
+                       ("opt_state_lori_s_bf16_vs_lori_d_fp32",
+                        "LoRI-S bf16 / LoRI-D fp32 optimizer state (0.10)"),
                        ("peak_rss_lori_s_vs_lora", "LoRI-S / LoRA peak RSS (<= 1)"),
                        ("merged_vs_base_forward", "merged LoRI-S / base forward (~1)")]:
         rows.append((label, [f"{r['ratios'].get(key, float('nan')):.3f}" for r in results]))
@@ -482,7 +547,7 @@ def markdown_table(results: list[dict]) -> str:
             "{:.0f} ({:.0f})".format(r["peak_rss_bytes"][m]["peak"] / 2**20,
                                      r["peak_rss_bytes"][m]["over_base"] / 2**20)
             if m in r["peak_rss_bytes"] else "-" for r in results]))
-    header = "| | " + " | ".join(r["size"] for r in results) + " |"
+    header = "| | " + " | ".join(f"{r['size']} {r.get('precision', 'fp32')}" for r in results) + " |"
     lines = [header, "|---" * (len(results) + 1) + "|"]
     lines += ["| " + label + " | " + " | ".join(cells) + " |" for label, cells in rows]
     return "\n".join(lines)
@@ -494,14 +559,15 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--steps", type=int, default=0, help="timed steps per method (0: 12 for "
                         "smollm2-135m, 7 for llama3-8b-2l)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: as is)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
+                        help="fp32, and / or bf16: base and compute in bf16, adapters and AdamW fp32")
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--dropout", type=float, default=0.05)
@@ -514,28 +580,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the sizes (one JSON line per size and precision on stdout) and return the results."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args, *args.rss_child)
-        return
+        return []
     if args.table:
         with open(args.table) as f:
             print(markdown_table([json.loads(line) for line in f if line.strip()]))
-        return
+        return []
+    out = []
     for size in args.sizes:
         start = time.perf_counter()
-        result = bench_size(args, size)
-        result.update(
-            benchmark="train_step", device=args.device, dtype=args.dtype,
-            threads=torch.get_num_threads(), r=args.r, alpha=args.alpha, dropout=args.dropout,
-            sparsity=0.9, targets=TARGETS, warmup=args.warmup,
-            torch=torch.__version__, target_ratios=TARGET_RATIOS,
-            seconds=round(time.perf_counter() - start, 1),
-        )
-        print(json.dumps(result), flush=True)
+        results = bench_size(args, size)
+        seconds = round(time.perf_counter() - start, 1)
+        for result in results:
+            bf16 = result["precision"] == "bf16"
+            result.update(
+                benchmark="train_step", device=args.device, dtype=str(PRECISIONS[result["precision"]]).removeprefix("torch."),
+                adapter_dtype="float32", threads=torch.get_num_threads(), r=args.r, alpha=args.alpha,
+                dropout=args.dropout, sparsity=0.9, targets=TARGETS, warmup=args.warmup,
+                torch=torch.__version__, target_ratios=TARGET_RATIOS_BF16 if bf16 else TARGET_RATIOS,
+                seconds=seconds,
+            )
+            print(json.dumps(result), flush=True)
+        out += results
+    return out
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def check_run_options(cfg: Any, subcommand: str | None, runs: bool = True) -> No
     _check_trainer_options(cfg.get("trainer") or {})
     if subcommand is None and cfg.get("pipeline") is not None:
         pipe = PipelineConfig(**cfg["pipeline"])
-        if pipe.validate and cfg["data"].get("held_out") == 0:
+        if runs and pipe.validate and cfg["data"].get("held_out") == 0:  # (a `lori fit` config parses here too)
             raise DataError("data.held_out is 0 but pipeline.validate is true: the held-out loss needs held-out "
                             "examples (set data.held_out > 0, or pipeline.validate: false)")
     if subcommand is None and cfg.get("continual") is not None and runs:
@@ -169,7 +169,7 @@ class LoRICLI(LightningCLI):
         parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
         apply_protocol(cfg, parser.get_defaults())
         try:  # bad values stop here, before the model loads
-            LoRIModule.check_options(cfg["model"])
+            LoRIModule.check_options(cfg["model"], cfg.get("trainer"))
         except ValueError as err:
             raise LoRIConfigError(str(err)) from None
         if cfg["model"].get("dtype") is not None:

@@ -50,8 +50,9 @@ KNOWN_ARCHS = {
     "mistralai/Mistral-7B-v0.1": "mistral_7b",
 }
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LOGIT_BYTES = 10  # per logit: bf16 logits (2) + fp32 copy for the loss (4) + fp32 log-softmax (4)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: bf16 on any recent GPU
+ADAPTER_BYTES = 4  # A, B, B's gradient and AdamW states are fp32 whatever model.dtype is
+LOGIT_FP32_BYTES = 8  # per logit of the loss chunk, besides its compute-dtype copy: fp32 copy + gradient
 OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS / NCCL workspaces, allocator slack: a flat guess
 
 
@@ -63,6 +64,7 @@ class AdapterShape:
     layer_params: int  # parameters of one decoder layer
     root_params: int  # parameters outside the decoder layers (embeddings, lm_head, final norm)
     a_entries: int  # entries of all A (frozen buffers)
+    adapted_weights: int  # entries of the adapted (frozen) W0
     b_by_path: tuple[tuple[str, int], ...]  # entries of each B, by module path
     trainable_dense: int  # count_trainable after injection (LoRI-D)
     hidden: int
@@ -105,6 +107,7 @@ def adapter_shape(arch: str, r: int, targets: tuple[str, ...]) -> AdapterShape:
         layer_params=layer,
         root_params=base - cfg.num_hidden_layers * layer,
         a_entries=sum(m.lori_A.numel() for m in layers.values()),
+        adapted_weights=sum(m.base_layer.weight.numel() for m in layers.values()),
         b_by_path=tuple((p, m.lori_B.numel()) for p, m in layers.items()),
         trainable_dense=count_trainable(model),
         hidden=cfg.hidden_size,
@@ -163,9 +166,11 @@ class Plan:
     strategy: str  # "single", "ddp", "fsdp", "zero2" or "zero3"
     world: int  # devices x nodes
     checkpointing: bool  # activation checkpointing of every decoder layer
-    weight_bytes: int  # bytes per stored weight (4 fp32, 2 bf16)
+    weight_bytes: int  # bytes per stored base weight (4 fp32, 2 bf16)
     micro_batch: int  # examples per device and step
     seq_len: int  # tokens per example (max_length: padding to the longest is the worst case)
+    compute_bytes: int = 2  # bytes per activation: 2 under bf16 / fp16 compute, 4 in fp32
+    autocast: bool = False  # trainer.precision *-mixed (autocast, or FSDP / DeepSpeed mixed precision)
 
     @property
     def shards_weights(self) -> bool:
@@ -183,7 +188,13 @@ def _strategy_name(strategy: Any) -> tuple[str, dict[str, Any]]:
 
 
 def plan_of(trainer: dict[str, Any], dtype: str, micro_batch: int, seq_len: int) -> Plan:
-    """Read strategy, world size and activation checkpointing from a ``trainer:`` section."""
+    """Read strategy, world size, precision and activation checkpointing from a ``trainer:`` section.
+
+    Stored base weights: ``model.dtype`` (``auto``: bf16, which every recent GPU has), except that
+    FSDP shards them in fp32 (``LoRIModule.configure_model``: FSDP flattens one dtype per unit) and
+    DeepSpeed's mixed precision casts the module to bf16. Compute: 16-bit under ``*-mixed`` or a
+    16-bit stored base, else fp32.
+    """
     name, args = _strategy_name(trainer.get("strategy"))
     devices = trainer.get("devices", 1)
     per_node = devices if isinstance(devices, int) and devices > 0 else 1
@@ -197,22 +208,36 @@ def plan_of(trainer: dict[str, Any], dtype: str, micro_batch: int, seq_len: int)
     else:
         kind = "ddp" if world > 1 else "single"
     checkpointing = kind == "fsdp" and bool(args.get("activation_checkpointing_policy"))
-    # DeepSpeed's bf16 mode casts the module to bf16 (fp32 masters of the trainable B only)
-    weight_bytes = 2 if kind.startswith("zero") else DTYPE_BYTES.get(str(dtype), 4)
-    return Plan(kind, world, checkpointing, weight_bytes, micro_batch, seq_len)
+    precision = str(trainer.get("precision") or "32-true")
+    autocast = precision.endswith("-mixed") or precision in ("bf16", "16")
+    weight_bytes = DTYPE_BYTES.get(str(dtype), 4)
+    if kind == "fsdp":
+        weight_bytes = 4
+    elif kind.startswith("zero") and autocast:  # DeepSpeed's bf16 mode: fp32 masters of B only
+        weight_bytes = 2
+    compute_bytes = 2 if autocast or weight_bytes == 2 else 4
+    return Plan(kind, world, checkpointing, weight_bytes, micro_batch, seq_len, compute_bytes, autocast)
 
 
-def activation_bytes_per_token(shape: AdapterShape, r: int, dropout: float) -> int:
-    """Bytes one token keeps for backward in one decoder layer (bf16 compute, W0 and A frozen).
+def activation_bytes_per_token(shape: AdapterShape, r: int, dropout: float, compute_bytes: int = 2) -> int:
+    """Bytes one token keeps for backward in one decoder layer (W0 and A frozen).
 
-    RMSNorm inputs in fp32 (2 x 4h); attention q and output (2 x 2h), k and v (2 x 2 h_kv);
-    SwiGLU gate, act(gate) and up (3 x 2i); LoRI dropout masks on the 7 adapter inputs, bool
-    (6h + i, only with dropout > 0); the r-wide outputs of A that B's gradient needs (7 x 2r).
-    Frozen W0 and A keep no inputs: no weight gradient is computed for them.
+    RMSNorm inputs in fp32 (2 x 4h); in the compute dtype (c bytes): attention q and output
+    (2 x c h), k and v (2 x c h_kv), SwiGLU gate, act(gate) and up (3 x c i) and the r-wide
+    outputs of A that B's gradient needs (7 x c r); LoRI dropout masks on the 7 adapter inputs,
+    bool (6h + i, only with dropout > 0). Frozen W0 and A keep no inputs: no weight gradient is
+    computed for them.
     """
     h, kv, i = shape.hidden, shape.kv_hidden, shape.intermediate
-    kept = 8 * h + 4 * h + 4 * kv + 6 * i + 14 * r
+    kept = 8 * h + compute_bytes * (2 * h + 2 * kv + 3 * i + 7 * r)
     return kept + (6 * h + i if dropout > 0 else 0)
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Tokens per chunk of the response-token loss (``lori.module.response_loss``)."""
+    from lori.module import LOSS_CHUNK_LOGITS  # imports Lightning; kept out of module import time
+
+    return max(1, LOSS_CHUNK_LOGITS // vocab)
 
 
 def estimate_memory(
@@ -220,36 +245,46 @@ def estimate_memory(
 ) -> dict[str, float]:
     """Peak GPU memory per device in GiB, by term (see docs/reproducing_the_paper.md).
 
-    weights      base parameters x bytes, divided over the devices when FSDP / ZeRO-3 shard them
-    gathered     FSDP / ZeRO-3: bf16 copies of the gathered root unit and of two decoder layers
-    casts        fp32 weights under bf16 autocast without sharding: the bf16 copies of the frozen
-                 matrices that backward keeps (one layer's with activation checkpointing)
-    adapter      A and dense B, plus for LoRI-S the bool mask and the int64 index of kept entries
-    optimizer    trainable x (gradient + 2 AdamW states) [+ fp32 master under DeepSpeed], sharded
-                 by FSDP / ZeRO
+    weights      base parameters x stored bytes (``plan_of``: 2 for a bf16 base, 16 GB for
+                 Llama-3-8B), divided over the devices when FSDP / ZeRO-3 shard them
+    gathered     FSDP / ZeRO-3: compute-dtype copies of the gathered root unit and two decoder layers
+    casts        fp32 weights under autocast without sharding: the 16-bit copies of frozen matrices
+                 that backward keeps; LoRI's fused layer casts its W0 again in backward and keeps
+                 none, so only the non-adapted linears count (one layer's with activation
+                 checkpointing) plus the LM head's, cast in each loss chunk
+    adapter      A and dense B in fp32 (bf16 under DeepSpeed's mixed precision, whose fp32 masters
+                 are in ``optimizer``), plus for LoRI-S the bool mask and the int64 kept-entry index
+    optimizer    trainable x fp32 (gradient + 2 AdamW states) = 12 bytes; DeepSpeed: bf16 gradient
+                 + fp32 master + 2 states = 14; sharded by FSDP / ZeRO
     activations  tokens x per-layer bytes (``activation_bytes_per_token``) x layers; with
                  checkpointing only each layer's input plus one layer recomputed
-    logits       tokens x vocab x 10 bytes (bf16 logits, fp32 copy, fp32 log-softmax)
+    logits       the response-token loss runs chunk by chunk (``lori.module.response_loss``):
+                 one chunk's logits (compute dtype, fp32 copy, fp32 gradient), plus the gathered
+                 last hidden states and their gradient (tokens x hidden x 2 x compute bytes)
     overhead     a flat 1 GiB (CUDA context, workspaces, allocator slack)
     """
-    wb, tokens = plan.weight_bytes, plan.micro_batch * plan.seq_len
+    wb, cb, tokens = plan.weight_bytes, plan.compute_bytes, plan.micro_batch * plan.seq_len
     b_entries = sum(n for _, n in shape.b_by_path)
     weights = shape.base_params * wb / (plan.world if plan.shards_weights else 1)
-    gathered = (shape.root_params + 2 * shape.layer_params) * 2 if plan.shards_weights else 0
-    frozen_linear = shape.base_params - shape.root_params + shape.vocab * shape.hidden  # layers + lm_head
-    kept_casts = shape.layer_params if plan.checkpointing else frozen_linear
-    casts = 0 if wb == 2 or plan.shards_weights else kept_casts * 2
-    adapter = (shape.a_entries + b_entries) * wb + ((b_entries + 8 * trainable) if sparse else 0)
-    per_entry = 2 + 4 + 4 + 4 if plan.strategy.startswith("zero") else 3 * wb
+    gathered = (shape.root_params + 2 * shape.layer_params) * cb if plan.shards_weights else 0
+    unadapted_layer = shape.layer_params - shape.adapted_weights // shape.layers  # (norms included)
+    kept_casts = unadapted_layer * (1 if plan.checkpointing else shape.layers) + shape.vocab * shape.hidden
+    casts = kept_casts * cb if wb == 4 and cb < 4 and not plan.shards_weights else 0
+    deepspeed = plan.strategy.startswith("zero") and plan.autocast
+    adapter_bytes = 2 if deepspeed else ADAPTER_BYTES
+    adapter = (shape.a_entries + b_entries) * adapter_bytes + ((b_entries + 8 * trainable) if sparse else 0)
+    per_entry = 2 + 4 + 4 + 4 if deepspeed else 3 * ADAPTER_BYTES
     optimizer = trainable * per_entry / (plan.world if plan.shards_optimizer else 1)
-    per_layer = activation_bytes_per_token(shape, lori.r, lori.dropout) * tokens
+    per_layer = activation_bytes_per_token(shape, lori.r, lori.dropout, cb) * tokens
     if plan.checkpointing:
-        activations = shape.layers * tokens * shape.hidden * wb + per_layer
+        activations = shape.layers * tokens * shape.hidden * cb + per_layer
     else:
         activations = shape.layers * per_layer
+    rows = min(tokens, loss_chunk_rows(shape.vocab))
+    logits = rows * shape.vocab * (cb + LOGIT_FP32_BYTES) + 2 * tokens * shape.hidden * cb
     terms = {
         "weights": weights, "gathered": gathered, "casts": casts, "adapter": adapter,
-        "optimizer": optimizer, "activations": activations, "logits": tokens * shape.vocab * LOGIT_BYTES,
+        "optimizer": optimizer, "activations": activations, "logits": logits,
     }
     out = {k: v / GIB for k, v in terms.items()} | {"overhead": OVERHEAD_GIB}
     out["total"] = sum(out.values())

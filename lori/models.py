@@ -134,6 +134,54 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return value
 
 
+BASE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # what ``model.dtype`` accepts
+
+
+def has_native_bf16() -> bool:
+    """Whether this machine multiplies in bf16 natively: the device Lightning's ``accelerator:
+    auto`` would pick, i.e. CUDA when available (``torch.cuda.is_bf16_supported``), else the CPU
+    (AVX-512 BF16 or AMX, from ``torch.cpu.get_capabilities``). Without either, bf16 matmuls are
+    emulated and slower than fp32 (on an AVX2-only CPU about 50x slower).
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        caps = get()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch before get_capabilities
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_base_dtype(dtype: str | torch.dtype, trains_base: bool = False) -> torch.dtype:
+    """The dtype of a frozen base model and of its compute: ``model.dtype`` made concrete.
+
+    Args:
+        dtype: ``float32``, ``bfloat16``, ``float16`` (a ``torch.`` prefix or a torch.dtype is
+            accepted too) or ``auto``: bfloat16 where :func:`has_native_bf16`, else float32.
+        trains_base: the base itself trains (full fine-tuning): its weights need fp32 masters,
+            so ``auto`` gives float32 and a 16-bit dtype is refused.
+
+    Raises:
+        ModelLoadError: any other value, or a 16-bit dtype with ``trains_base``.
+    """
+    if dtype == "auto":
+        return torch.float32 if trains_base or not has_native_bf16() else torch.bfloat16
+    value = _resolve_dtype(dtype)
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(f"model.dtype {dtype!r} is not one of {list(BASE_DTYPES)}")
+    if trains_base and value != torch.float32:
+        raise ModelLoadError(
+            f"model.dtype {dtype!r} with method 'full': trained weights need fp32 master weights; "
+            "use model.dtype float32 (trainer.precision bf16-mixed computes in bf16)"
+        )
+    return value
+
+
 def model_cache_dir(
     name_or_path: str | os.PathLike | None = None,
     gguf_file: str | None = None,

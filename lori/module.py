@@ -6,44 +6,78 @@ PiSSA, LoRA+, full fine-tuning) with the same data, loss and optimizer settings.
 adds the loss, logging and the optimizer over the trainable tensors (dense B in LoRI-D, the kept
 entries in LoRI-S; LoRA+ and LoRA-FA bring their own optimizers, AdaLoRA its penalty and rank
 schedule). Phase changes (calibration, the LoRI-S reset) belong to ``lori.callbacks``.
+
+Precision: ``dtype`` is the dtype of the frozen base and of the compute (``auto``: bfloat16 where
+the hardware multiplies in bf16 natively, else float32); what trains is fp32 whatever it is, and
+so is its optimizer state. Lightning's true-half precisions (``bf16-true``, ``16-true``) would
+cast the adapter too and are refused; ``bf16-mixed`` (autocast) works with either base dtype.
+
+Loss: the decoder runs to its last hidden state, the positions whose next-token label is a
+response token are gathered, and the LM head + cross-entropy run on them chunk by chunk under
+``torch.utils.checkpoint`` (``response_loss``), so no (batch x seq x vocab) logits exist at once.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lori import baselines
 from lori.core import (
     LoRIConfig,
+    LoRIConfigError,
     adapter_from_model,
     base_fingerprint,
     count_trainable,
     save_adapter,
 )
-from lori.models import load_base_model, tiny_llama
+from lori.core.layer import ADAPTER_DTYPE
+from lori.models import load_base_model, resolve_base_dtype, tiny_llama
 from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
+TRUE_HALF = ("bf16-true", "16-true")  # Lightning precisions that cast the whole module
+LOSS_CHUNK_LOGITS = 1 << 24  # logits per chunk of the response-token loss (64 MiB in fp32)
+# config fields of causal LMs whose logits are not just head(last hidden state): plain loss
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint written for another base model or adapter shape."""
 
 
-def build_model(name: str | None, gguf_file: str | None, dtype: str, cache_dir: str | None) -> tuple[nn.Module, Any]:
-    """Base model and tokenizer: ``tiny-llama``, the embedded default (None), a path or hub id."""
+def build_model(
+    name: str | None, gguf_file: str | None, dtype: str | torch.dtype, cache_dir: str | None
+) -> tuple[nn.Module, Any]:
+    """Base model and tokenizer: ``tiny-llama``, the embedded default (None), a path or hub id.
+
+    ``dtype`` as ``model.dtype`` (``auto`` follows the hardware, see ``resolve_base_dtype``).
+    """
+    dtype = resolve_base_dtype(dtype)
     if name == TINY:
         _, tokenizer = load_base_model(None, cache_dir=cache_dir)
         vocab = len(tokenizer)
-        return tiny_llama(vocab_size=vocab, max_position_embeddings=1024), tokenizer
+        return tiny_llama(vocab_size=vocab, max_position_embeddings=1024).to(dtype), tokenizer
     return load_base_model(name, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir)
+
+
+def check_precision(precision: Any) -> None:
+    """Refuse a Lightning precision that would cast the fp32 adapter to 16 bits (names the fix)."""
+    if str(precision) in TRUE_HALF:
+        half = "bfloat16" if str(precision).startswith("bf16") else "float16"
+        raise LoRIConfigError(
+            f"trainer.precision {precision!r} casts the whole model, the trained adapter included, to {half}: "
+            f"use model.dtype: {half} (the frozen base in {half}, the adapter stays fp32) with trainer.precision 32-true"
+        )
 
 
 class LoRIModule(L.LightningModule):
@@ -53,7 +87,12 @@ class LoRIModule(L.LightningModule):
         model: base model: ``smollm2-135m-instruct`` (embedded default, shipped as GGUF),
             ``tiny-llama`` (random, for tests), a local Hugging Face directory or a hub id.
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
-        dtype: weight dtype of the base model (``float32``, ``bfloat16``).
+        dtype: dtype of the frozen base model and of the compute: ``float32``, ``bfloat16``,
+            ``float16`` or ``auto`` (bfloat16 where the hardware has native bf16, else float32;
+            see ``lori.models.resolve_base_dtype``). A, B and their optimizer state are fp32
+            whatever it is. ``method: full`` trains the base, which needs fp32 master weights:
+            ``auto`` gives float32 there and a 16-bit dtype is refused. The resolved dtype is
+            ``self.compute_dtype``.
         cache_dir: where converted GGUF models are cached (default ``~/.cache/lori/models``).
         method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
             0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
@@ -102,9 +141,11 @@ class LoRIModule(L.LightningModule):
         self.lori_config = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
         self.baseline = baselines.BaselineOptions.from_value(baseline)
         self.save_hyperparameters(ignore=["lori", "baseline"])
-        # before the model loads: method options, clipping, protocol
+        # before the model loads: method options, dtype, clipping, protocol
         self.check_options(dict(self.hparams) | {"lori": self.lori_config, "baseline": self.baseline})
-        self.model, self.tokenizer = build_model(model, gguf_file, dtype, cache_dir)
+        self.compute_dtype = resolve_base_dtype(dtype, trains_base=method == "full")
+        self.trainer_precision: str | None = None  # set by ``setup`` (the last Trainer's)
+        self.model, self.tokenizer = build_model(model, gguf_file, self.compute_dtype, cache_dir)
         targets = baselines.target_paths(self.model, self.lori_config.target_modules)
         self.fingerprint = base_fingerprint(self.model, targets)  # before any weight is wrapped or trained
         self.lori_config = baselines.attach(self.model, method, self.lori_config, self.baseline)
@@ -116,8 +157,8 @@ class LoRIModule(L.LightningModule):
         self.strict_loading = method == "full"  # adapter checkpoints hold only the adapter, not the frozen base
 
     @staticmethod
-    def check_options(options: Any) -> None:
-        """Validate parsed ``model:`` options before anything loads (names the bad value)."""
+    def check_options(options: Any, trainer: Any = None) -> None:
+        """Validate parsed ``model:`` (and ``trainer:``) options before anything loads (names the bad value)."""
         lori = options.get("lori") if hasattr(options, "get") else None
         if lori is not None and not isinstance(lori, LoRIConfig):
             lori = LoRIConfig.from_dict(dict(lori))
@@ -126,6 +167,9 @@ class LoRIModule(L.LightningModule):
             baseline = dict(baseline)
         baselines.check_method_options(options.get("method", "lori"), lori or LoRIConfig(),
                                        baselines.BaselineOptions.from_value(baseline))
+        resolve_base_dtype(options.get("dtype", "float32"), trains_base=options.get("method", "lori") == "full")
+        if trainer is not None and hasattr(trainer, "get"):
+            check_precision(trainer.get("precision"))
         if options.get("gradient_clipping", "global") not in ("global", "per_tensor"):
             raise ValueError(f"gradient_clipping must be 'global' or 'per_tensor', got {options.get('gradient_clipping')!r}")
         if check_protocol(options.get("protocol", "lori")) == "official":
@@ -135,12 +179,43 @@ class LoRIModule(L.LightningModule):
         if options.get("warmup_steps", 0) < 0:
             raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={options.get('warmup_steps')!r}")
 
+    # ---- precision ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)  # a Trainer built outside the CLI
+        self.trainer_precision = str(self.trainer.precision)
+
+    def configure_model(self) -> None:
+        """Under FSDP, a 16-bit base is upcast to fp32 before wrapping (FSDP flattens one dtype
+        per unit, and the adapter is fp32): sharded fp32 weights, compute in bf16 through
+        ``trainer.precision: bf16-mixed`` (FSDP MixedPrecision), the official recipe."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        if any(p.dtype != ADAPTER_DTYPE for p in self.model.parameters() if p.is_floating_point()):
+            rank_zero_warn(f"FSDP shards one dtype per unit: the {self.compute_dtype} base is kept in float32 "
+                           "(trainer.precision bf16-mixed computes in bf16)")
+            self.model.to(ADAPTER_DTYPE)
+            self.compute_dtype = ADAPTER_DTYPE
+
+    def precision_info(self) -> dict[str, Any]:
+        """What ran: dtypes of the frozen base, of the trained tensors and of the compute."""
+        params = list(self.model.parameters())
+        frozen = [p for p in params if not p.requires_grad] or params  # full fine-tuning: all train
+        base = frozen[0].dtype
+        trained = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad})
+        precision, compute = self.trainer_precision, base  # (None: no Trainer ran in this process)
+        if precision is not None and precision.endswith("-mixed"):
+            compute = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return {"base": _name(base), "adapter": "/".join(trained) or "none", "compute": _name(compute),
+                "auto": self.hparams.dtype == "auto", "trainer_precision": precision}
+
     # ---- forward / loss -------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Causal-LM loss over response tokens (labels != -100)."""
+        """Causal-LM loss over response tokens (labels != -100), from whole logits (b, t, vocab)."""
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (b, t)
         if self.hparams.loss_normalization == "sequence_sum":
@@ -148,8 +223,16 @@ class LoRIModule(L.LightningModule):
         return nll.sum() / (labels != -100).sum().clamp(min=1)
 
     def model_step(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return self.loss(logits, batch["labels"])
+        """The loss of one batch, the same in training, validation and test (``response_loss``,
+        or ``loss`` over whole logits for a model without get_decoder / get_output_embeddings)."""
+        split = split_lm_head(self.model)
+        if split is None:
+            logits = self(batch["input_ids"], batch.get("attention_mask"))
+            return self.loss(logits, batch["labels"])
+        decoder, head = split
+        out = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (b, t, d)
+        return response_loss(hidden, batch["labels"], head, self.hparams.loss_normalization)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch)
@@ -325,6 +408,68 @@ def _shard_sum(trainer: Any) -> Any:
     if not isinstance(getattr(trainer, "strategy", None), FSDPStrategy) or trainer.world_size <= 1:
         return None
     return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, LM head) of a causal LM whose logits are ``head(decoder(...)[0])``, else None.
+
+    None for a model without ``get_decoder`` / ``get_output_embeddings`` (or whose decoder is
+    itself) and for configs that transform logits after the head (``_LOGIT_TRANSFORMS``: Gemma-2's
+    soft-capping, Cohere's and Granite's scaling): those take the plain loss over whole logits.
+    """
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
+
+
+def response_loss(hidden: Tensor, labels: Tensor, head: nn.Module, normalization: str) -> Tensor:
+    """``LoRIModule.loss(head(hidden), labels)`` without forming the logits of the whole batch.
+
+        keep = labels[:, 1:] != -100                   (b, t-1): next token is a response token
+        h = hidden[:, :-1][keep]                       (m, d)
+        loss = sum_chunks CE_sum(head(h_c).float(), y_c) / (b | m)
+
+    Each chunk of ``LOSS_CHUNK_LOGITS // vocab`` rows runs under ``torch.utils.checkpoint``: its
+    logits are recomputed in backward instead of kept, so at most one chunk's logits (and their
+    gradient) exist at a time. The head gets its gradient too when it trains (full fine-tuning).
+
+    Args:
+        hidden: last hidden states (b, t, d) after the final norm.
+        labels: (b, t) token ids, -100 where no loss is taken.
+        head: the LM head (d -> vocab).
+        normalization: ``token_mean`` (sum / response tokens) or ``sequence_sum`` (sum / b).
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100  # (b, t-1)
+    h, y = hidden[:, :-1][keep], targets[keep]  # (m, d), (m,)
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    rows = max(1, LOSS_CHUNK_LOGITS // vocab)
+    nll_sum = partial(_nll_sum, head)
+    total = None
+    for h_c, y_c in zip(h.split(rows), y.split(rows)):  # one (empty) chunk when m = 0
+        if torch.is_grad_enabled():
+            part = checkpoint(nll_sum, h_c, y_c, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = nll_sum(h_c, y_c)
+        total = part if total is None else total + part
+    if normalization == "sequence_sum":
+        return total / labels.shape[0]
+    return total / keep.sum().clamp(min=1)
+
+
+def _nll_sum(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
 def _lr_lambda(kind: str, warmup: int, total: int, protocol: str = "lori"):

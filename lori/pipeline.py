@@ -283,6 +283,7 @@ def run_pipeline(
         f"sparsity {lori.sparsity} ({lori.granularity}); files in {out}")
     masks = run_dense(module, datamodule, make_trainer, cfg, summary, config_text)
     run_sparse(module, datamodule, make_trainer, cfg, masks, summary, config_text)
+    summary["precision"] = module.precision_info()  # base / adapter / compute dtypes that ran
     summary["paths"] = {
         "lori_d": str(out / "lori_d"), "lori_s": str(out / "lori_s"),
         "masks": str(out / "calibration" / "masks.safetensors"), "tensorboard": str(out / "tb"),
@@ -311,8 +312,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" ({s.get('trainable', 0) / max(1, d.get('trainable', 1)):.3f}x of LoRI-D)",
         f"  mask sparsity: {s.get('mask_sparsity', float('nan')):.4f}"
         f" (target {summary['lori']['sparsity']}, granularity {summary['lori']['granularity']})",
+        *([_precision_line(summary["precision"])] if "precision" in summary else []),
         f"  adapters: {paths['lori_d']}  {paths['lori_s']}",
         f"  masks: {paths['masks']}",
         f"  tensorboard: tensorboard --logdir {paths['tensorboard']}",
     ]
     return "\n".join(lines)
+
+
+def _precision_line(p: dict[str, Any]) -> str:
+    auto = " (model.dtype auto)" if p.get("auto") else ""
+    return (f"  precision: base {p['base']}{auto}, adapter {p['adapter']}, compute {p['compute']}"
+            f" (trainer.precision {p.get('trainer_precision')})")

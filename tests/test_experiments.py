@@ -17,6 +17,7 @@ def load(name: str):
     sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -94,3 +95,29 @@ def test_continual(tmp_path_factory, run):
     assert {"safety", "task"} <= set(results)
     assert "refusal_rate" in results["task"]["harmbench"]
     assert (out / run / "continual.png").is_file()
+
+
+def test_bench_train_toy_size_both_precisions(tmp_path, capsys):
+    bench = load("bench_train")
+    methods = ["floor", "lori_d", "lori_s", "lora"]
+    bench.main(["--sizes", "toy", "--precision", "fp32", "bf16", "--steps", "1", "--warmup", "0",
+                "--rss-repeats", "0", "--methods", *methods])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [(r["size"], r["precision"], r["dtype"]) for r in lines] == [
+        ("toy", "fp32", "float32"), ("toy", "bf16", "bfloat16")]
+    fp32, bf16 = lines
+    assert bf16["adapter_dtype"] == "float32" and set(bf16["step_ms"]) == set(methods)
+    ratios = bf16["ratios"]
+    for key in ("floor_bf16_vs_fp32", "lori_s_vs_floor", "lori_s_vs_lora"):
+        assert ratios[key] > 0 and key in ratios["met"]
+    # AdamW state stays fp32 in bf16 mode: the same bytes as fp32 LoRI-S, 0.1x fp32 LoRI-D
+    assert bf16["optimizer_state_bytes"]["lori_s"] == fp32["optimizer_state_bytes"]["lori_s"]
+    assert abs(ratios["opt_state_lori_s_bf16_vs_lori_d_fp32"] - 0.10) < 0.005
+    assert bf16["trainable"]["lori_s"] == bf16["trainable"]["lori_s_mask"]
+    results = tmp_path / "bench.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in lines))
+    bench.main(["--table", str(results)])
+    table = capsys.readouterr().out
+    assert "toy bf16" in table and "bf16 floor / fp32 floor" in table
+    peak = bench.rss_child(bench.parse_args(["--precision", "bf16"]), "toy", "lori_s")  # the child's work
+    assert peak["peak"] > 0 and "over_base" in peak

@@ -98,7 +98,8 @@ def test_paper_config_matches_appendix_d(path):
     assert (pipe["dense_epochs"], pipe["sparse_epochs"]) == (epochs, epochs)
     assert (data["task"], data["max_length"], data["held_out"]) == (data_task, 512, 0)
     assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] * trainer["accumulate_grad_batches"] == 32
-    assert trainer["precision"] == "bf16-mixed"
+    # frozen base in bf16, adapter fp32 (lori casts); no autocast, which bf16-true would not allow
+    assert (m["dtype"], trainer["precision"]) == ("bfloat16", "32-true")
     assert pipe["output_dir"] == f"runs/paper/{path.stem}"
 
 
@@ -161,6 +162,40 @@ def test_dry_run_with_strategy_presets():
     assert total["fsdp"] < total["deepspeed_zero3"] < total["deepspeed_zero2"] < total["ddp"]
     assert total["fsdp"] < 24  # the paper trained on 8 x A5000 (24 GB) with FSDP
     assert "fsdp x8 +ckpt" in format_table(list(rows.values()))
+
+
+def _with(tmp_path: Path, config: Path, model: dict | None = None, trainer: dict | None = None) -> Path:
+    raw = yaml.safe_load(config.read_text())
+    raw["model"].update(model or {})
+    raw["trainer"].update(trainer or {})
+    out = tmp_path / config.name
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def test_dry_run_memory_follows_the_dtype(tmp_path):
+    """bf16 base: 2 bytes per weight (Llama-3-8B: 16 GB, not 32); A, B, gradient and AdamW: fp32."""
+    config = ROOT / "configs" / "paper" / "llama3_8b_r32_gsm8k.yaml"
+    gib = 1024**3
+    bf16 = dry_run(config)
+    fp32 = dry_run(_with(tmp_path, config, model={"dtype": "float32"}))
+    mixed = dry_run(_with(tmp_path, config, model={"dtype": "float32"}, trainer={"precision": "bf16-mixed"}))
+    assert (bf16["plan"]["weight_bytes"], bf16["plan"]["compute_bytes"]) == (2, 2)
+    assert (fp32["plan"]["weight_bytes"], fp32["plan"]["compute_bytes"]) == (4, 4)
+    assert (mixed["plan"]["weight_bytes"], mixed["plan"]["compute_bytes"]) == (4, 2)
+    d = bf16["memory_gib_lori_d"]
+    assert d["weights"] == pytest.approx(8_030_261_248 * 2 / gib, abs=0.01)  # 14.96 GiB = 16.1 GB
+    assert fp32["memory_gib_lori_d"]["weights"] == pytest.approx(8_030_261_248 * 4 / gib, abs=0.01)
+    assert d["optimizer"] == pytest.approx(EXACT_DENSE[32] * 12 / gib, abs=0.01)  # fp32 grad + 2 states
+    assert d["optimizer"] == fp32["memory_gib_lori_d"]["optimizer"]  # the adapter is fp32 either way
+    assert d["adapter"] == fp32["memory_gib_lori_d"]["adapter"]
+    assert d["casts"] == 0 and fp32["memory_gib_lori_d"]["casts"] == 0
+    # fp32 base under autocast: only the LM head's 16-bit copy (the fused layers recast W0 in backward)
+    assert mixed["memory_gib_lori_d"]["casts"] == pytest.approx(128256 * 4096 * 2 / gib, rel=0.01)
+    assert fp32["memory_gib_lori_d"]["activations"] > 1.5 * d["activations"]  # fp32 activations (norms fp32 in both)
+    # the chunked loss: one chunk's logits, not 4 x 512 x 128k of them (2.4 GiB before)
+    assert d["logits"] < 0.25
+    assert bf16["memory_gib_lori_d"]["total"] < 30 < fp32["memory_gib_lori_d"]["total"]
 
 
 @pytest.mark.parametrize("granularity", ["model", "module", "projection", "layer", "matrix"])
@@ -319,13 +354,13 @@ def test_continual_config(path):
     # the paper run's model, data, trainer, precision and batch
     m, lori = cfg["model"], cfg["model"]["lori"]
     alpha = APPENDIX_D["saferpaca", model, r][0]
-    assert m["model"] == MODELS[model] and m["dtype"] == "float32"
+    assert m["model"] == MODELS[model] and m["dtype"] == "bfloat16"
     assert (lori["r"], lori["alpha"], lori["dropout"], list(lori["target_modules"])) == (r, alpha, 0.05, TARGETS)
     assert lori["seed"] == safety_cfg["model"]["lori"]["seed"]  # A is the safety adapter's
     assert (m["scheduler"], m["warmup_steps"], m["loss_normalization"]) == ("constant", 0, "sequence_sum")
     assert cfg["data"] == safety_cfg["data"]
     assert cfg["task_data"] == task_cfg["data"] and cfg["task_data"]["task"] == TASK_OF_TABLE[task][0]
-    assert cfg["trainer"] == task_cfg["trainer"] and cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["trainer"] == task_cfg["trainer"] and cfg["trainer"]["precision"] == "32-true"
     trainer = cfg["trainer"]
     assert (cfg["task_data"]["batch_size"] * trainer["devices"] * trainer["num_nodes"]
             * trainer["accumulate_grad_batches"]) == 32
@@ -432,8 +467,11 @@ def test_baseline_config_is_lori_d_with_another_method(path):
     given = {k: v for k, v in mine.pop("baseline").items() if v is not None}
     theirs.pop("baseline")
     assert set(given) <= set(OPTIONS.get(method, ()))
-    assert mine == theirs and cfg["data"] == ref["data"]
     trainer, ref_trainer = cfg["trainer"].as_dict(), ref["trainer"].as_dict()
+    if method == "full":  # trained weights need fp32 masters: fp32 weights, bf16 autocast
+        assert (mine.pop("dtype"), theirs.pop("dtype")) == ("float32", "bfloat16")
+        assert (trainer.pop("precision"), ref_trainer.pop("precision")) == ("bf16-mixed", "32-true")
+    assert mine == theirs and cfg["data"] == ref["data"]
     extra = {k for k in trainer if trainer[k] != ref_trainer.get(k)}
     assert extra == {"max_epochs", "callbacks", "logger"}
     assert cfg["trainer"]["max_epochs"] == ref["pipeline"]["dense_epochs"] == TASK_OF_TABLE[task][1]

@@ -117,9 +117,9 @@ def attach_peft(
         torch.manual_seed(lori.seed)
         if shapes_only:
             with torch.device("meta"):
-                wrapper = PeftModel(model, config)
+                wrapper = PeftModel(model, config, autocast_adapter_dtype=True)  # a 16-bit base keeps an fp32 adapter
         else:
-            wrapper = PeftModel(model, config)
+            wrapper = PeftModel(model, config, autocast_adapter_dtype=True)  # a 16-bit base keeps an fp32 adapter
     handle = PeftHandle(wrapper, method)
     if method == "lora_fa":  # A stays at its seeded init (LoRA-FA: frozen A)
         for name, param in model.named_parameters():

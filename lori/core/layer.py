@@ -20,6 +20,12 @@ is kept for the kept entries only (a (1 - s) fraction of LoRI-D's).
 A is a buffer drawn from a CPU ``torch.Generator`` seeded by (seed, module path), so it is the same
 in any process and on any machine, and no optimizer can pick it up.
 
+Precision: A and B are created in fp32 whatever the base's dtype (a bf16 or fp16 base needs no fp32
+master, being frozen; what trains keeps one). The compute dtype is the input's (the base's), or the
+autocast dtype under autocast: the fused node casts A and B_eff to it, computes dB in it and hands
+the fp32 trainable an fp32 gradient. ``merge`` adds the fp32 ΔW to the weight in fp32 and rounds
+once into the weight's dtype.
+
 Cost: forward and backward are one autograd node (``_LoRIMatmul``) with the backward written out:
 dx = g W0 + c (g B_eff) A (masked by dropout), dB_eff = c g^T h, and in LoRI-S the gradient of the
 kept entries is a gather of dB_eff. No gradient is formed for A; x is never copied when dropout
@@ -37,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+
+ADAPTER_DTYPE = torch.float32  # A, B and (so) B's optimizer state, whatever the base's dtype
 
 
 def module_seed(seed: int, path: str) -> int:
@@ -77,11 +85,12 @@ class LoRILinear(nn.Module):
         w = base.weight
         self.lori_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if w.device.type == "meta":
-            A = torch.empty(r, base.in_features, device="meta", dtype=w.dtype)
+            A = torch.empty(r, base.in_features, device="meta", dtype=ADAPTER_DTYPE)
         else:
-            A = draw_A(r, base.in_features, seed, path).to(device=w.device, dtype=w.dtype)
-        self.register_buffer("lori_A", A)  # (r, d_in), frozen
-        self.lori_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+            A = draw_A(r, base.in_features, seed, path).to(device=w.device)
+        self.register_buffer("lori_A", A)  # (r, d_in), frozen, fp32 whatever the base's dtype
+        B = torch.zeros(base.out_features, r, device=w.device, dtype=ADAPTER_DTYPE)
+        self.lori_B = nn.Parameter(B)  # (d_out, r), trained, fp32
         self.register_buffer("lori_mask", None)
         self.register_buffer("lori_index", None, persistent=False)
         self.register_parameter("lori_B_values", None)
@@ -134,26 +143,43 @@ class LoRILinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """scale * B_eff A (d_out x d_in), computed in fp32 and cast to the weight's dtype."""
-        delta = self.scale * (self.B().detach().float() @ self.lori_A.float())
-        return delta.to(self.base_layer.weight.dtype)
+        return self._delta_fp32().to(self.base_layer.weight.dtype)
+
+    def _delta_fp32(self) -> Tensor:
+        return self.scale * (self.B().detach().float() @ self.lori_A.float())
 
     def merge(self) -> None:
         """Add the update into the base weight. Merging a merged layer changes nothing."""
         if not self.merged:
-            self.base_layer.weight.data += self.delta_weight()
+            self._add_delta(1.0)
             self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the update from the base weight (inverse of ``merge``)."""
         if self.merged:
-            self.base_layer.weight.data -= self.delta_weight()
+            self._add_delta(-1.0)
             self.merged = False
+
+    @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        """W := round(W + sign * ΔW): the sum in fp32, one rounding into the weight's dtype.
+
+        A bf16 weight is therefore rounded once per merge and once per unmerge, never twice: after
+        merge -> unmerge each entry is within one bf16 ulp of max(|W|, |W + ΔW|) of where it started,
+        and further cycles add nothing (tests/test_bf16.py derives and checks the bound).
+        """
+        w = self.base_layer.weight.data
+        if w.dtype == torch.float32:
+            w.add_(self._delta_fp32(), alpha=sign)
+        else:
+            w.copy_(w.float().add_(self._delta_fp32(), alpha=sign))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
         trainable = self.lori_B if self.lori_B_values is None else self.lori_B_values
-        if not self._fusable(x, trainable):
+        compute = compute_dtype(x, self.base_layer.weight)
+        if compute is None or not self._fusable(x, trainable):
             return self._forward_autograd(x)
         dropout = self.lori_dropout
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
@@ -161,20 +187,20 @@ class LoRILinear(nn.Module):
         base = self.base_layer
         return _LoRIMatmul.apply(
             x, trainable, base.weight, base.bias, self.lori_A, self.lori_B, self.lori_index, drop,
-            self.scale / (1.0 - p),
+            self.scale / (1.0 - p), compute,
         )
 
     def _fusable(self, x: Tensor, trainable: Tensor) -> bool:
         """Whether the fused node may stand in for ``base_layer(x)`` plus the adapter.
 
-        It needs one dtype throughout, no autocast and a frozen base; and, since it reads the
-        base weight itself, a plain ``nn.Linear`` forward with no hooks (sharding such as
-        DeepSpeed ZeRO-3 gathers weights in hooks; subclasses may compute differently).
+        It needs a frozen base and floating A and B of any dtype (cast to the compute dtype,
+        see ``compute_dtype``); and, since it reads the base weight itself, a plain ``nn.Linear``
+        forward with no hooks (sharding such as DeepSpeed ZeRO-3 gathers weights in hooks;
+        subclasses may compute differently).
         """
         base = self.base_layer
         return (
-            x.dtype == base.weight.dtype == self.lori_A.dtype == trainable.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            self.lori_A.is_floating_point() and trainable.is_floating_point()
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
             and type(base).forward is nn.Linear.forward
@@ -183,7 +209,7 @@ class LoRILinear(nn.Module):
         )
 
     def _forward_autograd(self, x: Tensor) -> Tensor:
-        """Mixed dtypes, autocast or a trainable base: plain autograd over the same formula."""
+        """A trainable or hooked base, or dtypes nn.Linear would refuse: plain autograd, same formula."""
         result = self.base_layer(x)
         h = F.linear(self.lori_dropout(x), _as(self.lori_A, x.dtype))  # (..., r)
         B = _as(self.B(), h.dtype)  # (d_out, r)
@@ -210,8 +236,25 @@ class LoRILinear(nn.Module):
         return f"r={self.r}, scale={self.scale:g}, B={kept}, merged={self.merged}"
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts (not fp64)
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype ``base_layer(x)`` computes in: autocast's when autocast is on, else x's.
+
+    None where ``nn.Linear`` itself would refuse the pair (x and the weight differ without
+    autocast), so the layer takes plain autograd and raises the same error.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        if x.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE:
+            return torch.get_autocast_dtype(device)
+        return None
+    return x.dtype if x.dtype == weight.dtype else None
 
 
 def dropout_draw(n: int, p: float, device: torch.device) -> Tensor:
@@ -250,53 +293,62 @@ def _zero_dropped(t: Tensor, drop: Tensor) -> Tensor:
 class _LoRIMatmul(torch.autograd.Function):
     """y = W0 x + b + c * B_eff A (x ⊙ keep), with c = scale / (1 - p), as one autograd node.
 
-    Forward, with x flattened to (n, d_in) and ``keep`` the dropout mask (all ones when p = 0):
+    Forward, with x flattened to (n, d_in), ``keep`` the dropout mask (all ones when p = 0) and
+    every operand cast to the compute dtype (x, W0, b, A and B_eff; A and B_eff are fp32 tensors
+    when the base is bf16, so their casts are (r x d_in) and (d_out x r) copies, never kept):
 
+        y = x W0^T + b                (n, d_out)
         h = (x ⊙ keep) A^T            (n, r)      x is copied only with dropout, to zero the drops
-        y = x W0^T + b;  y += c h B_eff^T         in place, (n, d_out)
+        y += c h B_eff^T                          in place
 
-    Backward, from g = dL/dy (n, d_out):
+    Backward, from g = dL/dy (n, d_out), in the compute dtype:
 
         dh = g B_eff                  (n, r)
         dx = c (dh A) ⊙ keep + g W0   (n, d_in)   one addmm, the other term's scale as its beta
         dB_eff = c g^T h              (d_out, r); in LoRI-S d(values) = dB_eff.flat[index]
 
-    Nothing is formed for A, W0 or b (frozen). Saved: h and the drops, not a copy of x; in
-    LoRI-S B_eff is scattered again for the backward rather than kept from the forward.
+    dx comes back in x's dtype, the gradient of the trainable in the trainable's (fp32): dB_eff
+    is rounded to the compute dtype once, by its matmul, and scaled by c in fp32.
+
+    Nothing is formed for A, W0 or b (frozen). Saved: h and the drops, not a copy of x nor any
+    cast; in LoRI-S B_eff is scattered again for the backward rather than kept from the forward.
     """
 
     @staticmethod
-    def forward(ctx, x, trainable, weight, bias, A, B_rest, index, drop, c):  # type: ignore
-        B = _effective_B(trainable, B_rest, index)
-        x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
-        if drop is None:
-            xa = x2
-        else:
-            xa = _zero_dropped(x2.clone(memory_format=torch.contiguous_format), drop)
-        h = torch.mm(xa, A.t())  # (n, r)
-        y = F.linear(x2, weight, bias)  # (n, d_out)
-        y.addmm_(h, B.t(), alpha=c)
+    def forward(ctx, x, trainable, weight, bias, A, B_rest, index, drop, c, dtype):  # type: ignore
+        with torch.autocast(x.device.type, enabled=False):  # operands are cast here, explicitly
+            B = _as(_effective_B(trainable, B_rest, index), dtype)
+            xc = _as(x.reshape(-1, x.shape[-1]), dtype)  # (n, d_in)
+            y = F.linear(xc, _as(weight, dtype), _as(bias, dtype))  # (n, d_out)
+            if drop is not None:  # zero the drops in a copy (a cast is one already)
+                fresh = xc.dtype != x.dtype
+                xc = _zero_dropped(xc if fresh else xc.clone(memory_format=torch.contiguous_format), drop)
+            h = torch.mm(xc, _as(A, dtype).t())  # (n, r)
+            y.addmm_(h, B.t(), alpha=c)
         ctx.save_for_backward(weight, A, trainable, B_rest, h, index, drop)
-        ctx.c = c
+        ctx.c, ctx.dtype, ctx.x_dtype = c, dtype, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         weight, A, trainable, B_rest, h, index, drop = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
+        dtype = ctx.dtype
+        g = _as(grad.reshape(-1, grad.shape[-1]), dtype)  # (n, d_out)
         dx = dtrainable = None
         if ctx.needs_input_grad[0]:
-            dh = torch.mm(g, _effective_B(trainable, B_rest, index))  # (n, r), c comes below
+            dh = torch.mm(g, _as(_effective_B(trainable, B_rest, index), dtype))  # (n, r), c comes below
+            A, weight = _as(A, dtype), _as(weight, dtype)
             if drop is None:
                 dx = torch.mm(g, weight).addmm_(dh, A, alpha=ctx.c)
             else:
                 dx = _zero_dropped(torch.mm(dh, A), drop).addmm_(g, weight, beta=ctx.c)
-            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+            dx = _as(dx.view(*grad.shape[:-1], dx.shape[-1]), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dB = torch.mm(g.t(), h)  # (d_out, r)
-            dtrainable = (dB if index is None else dB.view(-1).index_select(0, index)).mul_(ctx.c)
-        return dx, dtrainable, None, None, None, None, None, None, None
+            dB = torch.mm(g.t(), h)  # (d_out, r), in the compute dtype
+            flat = dB if index is None else dB.view(-1).index_select(0, index)
+            dtrainable = flat.to(trainable.dtype).mul_(ctx.c)  # fp32 for an fp32 trainable
+        return dx, dtrainable, None, None, None, None, None, None, None, None
 
 
 def _effective_B(trainable: Tensor, B_rest: Tensor, index: Tensor | None) -> Tensor:

@@ -543,7 +543,10 @@ def parse_args(argv: list[str]) -> tuple[MergeConfig, Any, str]:
     parser = build_parser()
     args = parser.parse_args(argv)
     config_text = parser.dump(args)
-    settings = EvalSettings(**args.pop("eval").as_dict())
+    evaluation = args.pop("eval").as_dict()
+    if args.get("protocol") == "official":  # one switch: the merged model is evaluated as the official code does
+        evaluation["protocol"] = "official"
+    settings = EvalSettings(**evaluation)
     args.pop("config", None)
     cfg = MergeConfig(**args.as_dict())
     check_config(cfg)

@@ -108,7 +108,7 @@ def point_name(overrides: Mapping[str, Any]) -> str:
 
 # ---- running a sweep ------------------------------------------------------------------------
 def _default_runner(argv: list[str]) -> dict[str, Any]:
-    from lori.cli import pipeline
+    from lori.commands.pipeline_command import pipeline
 
     return pipeline(argv)
 
@@ -128,7 +128,7 @@ def run_point(
         base: the base config (as ``load_config`` returns it).
         overrides: dotted keys to change, e.g. ``{"model.lori.sparsity": 0.5}``.
         root: the sweep's directory; the point runs in ``root/point_name(overrides)``.
-        run: ``run(argv) -> summary``; default ``lori.cli.pipeline``.
+        run: ``run(argv) -> summary``; default ``lori.commands.pipeline_command.pipeline``.
         name: the point's directory name instead of ``point_name(overrides)``.
 
     Raises:
@@ -252,7 +252,7 @@ def task_data(config: Mapping[str, Any], tokenizer: Any) -> Any:
 
 def base_model(config: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     """The config's base model (eval mode) and tokenizer, as the pipeline builds them."""
-    from lori.module import build_model
+    from lori.training.module import build_model
 
     m = config["model"]
     model, tokenizer = build_model(m.get("model"), m.get("gguf_file"), m.get("dtype", "float32"), m.get("cache_dir"))

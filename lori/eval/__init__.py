@@ -1,5 +1,7 @@
 """Evaluation: sandboxed code execution, pass@k, answer parsing, refusal judges, metrics,
-batched generation and option scoring.
+batched generation and option scoring; the evaluation tasks (``lori.eval.evaluator``: GSM8K,
+HumanEval, MBPP, the safety and NLU sets) and interference between adapters
+(``lori.eval.interference``).
 
 Names are imported lazily, so ``import lori.eval.sandbox`` does not pull in torch/transformers.
 """

@@ -23,7 +23,7 @@ The official LoRI code's rules (``protocol: official``; github.com/juzhengz/LoRI
 
 The official code applies them to ``prompt + generation`` (it decodes the whole sequence,
 l.325-328); lori passes the generated text only unless ``EvalSettings.judge_text`` asks for the
-official reading (see ``lori.evaluate``).
+official reading (see ``lori.eval.evaluator``).
 """
 
 from __future__ import annotations

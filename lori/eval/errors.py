@@ -1,4 +1,4 @@
-"""The evaluation's input error (re-exported by ``lori.evaluate``; the CLI reports it in one line)."""
+"""The evaluation's input error (re-exported by ``lori.eval.evaluator``; the CLI reports it in one line)."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ Reference: github.com/juzhengz/LoRI at 9183468. GSM8K, the NLU sets and HEx-PHI 
 ``src/eval_model.py`` (``evaluate``, l.289-339); HumanEval through the bigcode harness
 (``bigcode/main.py``, ``bigcode/bigcode_eval/``) as ``scripts/codealpaca_*.sh`` launch it. This
 module holds what that protocol fixes, as data with its source, and the pure functions lori's
-evaluator (``lori.evaluate``) uses to reproduce it:
+evaluator (``lori.eval.evaluator``) uses to reproduce it:
 
 * :data:`OFFICIAL_EVAL_SETTINGS`: the ``EvalSettings`` fields the protocol fixes, with the value
-  and the file:line that sets it (the same policy as ``lori.protocol.apply_official``: a field at
+  and the file:line that sets it (the same policy as ``lori.core.protocol.apply_official``: a field at
   lori's default takes the official value, any other value is refused);
 * :func:`official_items`: which items the official evaluation actually scores. It iterates
   ``get_batch_iterator`` (src/get_datasets.py:375-467) with ``batch_size`` 64 (eval_model.py:348,
@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from lori.core import lori_layers
+from lori.core.protocol import Fixed
 from lori.data.official_prompts import unique_prompts
 from lori.eval.answers import truncate_at_stop
 from lori.eval.errors import EvalError
 from lori.eval.passk import HUMANEVAL_STOP_OFFICIAL
-from lori.protocol import Fixed
 
 OFFICIAL_EVAL_BATCH = 64  # src/eval_model.py:348 (--batch_size default; no script passes one)
 OFFICIAL_MAX_NEW_TOKENS = 512  # src/eval_model.py:308
@@ -70,11 +70,11 @@ def apply_official_eval(settings: Any) -> list[str]:
     """Put the fields of :data:`OFFICIAL_EVAL_SETTINGS` at their official values, in place.
 
     A field at lori's default (the dataclass default) takes the official value; a field at the
-    official value stays; any other value is a contradiction (``lori.protocol.apply_official``'s
+    official value stays; any other value is a contradiction (``lori.core.protocol.apply_official``'s
     policy for the training settings).
 
     Args:
-        settings: a ``lori.evaluate.EvalSettings`` (any dataclass with those fields).
+        settings: a ``lori.eval.evaluator.EvalSettings`` (any dataclass with those fields).
 
     Returns:
         One ``eval.<field>: old -> new`` line per field changed.

@@ -1,6 +1,6 @@
 """The evaluation tasks run as the official LoRI code runs them (``protocol: official``).
 
-``lori.evaluate.Evaluator`` hands GSM8K, HumanEval, the NLU sets and the HEx-PHI-layout safety sets
+``lori.eval.evaluator.Evaluator`` hands GSM8K, HumanEval, the NLU sets and the HEx-PHI-layout safety sets
 to :class:`OfficialTasks` under ``protocol: official``; ``lori.eval.official`` holds the facts.
 
 Per task (github.com/juzhengz/LoRI at 9183468):
@@ -53,7 +53,7 @@ class OfficialTasks:
     Args:
         model: the model (float32, adapter merged, for the official numbers).
         tokenizer: its tokenizer.
-        settings: a ``lori.evaluate.EvalSettings`` with ``protocol: official``.
+        settings: a ``lori.eval.evaluator.EvalSettings`` with ``protocol: official``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, settings: Any) -> None:

@@ -1,11 +1,11 @@
 """LoRIModule: the LightningModule that holds an adapted causal LM and trains its adapter.
 
-The nn.Module is built outside (``lori.models``) and adapted by ``lori.baselines.attach``: LoRI
-(the default), or a baseline (``lori.baselines``: LoRA, DoRA, LoRA-FA, VeRA, IA3, AdaLoRA, rsLoRA,
+The nn.Module is built outside (``lori.training.base_model``) and adapted by ``lori.training.baselines.attach``: LoRI
+(the default), or a baseline (``lori.training.baselines``: LoRA, DoRA, LoRA-FA, VeRA, IA3, AdaLoRA, rsLoRA,
 PiSSA, LoRA+, full fine-tuning) with the same data, loss and optimizer settings. This class only
 adds the loss, logging and the optimizer over the trainable tensors (dense B in LoRI-D, the kept
 entries in LoRI-S; LoRA+ and LoRA-FA bring their own optimizers, AdaLoRA its penalty and rank
-schedule). Phase changes (calibration, the LoRI-S reset) belong to ``lori.callbacks``.
+schedule). Phase changes (calibration, the LoRI-S reset) belong to ``lori.training.callbacks``.
 
 Precision: ``dtype`` is the dtype of the frozen base and of the compute (``auto``: bfloat16 where
 the hardware multiplies in bf16 natively, else float32); what trains is fp32 whatever it is, and
@@ -31,7 +31,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lori import baselines
 from lori.core import (
     LoRIConfig,
     LoRIConfigError,
@@ -41,8 +40,9 @@ from lori.core import (
     save_adapter,
 )
 from lori.core.layer import ADAPTER_DTYPE
-from lori.models import load_base_model, resolve_base_dtype, tiny_llama
-from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
+from lori.core.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
+from lori.training import baselines
+from lori.training.base_model import load_base_model, resolve_base_dtype, tiny_llama
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
 TRUE_HALF = ("bf16-true", "16-true")  # Lightning precisions that cast the whole module
@@ -89,7 +89,7 @@ class LoRIModule(L.LightningModule):
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
         dtype: dtype of the frozen base model and of the compute: ``float32``, ``bfloat16``,
             ``float16`` or ``auto`` (bfloat16 where the hardware has native bf16, else float32;
-            see ``lori.models.resolve_base_dtype``). A, B and their optimizer state are fp32
+            see ``lori.training.base_model.resolve_base_dtype``). A, B and their optimizer state are fp32
             whatever it is. ``method: full`` trains the base, which needs fp32 master weights:
             ``auto`` gives float32 there and a 16-bit dtype is refused. The resolved dtype is
             ``self.compute_dtype``.
@@ -97,10 +97,10 @@ class LoRIModule(L.LightningModule):
         method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
             0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
             ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``) or ``full`` (every base weight
-            trained); the table is in ``lori.baselines``. r, alpha, dropout, targets and seed come
+            trained); the table is in ``lori.training.baselines``. r, alpha, dropout, targets and seed come
             from ``lori``.
         lori: the adapter's hyperparameters (rank, alpha, dropout, targets, sparsity, granularity, seed).
-        baseline: options of the baselines that have their own (``lori.baselines.BaselineOptions``:
+        baseline: options of the baselines that have their own (``lori.training.baselines.BaselineOptions``:
             LoRA+'s lr ratio, VeRA's d_initial, IA3's feed-forward modules, AdaLoRA's schedule,
             PiSSA's SVD iterations); an option of another method is refused.
         lr: AdamW learning rate.
@@ -113,7 +113,7 @@ class LoRIModule(L.LightningModule):
         gradient_clipping: how ``trainer.gradient_clip_val`` is applied: ``global`` (one norm over
             every trainable tensor, Lightning's) or ``per_tensor`` (each tensor clipped to the value on
             its own, as the official code's per-parameter optimizers do).
-        protocol: ``lori`` or ``official`` (see ``lori.protocol``): under ``official`` the optimizer
+        protocol: ``lori`` or ``official`` (see ``lori.core.protocol``): under ``official`` the optimizer
             settings must be the official code's (weight decay 0, no dropout, sequence_sum, per-tensor
             clipping, constant learning rate) and warm-up follows its ramp min(1, (step+1)/(warmup+1)).
     """
@@ -364,7 +364,7 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
 
 
 def check_official(options: Any) -> None:
-    """Refuse ``model:`` options that differ from the official code's (``lori.protocol``)."""
+    """Refuse ``model:`` options that differ from the official code's (``lori.core.protocol``)."""
     bad = []
     for fixed in OFFICIAL_SETTINGS:
         section, _, key = fixed.key.partition(".")

@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lori.baselines.methods import BaselineOptionsError
-from lori.baselines.peft_methods import peft_handle
+from lori.training.baselines.methods import BaselineOptionsError
+from lori.training.baselines.peft_methods import peft_handle
 
 
 def orthogonality_penalty(model: nn.Module) -> Tensor:

@@ -36,7 +36,7 @@ Every check (adapter dirs, DoRA, adaptation, weights, densities, ranks, targets,
 fingerprints, evaluation settings and data) runs before the base model loads; the base's own
 fingerprint is checked before any merge; a merge that would put NaN or inf into a base weight is
 refused before that weight changes (and the base is restored); the output directory appears only
-complete, and holds one run at a time (``lori.run_lock``).
+complete, and holds one run at a time (``lori.training.run_lock``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lori import run_lock
 from lori.core import Adapter, load_adapter, save_adapter
 from lori.core.adapter import check_fits
 from lori.core.io import CONFIG_FILE, atomic_directory
@@ -66,6 +65,7 @@ from lori.core.merge import (
     iter_merged_deltas,
     merge_factors,
 )
+from lori.training import run_lock
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
              "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES"}
@@ -105,7 +105,7 @@ class MergeConfig:
         density: kept fraction for magnitude / ties / dare / dare_ties: one number, or one per
             method; None = the protocol's: ``lori`` the paper's (magnitude 0.3, the others 0.7),
             ``official`` 0.7 for every method (the official scripts' default).
-        evaluate: the benchmarks (``lori.evaluate`` task names) run on every merged model;
+        evaluate: the benchmarks (``lori.eval.evaluator`` task names) run on every merged model;
             empty = merge and write adapters and ΔW stats only.
         output_dir: the results directory (replaced as a whole when the run finishes).
         seed: seed of DARE's random drop (a generator of its own; the same drops as PEFT's when
@@ -361,10 +361,10 @@ def apply_merge(model: nn.Module, deltas: Iterator[tuple[str, Tensor]]) -> dict[
 
 # ---- the run -------------------------------------------------------------------------------
 def make_evaluator(cfg: MergeConfig, settings: Any) -> Evaluate:
-    """``lori.evaluate.evaluate_model`` on a subset of ``cfg.evaluate``; settings and evaluation
+    """``lori.eval.evaluator.evaluate_model`` on a subset of ``cfg.evaluate``; settings and evaluation
     data are checked and loaded here, before the base model."""
+    from lori.eval.evaluator import EvalSettings, evaluate_model, load_eval_sets
     from lori.eval.official import check_official_model
-    from lori.evaluate import EvalSettings, evaluate_model, load_eval_sets
 
     settings = settings if settings is not None else EvalSettings()
     check_official_model(settings, cfg.dtype)  # eval.protocol official: a float32 base (merged: always)
@@ -385,7 +385,7 @@ def _device(name: str) -> torch.device:
 
 def load_base(cfg: MergeConfig, aset: AdapterSet) -> tuple[nn.Module, Any]:
     """The base model and tokenizer, refused unless every adapter fits it (shapes and fingerprint)."""
-    from lori.module import build_model
+    from lori.training.module import build_model
 
     model, tokenizer = build_model(cfg.base_model, cfg.gguf_file, cfg.dtype, cfg.cache_dir)
     for name, adapter in zip(aset.names, aset.adapters):
@@ -405,7 +405,7 @@ def run_merge(
 
     Args:
         cfg: the merge run.
-        eval_settings: ``lori.evaluate.EvalSettings`` for everything but the tasks (``cfg.evaluate``).
+        eval_settings: ``lori.eval.evaluator.EvalSettings`` for everything but the tasks (``cfg.evaluate``).
         evaluate: ``evaluate(model, tokenizer, tasks)``; default: ``make_evaluator(cfg, eval_settings)``.
         config_text: the resolved YAML, written beside the results.
 
@@ -527,7 +527,7 @@ def build_parser():
     """``lori merge`` options: MergeConfig at the top level, EvalSettings (but tasks) under ``eval:``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lori.evaluate import EvalSettings
+    from lori.eval.evaluator import EvalSettings
 
     parser = ArgumentParser(prog="lori merge", description="Merge T adapters and evaluate on every task")
     parser.add_argument("--config", action=ActionConfigFile, help="a merge YAML (configs/merge/)")
@@ -538,7 +538,7 @@ def build_parser():
 
 def parse_args(argv: list[str]) -> tuple[MergeConfig, Any, str]:
     """MergeConfig, EvalSettings and the resolved YAML; only the config is checked (no file read)."""
-    from lori.evaluate import EvalSettings
+    from lori.eval.evaluator import EvalSettings
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lori.core.atomic_files import atomic_write, previous_path
 from lori.core.finite import first_non_finite
-from lori.run_lock import is_launching_process
+from lori.training.run_lock import is_launching_process
 
 LAST = "last.ckpt"
 

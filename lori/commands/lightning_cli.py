@@ -1,81 +1,39 @@
-"""``lori``: the command line, built on LightningCLI.
+"""LoRICLI: the LightningCLI that parses and checks a training config, and runs LightningCLI's own
+subcommands.
 
-    lori pipeline --config configs/experiment/default.yaml    LoRI-D -> calibration -> LoRI-S
     lori fit      --config configs/experiment/default.yaml    one Trainer.fit (LightningCLI)
     lori validate | test | predict --config ...               LightningCLI's other subcommands
-    lori <subcommand> --help                                  every option with its default
 
-The same YAML serves every subcommand: ``model:`` (LoRIModule), ``data:`` (TaskDataModule),
-``trainer:`` (Lightning Trainer) and ``pipeline:`` (PipelineConfig, read by ``pipeline`` only).
+The same YAML serves every training subcommand: ``model:`` (LoRIModule), ``data:``
+(TaskDataModule), ``trainer:`` (Lightning Trainer) and ``pipeline:`` (PipelineConfig, read by
+``lori pipeline`` only, ``lori.commands.pipeline_command``). ``parse_config`` / ``parse_configs``
+parse and check a YAML as ``lori pipeline`` would, loading nothing (``lori dryrun`` and the
+notebooks use them); every check runs before the model loads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentError
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import console, diagnostics, dryrun, eval_command, merging, progress, run_lock
-from lori.callbacks import SaveAdapter, Unshard
-from lori.checkpoint_io import with_atomic_checkpoints
-from lori.core import (
-    AdapterFileError,
-    AdapterMismatchError,
-    InjectionError,
-    LoRIConfig,
-    LoRIConfigError,
-    NonFiniteError,
-)
-from lori.core.atomic_files import disk_full_message
-from lori.core.masks import CalibrationError
+from lori.core import LoRIConfigError
+from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
-from lori.continual import ContinualConfig, ContinualConfigError, run_continual
-from lori.continual import format_results as format_continual
-from lori.evaluate import EvalError, EvalSettings
-from lori.models import ModelLoadError
-from lori.models import _resolve_dtype as resolve_dtype
-from lori.module import CheckpointMismatchError, LoRIModule
-from lori.pipeline import PipelineConfig, format_summary, run_pipeline
-from lori.protocol import PROTOCOLS, ProtocolError, apply_official
-from lori.rng_state import RNGState
-
-USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]
-
-  pipeline   LoRI-D -> mask calibration -> LoRI-S, chained Trainer.fit calls (the main job)
-  fit        one Trainer.fit of the configured module (LightningCLI)
-  validate   held-out loss (LightningCLI)
-  test       test loop (LightningCLI)
-  predict    predict loop (LightningCLI)
-  continual  safety adapter -> task t under M_t, evaluated after each phase (paper Fig. 3)
-  eval       evaluate a base model, an adapter or a merged model on the paper's tasks (lori.eval_command)
-  merge      merge T adapters, evaluate on every task, write a Table-3-style table (lori.merging)
-  dryrun     trainable parameters and memory of a config on the meta device (no weights, no GPU)
-  diagnose   |cos(ΔW)| and mask overlap between adapters, sparsity heatmaps (lori.diagnostics)
-
-`lori <subcommand> --help` lists every option with its default. lori prints a line per stage, a
-progress bar and a summary; `--verbose` (anywhere, or LORI_VERBOSE=1) shows Lightning's, transformers'
-and datasets' own logs, warnings, model summaries and loading bars as well.
-"""
-
-
-# errors in what the user gave (config, paths, files): reported as one line, no traceback
-USER_ERRORS = (
-    LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
-    DataError, CheckpointMismatchError, merging.MergeConfigError, EvalError,
-    ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError, CalibrationError,
-)
+from lori.training import console, progress, run_lock
+from lori.training.base_model import _resolve_dtype as resolve_dtype
+from lori.training.callbacks import SaveAdapter
+from lori.training.checkpoint_io import with_atomic_checkpoints
+from lori.training.continual import ContinualConfig
+from lori.training.module import LoRIModule
+from lori.training.pipeline import PipelineConfig
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
 PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
@@ -216,7 +174,7 @@ class LoRICLI(LightningCLI):
 
 
 def add_protocol_argument(parser: LightningArgumentParser) -> None:
-    """The top-level ``protocol`` switch of a training config (``lori.protocol``)."""
+    """The top-level ``protocol`` switch of a training config (``lori.core.protocol``)."""
     parser.add_argument(
         "--protocol", type=str, default="lori",
         help="lori (lori's defaults) or official (data, tokenisation, optimiser and evaluation as the "
@@ -227,7 +185,7 @@ def add_protocol_argument(parser: LightningArgumentParser) -> None:
 def apply_protocol(cfg: Any, defaults: Any) -> list[str]:
     """Apply the top-level ``protocol`` to a parsed training config, before anything is built.
 
-    ``official`` puts the settings ``lori.protocol`` fixes at their official values (reported in one
+    ``official`` puts the settings ``lori.core.protocol`` fixes at their official values (reported in one
     line on stderr when it changes any) and sets ``protocol`` in every section that has one.
     """
     protocol = cfg.get("protocol") or "lori"
@@ -268,167 +226,8 @@ def parse_configs(*paths: str | Path) -> Any:
     return _ParseOnlyCLI(LoRIModule, TaskDataModule, run=False, args=args, save_config_callback=None).config
 
 
-def _dump(cli: LightningCLI) -> str:
+def dump_config(cli: LightningCLI) -> str:
     """The resolved config as YAML, None values included (saved beside each stage's adapter)."""
     if "skip_unset" in inspect.signature(cli.parser.dump).parameters:  # jsonargparse >= 4.49
         return cli.parser.dump(cli.config, skip_unset=False)
     return cli.parser.dump(cli.config, skip_none=False)
-
-
-def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int):
-    """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
-
-    def make(
-        stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
-        max_epochs: int | None = None,
-    ) -> L.Trainer:
-        kwargs = dict(trainer_config)
-        kwargs.pop("logger", None)
-        if not isinstance(kwargs.get("strategy"), str | None):  # a strategy object serves one Trainer
-            kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
-        if max_epochs is not None:  # an epoch budget replaces the step budget
-            kwargs.update(max_steps=-1, max_epochs=max_epochs)
-        else:
-            kwargs.update(max_steps=max_steps, max_epochs=-1 if max_steps > 0 else kwargs.get("max_epochs"))
-        # the pipeline measures held-out loss itself, before and after each stage
-        kwargs.update(limit_val_batches=1.0 if stage == "eval" else 0.0, num_sanity_val_steps=0)
-        extra = list(kwargs.pop("callbacks", None) or [])
-        extra.append(Unshard())  # FSDP: the next stage's Trainer gets a plain module with whole B
-        if checkpoint:
-            extra.append(ModelCheckpoint(
-                dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
-                every_n_train_steps=checkpoint_every,
-            ))
-            extra.append(RNGState())  # a resumed stage draws the same dropout masks
-        kwargs["enable_checkpointing"] = checkpoint
-        kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
-        kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
-        extra += progress.for_trainer(stage, kwargs, extra + list(callbacks))  # steps of this stage, its loss
-        kwargs.update(console.trainer_overrides(kwargs))
-        return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
-
-    return make
-
-
-@run_lock.scoped  # output_dir is locked while the arguments are parsed, before the model loads
-def pipeline(argv: list[str]) -> dict[str, Any]:
-    """Parse ``lori pipeline`` arguments and run the three stages."""
-    cli = LoRICLI(
-        LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
-        parser_kwargs={"prog": "lori pipeline", "description": "LoRI-D -> mask calibration -> LoRI-S"},
-    )
-    cfg = PipelineConfig(**cli.config["pipeline"])
-    trainer_config = cli.config_init["trainer"]
-    out = Path(cfg.output_dir)
-    make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every)
-    config_text = _dump(cli)
-    summary = run_pipeline(cli.model, cli.datamodule, make, cfg, config_text)
-    if rank_zero_only.rank == 0:
-        print(format_summary(summary))
-    return summary
-
-
-class ContinualCLI(LoRICLI):
-    """The pipeline's parser with the continual phases, the task's data and evaluation settings."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        add_protocol_argument(parser)
-        parser.add_class_arguments(ContinualConfig, "continual")
-        parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
-        parser.add_class_arguments(EvalSettings, "eval")
-
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        EvalSettings(**self.config["eval"].as_dict())  # eval.protocol official conflicts stop here, before the model
-        if self.runs_stages:  # missing files and a task mask of another A stop here, before the model loads
-            cfg = self.config
-            continual = ContinualConfig(**cfg["continual"])
-            continual.check()
-            lori = cfg["model"]["lori"]
-            lori = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
-            for note in continual.check_pairing(lori):
-                if rank_zero_only.rank == 0:
-                    print(f"lori: note: {note}", file=sys.stderr)
-
-
-@run_lock.scoped
-def continual(argv: list[str]) -> dict[str, Any]:
-    """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""
-    cli = ContinualCLI(
-        LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
-        parser_kwargs={"prog": "lori continual", "description": "safety adapter -> task t under M_t"},
-    )
-    cfg = ContinualConfig(**cli.config["continual"])
-    settings = cli.config_init["eval"]
-    cfg.check()
-    settings.check()
-    task_data = TaskDataModule(**cli.config["task_data"])
-    task_data.set_tokenizer(cli.model.tokenizer)
-    task_data.validate()  # the task's data is checked before the safety phase trains
-    make = make_trainer_factory({**cli.config_init["trainer"]}, Path(cfg.output_dir), cfg.checkpoint_every)
-    config_text = _dump(cli)
-    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
-    if rank_zero_only.rank == 0:
-        print(format_continual(summary))
-        print(f"results: {Path(cfg.output_dir) / 'results.json'}   plot: {Path(cfg.output_dir) / 'continual.png'}")
-    return summary
-
-
-class _ParseOnlyContinualCLI(ContinualCLI):
-    runs_stages = False
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-def parse_continual_config(path: str | Path) -> Any:
-    """Parse and check a ``lori continual`` YAML without loading anything."""
-    return _ParseOnlyContinualCLI(
-        LoRIModule, TaskDataModule, run=False, args=["--config", str(path)], save_config_callback=None
-    ).config
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lori`` command; input errors end with one line and exit code 2."""
-    argv, verbose = console.pop_verbose(list(sys.argv[1:] if argv is None else argv))
-    console.configure(verbose)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    try:
-        if argv[0] == "pipeline":
-            pipeline(argv[1:])
-        elif argv[0] == "dryrun":
-            dryrun.main(argv[1:])
-        elif argv[0] == "continual":
-            continual(argv[1:])
-        elif argv[0] == "eval":
-            eval_command.main(argv[1:])
-        elif argv[0] == "merge":
-            merging.main(argv[1:])
-        elif argv[0] == "diagnose":
-            diagnostics.main(argv[1:])
-        else:
-            LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
-    except USER_ERRORS as err:
-        print(f"lori: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MisconfigurationException as err:  # a Trainer setting Lightning refuses
-        print(f"lori: error: trainer: {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ArgumentError as err:  # a config or command-line option the parser refuses
-        print(f"lori: error: {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except FloatingPointError as err:  # a diverged run: say where, keep the checkpoints
-        print(f"lori: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as err:  # a full disk: name the file and the free space; earlier files are kept
-        message = disk_full_message(err)
-        if message is None:
-            raise
-        print(f"lori: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    main()

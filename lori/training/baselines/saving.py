@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lori.baselines.methods import LORI_METHODS, PEFT_METHODS
-from lori.baselines.peft_methods import PeftHandle, peft_handle
 from lori.core.io import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, atomic_directory
+from lori.training.baselines.methods import LORI_METHODS, PEFT_METHODS
+from lori.training.baselines.peft_methods import PeftHandle, peft_handle
 
 
 def is_saved_key(method: str, key: str, trainable: set[str]) -> bool:

@@ -1,8 +1,8 @@
 """Dry run of a lori config: adapter sizes and a GPU-memory estimate, with no weights and no GPU.
 
-    python -m lori.dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]
-    python -m lori.dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
-    python -m lori.dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
+    lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]
+    lori dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
+    lori dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
 
 The base model is built from its architecture config on the meta device (shapes only, no memory),
 LoRI is injected with the config's ``model.lori`` settings and the trainable entries are counted:
@@ -14,8 +14,8 @@ Meta tensors hold no values, so LoRI-S cannot be calibrated here; its size does 
 values though: calibration keeps exactly ``keep_count(n, s) = n - round(s * n)`` entries of each
 group (``lori.core.masks``), which is what is summed.
 
-A config whose ``model.method`` is a baseline (``lori.baselines``) also gets that method's count:
-its adapter is built on the meta device by ``lori.baselines.attach(..., shapes_only=True)`` and its
+A config whose ``model.method`` is a baseline (``lori.training.baselines``) also gets that method's count:
+its adapter is built on the meta device by ``lori.training.baselines.attach(..., shapes_only=True)`` and its
 trainable tensors counted (PiSSA's SVD does not run: its tensors are LoRA's; VeRA's shared
 projections are built, they are small). On Llama-3-8B, r = 32, all seven projections: LoRA / rsLoRA
 / PiSSA / LoRA+ 83,886,080; AdaLoRA 83,893,248 (+ E); DoRA 85,262,336; LoRA-FA and LoRI-D
@@ -42,7 +42,12 @@ import yaml
 
 from lori.core import LoRIConfig, count_trainable, inject_lori, lori_layers
 from lori.core.masks import group_of, keep_count
-from lori.models import ModelLoadError, arch_config_names, build_from_arch_config, count_parameters
+from lori.training.base_model import (
+    ModelLoadError,
+    arch_config_names,
+    build_from_arch_config,
+    count_parameters,
+)
 
 # hub ids of the paper's base models -> the architecture configs shipped in configs/arch
 KNOWN_ARCHS = {
@@ -131,12 +136,13 @@ def method_size(
 
     Args:
         arch: an architecture config (``configs/arch`` name or folder).
-        method: a ``lori.baselines.METHODS`` name.
+        method: a ``lori.training.baselines.METHODS`` name.
         r: rank (AdaLoRA: initial rank; unused by IA3 and full fine-tuning).
         targets: target module names.
         options: the method's ``model.baseline`` options as sorted (key, value) pairs.
     """
-    from lori.baselines import BaselineOptions, attach  # PEFT; kept out of module import time
+    # PEFT; kept out of module import time
+    from lori.training.baselines import BaselineOptions, attach
 
     model = build_from_arch_config(arch, device="meta")
     before = _entries(model)
@@ -234,8 +240,9 @@ def activation_bytes_per_token(shape: AdapterShape, r: int, dropout: float, comp
 
 
 def loss_chunk_rows(vocab: int) -> int:
-    """Tokens per chunk of the response-token loss (``lori.module.response_loss``)."""
-    from lori.module import LOSS_CHUNK_LOGITS  # imports Lightning; kept out of module import time
+    """Tokens per chunk of the response-token loss (``lori.training.module.response_loss``)."""
+    # imports Lightning; kept out of module import time
+    from lori.training.module import LOSS_CHUNK_LOGITS
 
     return max(1, LOSS_CHUNK_LOGITS // vocab)
 
@@ -258,7 +265,7 @@ def estimate_memory(
                  + fp32 master + 2 states = 14; sharded by FSDP / ZeRO
     activations  tokens x per-layer bytes (``activation_bytes_per_token``) x layers; with
                  checkpointing only each layer's input plus one layer recomputed
-    logits       the response-token loss runs chunk by chunk (``lori.module.response_loss``):
+    logits       the response-token loss runs chunk by chunk (``lori.training.module.response_loss``):
                  one chunk's logits (compute dtype, fp32 copy, fp32 gradient), plus the gathered
                  last hidden states and their gradient (tokens x hidden x 2 x compute bytes)
     overhead     a flat 1 GiB (CUDA context, workspaces, allocator slack)
@@ -297,7 +304,8 @@ def _plain(value: Any) -> Any:
 
 def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[str, Any]:
     """The parsed config as plain dicts, the preset's ``trainer:`` keys laid over it."""
-    from lori.cli import parse_config  # imports Lightning; kept out of module import time
+    # imports Lightning; kept out of module import time
+    from lori.commands.lightning_cli import parse_config
 
     cfg = {k: _plain(parse_config(config_path)[k]) for k in ("model", "data", "trainer", "pipeline")}
     if trainer_preset is not None:
@@ -379,8 +387,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lori.dryrun [--trainer PRESET] [--json] CONFIG...``: print the table (or JSON)."""
-    parser = argparse.ArgumentParser(prog="python -m lori.dryrun", description=__doc__.split("\n\n")[0])
+    """``lori dryrun [--trainer PRESET] [--json] CONFIG...``: print the table (or JSON)."""
+    parser = argparse.ArgumentParser(prog="lori dryrun", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="lori pipeline YAML files")
     parser.add_argument("--trainer", help="configs/trainer/*.yaml preset laid over each config's trainer:")
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")

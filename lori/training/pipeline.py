@@ -4,10 +4,13 @@
     <output_dir>/calibration/      masks.safetensors, sparsity_heatmap.png
     <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
     <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt and the one before it, last.prev.ckpt):
-                                   adapter state, masks, phase, optimizer (lori.checkpoint_io)
+                                   adapter state, masks, phase, optimizer (lori.training.checkpoint_io)
     <output_dir>/tb/<stage>/       tensorboard logs
     <output_dir>/summary.json      held-out losses, trainable counts, sparsity, paths
-    <parent>/.<output_dir>.lock    held while the run lasts (lori.run_lock): one run per directory
+    <parent>/.<output_dir>.lock    held while the run lasts (lori.training.run_lock): one run per directory
+
+Each stage gets its own Trainer from ``make_trainer_factory`` (the YAML's ``trainer:`` settings plus
+checkpointing, the RNG state, the progress bar and FSDP unsharding); ``lori continual`` uses it too.
 
 A rerun with the same ``output_dir`` continues: a finished stage is loaded, an unfinished one
 resumes from its last checkpoint (from the one before it when last.ckpt cannot be read; that
@@ -16,6 +19,7 @@ file is set aside as last.ckpt.unreadable). Every file is written atomically.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -25,12 +29,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori import progress, run_lock
-from lori.callbacks import MaskCalibration, SparsePhase, module_adapter
-from lori.checkpoint_io import resume_checkpoint
-from lori.console import say
 from lori.core import (
     LoRIConfigError,
     apply_adapter,
@@ -46,7 +48,12 @@ from lori.core import (
 from lori.core.atomic_files import write_text_atomic
 from lori.core.finite import first_non_finite
 from lori.core.io import CONFIG_FILE
-from lori.module import LoRIModule, check_checkpoint
+from lori.training import console, progress, run_lock
+from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, module_adapter
+from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
+from lori.training.console import say
+from lori.training.module import LoRIModule, check_checkpoint
+from lori.training.rng_state import RNGState
 
 
 @dataclass
@@ -105,6 +112,41 @@ class PipelineConfig:
 
 
 TrainerFactory = Callable[..., L.Trainer]
+
+
+def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int) -> TrainerFactory:
+    """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
+
+    def make(
+        stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
+        max_epochs: int | None = None,
+    ) -> L.Trainer:
+        kwargs = dict(trainer_config)
+        kwargs.pop("logger", None)
+        if not isinstance(kwargs.get("strategy"), str | None):  # a strategy object serves one Trainer
+            kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
+        if max_epochs is not None:  # an epoch budget replaces the step budget
+            kwargs.update(max_steps=-1, max_epochs=max_epochs)
+        else:
+            kwargs.update(max_steps=max_steps, max_epochs=-1 if max_steps > 0 else kwargs.get("max_epochs"))
+        # the pipeline measures held-out loss itself, before and after each stage
+        kwargs.update(limit_val_batches=1.0 if stage == "eval" else 0.0, num_sanity_val_steps=0)
+        extra = list(kwargs.pop("callbacks", None) or [])
+        extra.append(Unshard())  # FSDP: the next stage's Trainer gets a plain module with whole B
+        if checkpoint:
+            extra.append(ModelCheckpoint(
+                dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
+                every_n_train_steps=checkpoint_every,
+            ))
+            extra.append(RNGState())  # a resumed stage draws the same dropout masks
+        kwargs["enable_checkpointing"] = checkpoint
+        kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
+        kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
+        extra += progress.for_trainer(stage, kwargs, extra + list(callbacks))  # steps of this stage, its loss
+        kwargs.update(console.trainer_overrides(kwargs))
+        return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
+
+    return make
 
 
 def _last_ckpt(directory: Path, module: LoRIModule) -> str | None:
@@ -267,7 +309,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or continue) LoRI-D -> calibration -> LoRI-S and write ``summary.json``.
 
-    Holds the lock of ``cfg.output_dir`` throughout (``lori.run_lock``; a second live run on it
+    Holds the lock of ``cfg.output_dir`` throughout (``lori.training.run_lock``; a second live run on it
     raises RunLockedError).
     """
     method = module.hparams.get("method", "lori")

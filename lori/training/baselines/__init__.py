@@ -16,7 +16,7 @@
     full           every base weight                    none                                HF model dir
 
 Every method reads r, alpha, dropout, target modules and seed from the same ``LoRIConfig`` (the
-fields each one uses: ``lori.baselines.methods``), and its own options from ``model.baseline``
+fields each one uses: ``lori.training.baselines.methods``), and its own options from ``model.baseline``
 (``BaselineOptions``), so a config differs from another only in ``method`` (and those options).
 ``lora_frozen_a`` is the paper's "limiting case" of LoRI (Sec. 2.1: a single task and zero
 sparsity reduce LoRI to LoRA-FA): frozen A, plain AdamW on B. ``lora_fa`` is the LoRA-FA optimizer
@@ -29,8 +29,9 @@ from dataclasses import replace
 
 from torch import nn
 
-from lori.baselines.adalora import AdaLoraBudget, kept_ranks, orthogonality_penalty
-from lori.baselines.methods import (
+from lori.core import LoRIConfig, inject_lori
+from lori.training.baselines.adalora import AdaLoraBudget, kept_ranks, orthogonality_penalty
+from lori.training.baselines.methods import (
     LORI_METHODS,
     METHODS,
     OPTIONS,
@@ -42,10 +43,14 @@ from lori.baselines.methods import (
     resolved_options,
     target_paths,
 )
-from lori.baselines.optimizers import build_optimizer
-from lori.baselines.peft_methods import PeftHandle, attach_peft, peft_config, peft_handle
-from lori.baselines.saving import is_saved_key, peft_state, save_full_model, save_peft_adapter
-from lori.core import LoRIConfig, inject_lori
+from lori.training.baselines.optimizers import build_optimizer
+from lori.training.baselines.peft_methods import PeftHandle, attach_peft, peft_config, peft_handle
+from lori.training.baselines.saving import (
+    is_saved_key,
+    peft_state,
+    save_full_model,
+    save_peft_adapter,
+)
 
 __all__ = [
     "LORI_METHODS", "METHODS", "OPTIONS", "PEFT_METHODS", "AdaLoraBudget", "BaselineOptions",

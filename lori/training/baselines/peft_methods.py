@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lori.baselines.methods import BaselineOptions, resolved_options
 from lori.core import LoRIConfig
+from lori.training.baselines.methods import BaselineOptions, resolved_options
 
 HANDLE = "lori_peft"
 ADALORA_PLACEHOLDER_STEPS = 1  # AdaLoRA's total_step is set from the Trainer at fit start

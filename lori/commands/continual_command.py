@@ -1,0 +1,87 @@
+"""``lori continual``: a safety adapter, then task t inside task t's mask (paper Sec. 2.3, Fig. 3).
+
+    lori continual --config configs/experiment/continual_safety_gsm8k.yaml
+
+``ContinualCLI`` is the pipeline's parser (``lori.commands.lightning_cli.LoRICLI``) with the
+``continual:`` phases, the task's ``task_data:`` and the ``eval:`` settings; the phases run in
+``lori.training.continual``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lori.commands.lightning_cli import LoRICLI, add_protocol_argument, dump_config
+from lori.core import LoRIConfig
+from lori.data.datamodule import TaskDataModule
+from lori.eval.evaluator import EvalSettings
+from lori.training import run_lock
+from lori.training.continual import ContinualConfig, run_continual
+from lori.training.continual import format_results as format_continual
+from lori.training.module import LoRIModule
+from lori.training.pipeline import make_trainer_factory
+
+
+class ContinualCLI(LoRICLI):
+    """The pipeline's parser with the continual phases, the task's data and evaluation settings."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_protocol_argument(parser)
+        parser.add_class_arguments(ContinualConfig, "continual")
+        parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
+        parser.add_class_arguments(EvalSettings, "eval")
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        EvalSettings(**self.config["eval"].as_dict())  # eval.protocol official conflicts stop here, before the model
+        if self.runs_stages:  # missing files and a task mask of another A stop here, before the model loads
+            cfg = self.config
+            continual = ContinualConfig(**cfg["continual"])
+            continual.check()
+            lori = cfg["model"]["lori"]
+            lori = lori if isinstance(lori, LoRIConfig) else LoRIConfig.from_dict(dict(lori))
+            for note in continual.check_pairing(lori):
+                if rank_zero_only.rank == 0:
+                    print(f"lori: note: {note}", file=sys.stderr)
+
+
+@run_lock.scoped
+def continual(argv: list[str]) -> dict[str, Any]:
+    """Parse ``lori continual`` arguments and run safety -> task (paper Fig. 3)."""
+    cli = ContinualCLI(
+        LoRIModule, TaskDataModule, run=False, args=argv, save_config_callback=None,
+        parser_kwargs={"prog": "lori continual", "description": "safety adapter -> task t under M_t"},
+    )
+    cfg = ContinualConfig(**cli.config["continual"])
+    settings = cli.config_init["eval"]
+    cfg.check()
+    settings.check()
+    task_data = TaskDataModule(**cli.config["task_data"])
+    task_data.set_tokenizer(cli.model.tokenizer)
+    task_data.validate()  # the task's data is checked before the safety phase trains
+    make = make_trainer_factory({**cli.config_init["trainer"]}, Path(cfg.output_dir), cfg.checkpoint_every)
+    config_text = dump_config(cli)
+    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
+    if rank_zero_only.rank == 0:
+        print(format_continual(summary))
+        print(f"results: {Path(cfg.output_dir) / 'results.json'}   plot: {Path(cfg.output_dir) / 'continual.png'}")
+    return summary
+
+
+class _ParseOnlyContinualCLI(ContinualCLI):
+    runs_stages = False
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_continual_config(path: str | Path) -> Any:
+    """Parse and check a ``lori continual`` YAML without loading anything."""
+    return _ParseOnlyContinualCLI(
+        LoRIModule, TaskDataModule, run=False, args=["--config", str(path)], save_config_callback=None
+    ).config

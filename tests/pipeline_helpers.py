@@ -61,9 +61,9 @@ def multiprocess_config(tmp_path: Path, name: str, devices: int, strategy: Any, 
 
 
 def run_lori(*argv: str) -> subprocess.CompletedProcess:
-    """``python -m lori.cli ...`` in a fresh process, with tests/ importable (callbacks, test strategies)."""
+    """``python -m lori ...`` in a fresh process, with tests/ importable (callbacks, test strategies)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "lori.cli", *argv], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lori", *argv], env=env, capture_output=True, text=True,
                           timeout=900)
 
 

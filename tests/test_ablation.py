@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from conftest import make_tiny_llama
+
 from lori import ablation as ab
 from lori.core import LoRIConfig, adapter_from_model, inject_lori, lori_layers
 from lori.data.sources import load_local
@@ -29,7 +29,7 @@ def fake_summary(config: dict) -> dict:
 
 
 class FakeRunner:
-    """Stands in for ``lori.cli.pipeline``: writes summary.json from the config it is given."""
+    """Stands in for ``lori.commands.pipeline_command.pipeline``: writes summary.json from the config it is given."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -129,7 +129,7 @@ def test_toy_files_parse_as_gsm8k_with_correct_answers(tmp_path, op):
 
 
 def test_toy_config_is_a_valid_pipeline_config(tmp_path):
-    from lori.cli import parse_config
+    from lori.commands.lightning_cli import parse_config
 
     config = ab.point_config(ab.toy_config(tmp_path, op="*"), {"model.lori.seed": 1}, tmp_path / "run")
     path = tmp_path / "cfg.yaml"
@@ -210,7 +210,7 @@ def test_format_rows_aligns_columns_and_shortens_keys():
     {"data.task": "mbpp", "model.lori.seed": 1},
 ])
 def test_full_size_overrides_give_valid_default_configs(tmp_path, overrides):
-    from lori.cli import parse_config
+    from lori.commands.lightning_cli import parse_config
 
     config = ab.point_config(ab.load_config(ab.DEFAULT_CONFIG), overrides, tmp_path / "run")
     path = tmp_path / "cfg.yaml"

@@ -17,12 +17,12 @@ import yaml
 from pipeline_helpers import tiny_config, write_config, write_tiny_gsm8k
 from safetensors.torch import load_file, save_file
 
-from lori.cli import main
+from lori.commands.main import main
 from lori.core import LoRIConfig, adapter_from_model, inject_lori, lori_layers, save_adapter
 from lori.core.io import WEIGHTS_FILE
-from lori.models import tiny_llama
-from lori.module import build_model
-from lori.run_lock import lock_path
+from lori.training.base_model import tiny_llama
+from lori.training.module import build_model
+from lori.training.run_lock import lock_path
 
 OUT = "out"  # every case points its output at tmp/out, which must not exist afterwards
 
@@ -308,7 +308,7 @@ def test_bad_input_is_one_clear_line_and_no_output(name, tmp_path, capsys, monke
     if name in EARLY:
         def no_loading(*args, **kwargs):
             raise AssertionError(f"{name!r} should stop before the model loads")
-        monkeypatch.setattr("lori.module.build_model", no_loading)
+        monkeypatch.setattr("lori.training.module.build_model", no_loading)
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as info:

@@ -12,9 +12,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from pipeline_helpers import tiny_config, write_config
 from torch.utils.data import DataLoader
 
-import lori.module
-from lori import baselines
-from lori.baselines import (
+import lori.training.module
+from lori.commands.dryrun_command import method_size
+from lori.commands.lightning_cli import parse_config
+from lori.commands.main import main
+from lori.core import AdapterFileError, LoRIConfig, load_adapter, merge_lori, unmerge_lori
+from lori.training import baselines
+from lori.training.base_model import tiny_llama
+from lori.training.baselines import (
     LORI_METHODS,
     METHODS,
     PEFT_METHODS,
@@ -22,11 +27,7 @@ from lori.baselines import (
     kept_ranks,
     peft_handle,
 )
-from lori.cli import main, parse_config
-from lori.core import AdapterFileError, LoRIConfig, load_adapter, merge_lori, unmerge_lori
-from lori.dryrun import method_size
-from lori.models import tiny_llama
-from lori.module import CheckpointMismatchError, LoRIModule
+from lori.training.module import CheckpointMismatchError, LoRIModule
 
 LORI = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"], "seed": 3}
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiment"
@@ -42,7 +43,7 @@ TRAINS = {
 @pytest.fixture
 def tiny(monkeypatch):
     """LoRIModule builds a 2-layer random Llama (vocab 128) without loading any tokenizer."""
-    monkeypatch.setattr(lori.module, "build_model", lambda *args, **kwargs: (tiny_llama(), None))
+    monkeypatch.setattr(lori.training.module, "build_model", lambda *args, **kwargs: (tiny_llama(), None))
 
 
 def _module(method: str, **kwargs) -> LoRIModule:
@@ -384,7 +385,7 @@ def test_bad_method_options_stop_before_the_model_loads(monkeypatch, method, fie
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(lori.module, "build_model", no_loading)
+    monkeypatch.setattr(lori.training.module, "build_model", no_loading)
     with pytest.raises(ValueError) as err:
         LoRIModule(model="tiny", method=method, lori=LORI | fields, baseline=baseline)
     for fragment in fragments:
@@ -411,7 +412,7 @@ def test_fit_command_writes_the_peft_adapter(tmp_path):
     cfg["model"]["baseline"] = {"target_r": 2}
     cfg["trainer"] |= {
         "max_steps": 3, "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
-        "callbacks": [{"class_path": "lori.callbacks.SaveAdapter",
+        "callbacks": [{"class_path": "lori.training.callbacks.SaveAdapter",
                        "init_args": {"directory": str(tmp_path / "adapter"), "stage": "adalora"}}],
     }
     main(["fit", "--config", str(write_config(tmp_path, cfg))])
@@ -440,6 +441,6 @@ def test_baseline_configs_differ_from_default_only_in_method(name, method):
     assert mine["seed_everything"] == default["seed_everything"]
     extra = {k: v for k, v in mine["trainer"].items() if k not in default["trainer"]}
     assert set(extra) == {"max_steps", "callbacks", "logger"}
-    assert extra["callbacks"][0]["class_path"] == "lori.callbacks.SaveAdapter"
+    assert extra["callbacks"][0]["class_path"] == "lori.training.callbacks.SaveAdapter"
     assert extra["callbacks"][0]["init_args"]["directory"].startswith(f"runs/{name}/")
     assert {k: mine["trainer"][k] for k in default["trainer"]} == default["trainer"]

@@ -15,10 +15,10 @@ from pipeline_helpers import multiprocess_config, run_lori, tiny_config, write_c
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lori.models
-import lori.module
-from lori import baselines
-from lori.cli import parse_config, pipeline
+import lori.training.base_model
+import lori.training.module
+from lori.commands.lightning_cli import parse_config
+from lori.commands.pipeline_command import pipeline
 from lori.core import (
     LoRIConfig,
     LoRIConfigError,
@@ -33,9 +33,10 @@ from lori.core import (
     trainable_parameters,
 )
 from lori.core.layer import LoRILinear
-from lori.models import ModelLoadError, has_native_bf16, resolve_base_dtype
-from lori.module import LoRIModule, check_precision, response_loss, split_lm_head
-from lori.pipeline import format_summary
+from lori.training import baselines
+from lori.training.base_model import ModelLoadError, has_native_bf16, resolve_base_dtype
+from lori.training.module import LoRIModule, check_precision, response_loss, split_lm_head
+from lori.training.pipeline import format_summary
 
 BF16 = torch.bfloat16
 LORI = {"r": 4, "alpha": 8.0, "dropout": 0.0, "seed": 3}
@@ -263,7 +264,7 @@ def tiny(monkeypatch):
         model = make_tiny_qwen2() if name == "qwen2" else make_tiny_llama()
         return model.to(resolve_base_dtype(dtype)).train(), None
 
-    monkeypatch.setattr(lori.module, "build_model", build)
+    monkeypatch.setattr(lori.training.module, "build_model", build)
 
 
 def _batches(n: int = 3, vocab: int = 96) -> list[dict[str, torch.Tensor]]:
@@ -358,7 +359,7 @@ def _loss_pair(module: LoRIModule, batch: dict) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("method", baselines.METHODS)
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_sum"])
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tiny, monkeypatch, family, method, normalization):
-    monkeypatch.setattr(lori.module, "LOSS_CHUNK_LOGITS", 96 * 3)  # 3 rows a chunk: several chunks
+    monkeypatch.setattr(lori.training.module, "LOSS_CHUNK_LOGITS", 96 * 3)  # 3 rows a chunk: several chunks
     module = LoRIModule(model=family, method=method, lori=LORI, loss_normalization=normalization)
     assert split_lm_head(module.model) is not None
     if method in baselines.LORI_METHODS:  # B = 0 at init gives B no direction to check: make it live
@@ -375,7 +376,7 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tiny, monkeypatch,
 
 
 def test_chunked_loss_keeps_no_whole_logits(tiny, monkeypatch):
-    monkeypatch.setattr(lori.module, "LOSS_CHUNK_LOGITS", 96 * 4)
+    monkeypatch.setattr(lori.training.module, "LOSS_CHUNK_LOGITS", 96 * 4)
     module = LoRIModule(model="llama", lori=LORI)
     head = module.model.get_output_embeddings()
     rows = []
@@ -440,10 +441,10 @@ def test_pipeline_in_bf16_records_its_precision(tmp_path):
 
 
 def test_auto_is_recorded(monkeypatch):
-    monkeypatch.setattr(lori.models, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(lori.training.base_model, "has_native_bf16", lambda: False)
     summary = {"precision": {"base": "float32", "adapter": "float32", "compute": "float32", "auto": True,
                              "trainer_precision": "32-true"}}
-    line = lori.pipeline._precision_line(summary["precision"])
+    line = lori.training.pipeline._precision_line(summary["precision"])
     assert "base float32 (model.dtype auto)" in line and "trainer.precision 32-true" in line
     assert resolve_base_dtype("auto") == torch.float32
 

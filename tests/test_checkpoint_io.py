@@ -13,9 +13,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from pipeline_helpers import tiny_config, write_config
 
-import lori.cli as cli
+import lori.commands.pipeline_command as cli
 import lori.core.atomic_files as atomic_files
-from lori.checkpoint_io import AtomicCheckpointIO, resume_checkpoint, with_atomic_checkpoints
+from lori.commands.main import main
 from lori.core import (
     DiskFullError,
     LoRIConfig,
@@ -25,7 +25,12 @@ from lori.core import (
     save_adapter,
 )
 from lori.core.atomic_files import atomic_write, previous_path, write_text_atomic
-from lori.models import tiny_llama
+from lori.training.base_model import tiny_llama
+from lori.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    resume_checkpoint,
+    with_atomic_checkpoints,
+)
 
 
 def fail_writes_after(monkeypatch, nbytes: int, match: str = "", skip: int = 0) -> list[str]:
@@ -175,7 +180,7 @@ def full_disk_run(tmp_path: Path, monkeypatch, capsys) -> tuple[Path, Path]:
         failed = fail_writes_after(m, 1000, "lori_s_ckpt", skip=FAIL_AT - 1)
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
-            cli.main(["pipeline", "--config", str(path)])
+            main(["pipeline", "--config", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     ckpt_dir = tmp_path / "run" / "lori_s_ckpt"
     assert info.value.code == 1 and failed, err[-5:]

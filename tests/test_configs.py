@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lori import eval_command, merging
-from lori.cli import parse_config, parse_configs, parse_continual_config
-from lori.continual import ContinualConfig
+from lori.commands import eval_command
+from lori.commands import merge_command as merging
+from lori.commands.continual_command import parse_continual_config
+from lori.commands.lightning_cli import parse_config, parse_configs
 from lori.core import LoRIConfig
-from lori.evaluate import EvalSettings
-from lori.pipeline import PipelineConfig
+from lori.eval.evaluator import EvalSettings
+from lori.training.continual import ContinualConfig
+from lori.training.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from pipeline_helpers import TESTS, run_lori, tiny_config, write_config
 
-from lori import console, progress
+from lori.training import console, progress
 
 USER_WARNING = "a warning from the user's own callback"
 # what Lightning, transformers and datasets print on their own in a default run
@@ -67,7 +67,7 @@ def test_verbose_brings_back_the_libraries_own_output(tmp_path):
 def test_help_of_every_command_prints_no_warning():
     commands = ["pipeline", "fit", "validate", "continual", "eval", "merge", "diagnose", "dryrun"]
     code = (
-        "import sys\nfrom lori.cli import main\n"
+        "import sys\nfrom lori.commands.main import main\n"
         f"for command in {commands!r}:\n"
         "    sys.argv = ['lori', command, '--help']\n"
         "    try:\n        main()\n    except SystemExit:\n        pass\n"

@@ -9,11 +9,12 @@ import torch
 from pipeline_helpers import run_lori, tiny_config, write_config, write_tiny_gsm8k
 from safetensors.torch import save_file
 
-from lori.cli import continual, main
-from lori.continual import ContinualConfig, ContinualConfigError
+from lori.commands.continual_command import continual
+from lori.commands.main import main
 from lori.core import LoRIConfig, load_adapter, load_masks
 from lori.core.adapter import a_digest
 from lori.core.io import MaskRecord, official_mask_path, read_a_identity, read_mask_record
+from lori.training.continual import ContinualConfig, ContinualConfigError
 
 
 def write_tiny_safety(path):

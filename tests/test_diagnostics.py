@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from lori.commands.diagnose_command import diagnose, main
 from lori.core import Adapter, AdapterMismatchError, LoRIConfig, calibrate, save_adapter
 from lori.core.layer import draw_A
-from lori.diagnostics import delta_cosine, delta_cosines, diagnose, frobenius_inner, main, overlap_report
+from lori.eval.interference import delta_cosine, delta_cosines, frobenius_inner, overlap_report
 
 PATHS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 
@@ -118,7 +119,7 @@ def test_command_reads_adapter_dirs(tmp_path, capsys):
 
 
 def test_lori_diagnose_dispatch_and_one_line_error(tmp_path, capsys):
-    from lori.cli import main as lori_main
+    from lori.commands.main import main as lori_main
 
     save_adapter(_adapter(0), tmp_path / "a")
     save_adapter(_adapter(1, d_in=48), tmp_path / "b")

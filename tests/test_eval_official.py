@@ -8,12 +8,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lori.continual import ContinualConfig, _evaluate, run_continual
 from lori.core import LoRIConfig, inject_lori, lori_layers
 from lori.data import sources
 from lori.data.official_prompts import GSM8K_QUESTION_PROMPT
 from lori.data.sources import DataError
 from lori.eval import official_tasks
+from lori.eval.evaluator import (
+    EvalError,
+    EvalSettings,
+    Evaluator,
+    eval_records,
+    evaluate_model,
+    headline,
+)
 from lori.eval.official import (
     OFFICIAL_EVAL_SETTINGS,
     bigcode_candidate,
@@ -22,8 +29,8 @@ from lori.eval.official import (
     official_items,
 )
 from lori.eval.passk import HUMANEVAL_STOP_OFFICIAL
-from lori.evaluate import EvalError, EvalSettings, Evaluator, eval_records, evaluate_model, headline
-from lori.module import build_model
+from lori.training.continual import ContinualConfig, _evaluate, run_continual
+from lori.training.module import build_model
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +322,7 @@ def test_continual_evaluates_fp32_merged_weights_and_keeps_training_state(monkey
 
 
 def test_lori_merge_refuses_a_non_fp32_base_under_official():
-    from lori.merging import MergeConfig, make_evaluator
+    from lori.commands.merge_command import MergeConfig, make_evaluator
 
     cfg = MergeConfig(adapters=["a", "b"], dtype="bfloat16", evaluate=[])
     with pytest.raises(EvalError, match="dtype='bfloat16' \\(official float32"):
@@ -327,8 +334,8 @@ def test_lori_continual_refuses_contradicting_eval_settings_before_the_model(tmp
     import yaml
     from test_continual import continual_config
 
-    import lori.module
-    from lori.cli import main
+    import lori.training.module
+    from lori.commands.main import main
 
     path = continual_config(tmp_path, "run")
     cfg = yaml.safe_load(path.read_text())
@@ -339,7 +346,7 @@ def test_lori_continual_refuses_contradicting_eval_settings_before_the_model(tmp
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the settings were checked")
 
-    monkeypatch.setattr(lori.module, "build_model", no_model)
+    monkeypatch.setattr(lori.training.module, "build_model", no_model)
     with pytest.raises(SystemExit) as exit_info:
         main(["continual", "--config", str(path)])
     assert exit_info.value.code == 2

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from lori.cli import main
+from lori.commands.main import main
 from lori.core import LoRIConfig, adapter_from_model, inject_lori, lori_layers, save_adapter
 from lori.data import sources
-from lori.evaluate import EvalSettings, Evaluator, code_program, eval_records, evaluate_model
-from lori.models import tiny_llama
-from lori.module import build_model
+from lori.eval.evaluator import EvalSettings, Evaluator, code_program, eval_records, evaluate_model
+from lori.training.base_model import tiny_llama
+from lori.training.module import build_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from pipeline_helpers import tiny_config, write_config
 
-import lori.cli as cli
+import lori.commands.pipeline_command as cli
+from lori.commands.main import main
 from lori.core import load_adapter
 
 
@@ -15,7 +16,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     cfg = tiny_config(tmp_path, checkpoint_every=1, validate=False, dense_steps=30)
     cfg["model"]["lr"] = 1.0e30  # diverges within a few steps
     with pytest.raises(SystemExit) as info:
-        cli.main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
+        main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lori: error: non-finite training loss") and "global step" in err

@@ -9,9 +9,15 @@ import pytest
 import torch
 import yaml
 
-import lori.module
-from lori.baselines import attach, save_peft_adapter, target_paths
-from lori.cli import main as lori_main
+import lori.training.module
+from lori.commands.main import main as lori_main
+from lori.commands.merge_command import (
+    MergeConfig,
+    MergeConfigError,
+    parse_config,
+    results_table,
+    run_merge,
+)
 from lori.core import (
     Adapter,
     LoRIConfig,
@@ -27,8 +33,8 @@ from lori.core import (
     save_adapter,
     set_masks,
 )
-from lori.merging import MergeConfig, MergeConfigError, parse_config, results_table, run_merge
-from lori.models import tiny_llama
+from lori.training.base_model import tiny_llama
+from lori.training.baselines import attach, save_peft_adapter, target_paths
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PATHS = sorted(target_paths(tiny_llama(), TARGETS))
@@ -52,7 +58,7 @@ class Recorder:
 def tiny_base(monkeypatch):
     """The base model is a tiny random Llama; ``other-base`` is another random one; ``tiny-llama``
     is lori's own (with the default model's tokenizer)."""
-    loaded, real = [], lori.module.build_model
+    loaded, real = [], lori.training.module.build_model
 
     def build(name, *args, **kwargs):
         loaded.append(name)
@@ -60,7 +66,7 @@ def tiny_base(monkeypatch):
             return real(name, *args, **kwargs)
         return tiny_llama(seed=1 if name == "other-base" else 0), None
 
-    monkeypatch.setattr(lori.module, "build_model", build)
+    monkeypatch.setattr(lori.training.module, "build_model", build)
     return loaded
 
 
@@ -459,10 +465,10 @@ def test_usage_lists_merge_and_diagnose(capsys):
 
 
 def test_real_evaluation_on_a_tiny_model(tmp_path):
-    """End to end with lori.evaluate: generation (GSM8K) and option scoring (BoolQ), two items each."""
-    from lori.evaluate import EvalSettings
+    """End to end with lori.eval.evaluator: generation (GSM8K) and option scoring (BoolQ), two items each."""
+    from lori.eval.evaluator import EvalSettings
 
-    model, _ = lori.module.build_model("tiny-llama", None, "float32", None)
+    model, _ = lori.training.module.build_model("tiny-llama", None, "float32", None)
     dirs = []
     for seed in range(2):
         base = {n: t.clone() for n, t in model.state_dict().items()}
@@ -489,7 +495,7 @@ def test_real_evaluation_on_a_tiny_model(tmp_path):
 
 
 def test_bad_evaluation_settings_stop_before_the_base_loads(tmp_path, tiny_base):
-    from lori.evaluate import EvalError, EvalSettings
+    from lori.eval.evaluator import EvalError, EvalSettings
 
     cfg = MergeConfig(base_model="tiny", adapters=_lori_dirs(tmp_path, 2), weights=[0.5, 0.5],
                       evaluate=["no_such_benchmark"], output_dir=str(tmp_path / "out"))

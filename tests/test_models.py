@@ -1,4 +1,4 @@
-"""Tests for lori.models: arch-config builds, tiny models, path errors and the GGUF cache."""
+"""Tests for lori.training.base_model: arch-config builds, tiny models, path errors and the GGUF cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lori import models as M
+from lori.training import base_model as M
 
 HAS_SMOLLM2 = importlib.util.find_spec(M.DEFAULT_PACKAGE) is not None
 

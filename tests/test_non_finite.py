@@ -14,8 +14,8 @@ from conftest import make_tiny_llama
 from pipeline_helpers import tiny_config, write_config
 from safetensors.torch import load_file, save_file
 
-import lori.merging as merging
-from lori.cli import main
+import lori.commands.merge_command as merging
+from lori.commands.main import main
 from lori.core import (
     AdapterFileError,
     DeltaMerge,
@@ -32,7 +32,7 @@ from lori.core import (
     unload,
 )
 from lori.core.io import WEIGHTS_FILE, peft_key
-from lori.module import build_model
+from lori.training.module import build_model
 
 
 def tiny_llama():

@@ -289,7 +289,7 @@ def test_unique_prompts_dict_semantics() -> None:
 
 
 def test_eval_settings_protocol_plumbing() -> None:
-    from lori.evaluate import EvalError, EvalSettings, Evaluator
+    from lori.eval.evaluator import EvalError, EvalSettings, Evaluator
 
     assert EvalSettings().protocol == "lori"
     EvalSettings(protocol="official").check()

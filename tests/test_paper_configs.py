@@ -19,16 +19,23 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy, St
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-from lori.baselines import OPTIONS
-from lori.cli import parse_config, parse_continual_config
-from lori.continual import ContinualConfig, ContinualConfigError
+from lori.commands.continual_command import parse_continual_config
+from lori.commands.dryrun_command import (
+    adapter_shape,
+    dry_run,
+    format_table,
+    main,
+    sparse_trainable,
+)
+from lori.commands.lightning_cli import parse_config
 from lori.core import LoRIConfig, calibrate, get_B, inject_lori
 from lori.core.io import CONFIG_FILE, AdapterFileError
 from lori.core.masks import keep_count
-from lori.dryrun import adapter_shape, dry_run, format_table, main, sparse_trainable
-from lori.evaluate import EvalSettings
-from lori.models import tiny_llama
-from lori.pipeline import PipelineConfig
+from lori.eval.evaluator import EvalSettings
+from lori.training.base_model import tiny_llama
+from lori.training.baselines import OPTIONS
+from lori.training.continual import ContinualConfig, ContinualConfigError
+from lori.training.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
@@ -312,7 +319,7 @@ def test_merge_config(path):
 
 @pytest.mark.parametrize("path", MERGE, ids=_ids)
 def test_merge_config_parses_with_lori_merge(path):
-    merging = pytest.importorskip("lori.merging")
+    merging = pytest.importorskip("lori.commands.merge_command")
     cfg, settings = merging.parse_config(path)
     raw = yaml.safe_load(path.read_text())
     assert (cfg.adapters, cfg.weights, cfg.density) == (raw["adapters"], raw["weights"], raw["density"])
@@ -411,7 +418,7 @@ def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
     """configs/paper/mistral_7b_r64_gsm8k.yaml with only the model, data file and device swapped."""
     import json
 
-    from lori.cli import pipeline
+    from lori.commands.pipeline_command import pipeline
 
     data = tmp_path / "gsm8k_train.jsonl"
     rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(40)]
@@ -482,7 +489,7 @@ def test_baseline_config_is_lori_d_with_another_method(path):
     assert extra == {"max_epochs", "callbacks", "logger"}
     assert cfg["trainer"]["max_epochs"] == ref["pipeline"]["dense_epochs"] == TASK_OF_TABLE[task][1]
     save = cfg["trainer"]["callbacks"][0]
-    assert save["class_path"] == "lori.callbacks.SaveAdapter"
+    assert save["class_path"] == "lori.training.callbacks.SaveAdapter"
     assert save["init_args"]["directory"] == f"runs/paper/{method}/llama3_8b_r32_{task}"
     text = path.read_text()
     assert f"lori fit --config configs/paper/baselines/{path.name}" in text

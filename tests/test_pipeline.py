@@ -9,7 +9,8 @@ import torch
 from pipeline_helpers import tiny_config, write_config
 from safetensors.torch import load_file
 
-from lori.cli import main, pipeline
+from lori.commands.main import main
+from lori.commands.pipeline_command import pipeline
 from lori.core import load_adapter
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 from pipeline_helpers import tiny_config, write_config
 
-from lori.cli import main
+from lori.commands.main import main
 from lori.core import get_B
 
 
@@ -100,7 +100,7 @@ def test_zero_dense_steps_stop_before_the_model_loads(tmp_path, capsys, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("lori.module.build_model", no_loading)
+    monkeypatch.setattr("lori.training.module.build_model", no_loading)
     cfg = tiny_config(tmp_path, dense_steps=0)
     _fails(tmp_path, capsys, cfg, "pipeline.dense_steps must be >= 1, got 0", "B starts at zero")
     assert not (tmp_path / "run").exists()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from pipeline_helpers import tiny_config, write_config
 
-from lori.cli import pipeline
+from lori.commands.pipeline_command import pipeline
 from lori.core import load_adapter
-from lori.module import LoRIModule, _lr_lambda, clip_per_tensor
-from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, apply_official, check_protocol
+from lori.core.protocol import OFFICIAL_SETTINGS, ProtocolError, apply_official, check_protocol
+from lori.training.module import LoRIModule, _lr_lambda, clip_per_tensor
 
 OFFICIAL_MODEL = {"weight_decay": 0.0, "loss_normalization": "sequence_sum", "gradient_clipping": "per_tensor",
                   "scheduler": "constant", "betas": (0.9, 0.999)}

@@ -30,7 +30,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
-from lori.callbacks import SparsePhase
 from lori.core import (
     AdapterFileError,
     AdapterMismatchError,
@@ -44,7 +43,8 @@ from lori.core import (
 )
 from lori.core.adapter import SAVED_EMBEDDINGS, a_digest
 from lori.core.io import MaskRecord, find_mask_file, official_mask_path, read_mask_record
-from lori.models import tiny_llama
+from lori.training.base_model import tiny_llama
+from lori.training.callbacks import SparsePhase
 
 R, ALPHA = 4, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

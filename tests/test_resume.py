@@ -7,10 +7,9 @@ import pytest
 import torch
 from pipeline_helpers import tiny_config, write_config
 
-import lori.cli as cli
+import lori.commands.pipeline_command as cli
 from lori.core import load_adapter
 from lori.data.datamodule import ResumableSampler
-
 
 DROPOUT = 0.1
 

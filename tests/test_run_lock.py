@@ -17,13 +17,13 @@ import torch
 import yaml
 from pipeline_helpers import tiny_config, write_config
 
-from lori import run_lock
-from lori.cli import main
-from lori.run_lock import RunLockedError, lock_path
+from lori.commands.main import main
+from lori.training import run_lock
+from lori.training.run_lock import RunLockedError, lock_path
 
 HOLD = """
 import sys, time
-from lori import run_lock
+from lori.training import run_lock
 run_lock.acquire(sys.argv[1])
 print("holding", flush=True)
 time.sleep(120)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pipeline_helpers import tiny_config, write_config
 
-from lori.cli import pipeline
+from lori.commands.pipeline_command import pipeline
 from lori.core import load_adapter
 from lori.data.datamodule import accumulation_steps
 from lori.data.sources import DataError
@@ -61,7 +61,7 @@ def test_gradient_clipping_limits_the_update(tmp_path):
 def test_world_size_and_zero3_are_read_from_the_trainer_config():
     from jsonargparse import Namespace
 
-    from lori.cli import _configured_world_size, _is_zero3
+    from lori.commands.lightning_cli import _configured_world_size, _is_zero3
 
     assert _configured_world_size({"devices": 8, "num_nodes": 2}) == 16
     assert _configured_world_size({"devices": "4"}) == 4 and _configured_world_size({"devices": [0, 1]}) == 2

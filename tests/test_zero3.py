@@ -30,12 +30,12 @@ def test_zero3_fit_calibrates_and_saves_the_whole_B(tmp_path: Path):
         "enable_checkpointing": False,
         "strategy": {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}},
         "callbacks": [
-            {"class_path": "lori.callbacks.MaskCalibration", "init_args": {"sparsity": 0.9, "output_dir": str(out)}},
-            {"class_path": "lori.callbacks.SaveAdapter", "init_args": {"directory": str(out / "adapter")}},
+            {"class_path": "lori.training.callbacks.MaskCalibration", "init_args": {"sparsity": 0.9, "output_dir": str(out)}},
+            {"class_path": "lori.training.callbacks.SaveAdapter", "init_args": {"directory": str(out / "adapter")}},
         ],
     }
     path = write_config(tmp_path, cfg)
-    done = subprocess.run([sys.executable, "-m", "lori.cli", "fit", "--config", str(path)],
+    done = subprocess.run([sys.executable, "-m", "lori", "fit", "--config", str(path)],
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,7 @@ import yaml
 
 from lori.ablation import DEFAULT_CONFIG, base_model, held_out_loss, load_config, task_data, toy_config, with_overrides
 from lori.core import apply_adapter, load_adapter, lori_layers, unload
-from lori.evaluate import EvalSettings, evaluate_model
+from lori.eval.evaluator import EvalSettings, evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,13 +61,13 @@ def char_tokenizer():
 def load(args: argparse.Namespace):
     """(model, tokenizer) for --tiny, --model or the default base model."""
     if args.tiny:
-        from lori.models import tiny_llama
+        from lori.training.base_model import tiny_llama
 
         tokenizer = char_tokenizer()
         model = tiny_llama(0, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model.eval(), tokenizer
-    from lori.models import load_base_model
+    from lori.training.base_model import load_base_model
 
     return load_base_model(args.model)
 

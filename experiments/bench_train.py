@@ -88,7 +88,7 @@ from lori.core import (
     trainable_parameters,
     unmerge_lori,
 )
-from lori.models import load_arch_config
+from lori.training.base_model import load_arch_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIRST_LAYER_NO_DX = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the embeddings
@@ -165,7 +165,7 @@ def make_method(name: str, base: nn.Module, args: argparse.Namespace) -> nn.Modu
         config = LoraConfig(
             r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS
         )
-        # adapters fp32 on a bf16 base (PEFT's default), as LoRI's A and B and lori.baselines.attach
+        # adapters fp32 on a bf16 base (PEFT's default), as LoRI's A and B and lori.training.baselines.attach
         model = get_peft_model(model, config, autocast_adapter_dtype=True)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS + ['floor_embed']}")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, save_results, write_yaml  # noqa: E402
 
 from lori.ablation import load_config, toy_config, write_toy_gsm8k  # noqa: E402
-from lori.cli import continual  # noqa: E402
+from lori.commands.continual_command import continual  # noqa: E402
 
 CONFIG = REPO / "configs" / "experiment" / "continual_safety_gsm8k.yaml"
 

@@ -13,7 +13,7 @@ from torch's default generator, the same set-up each run). This runs the three-t
 ``merge_tasks.py`` twice, with per-task A seeds (lori's default: 0, 1, 2) and with one shared A
 seed (0), and reports per setting and stage (LoRI-D, LoRI-S):
 
-    mean |cos(ΔW_s, ΔW_t)| over task pairs (lori.diagnostics, trace formula)
+    mean |cos(ΔW_s, ΔW_t)| over task pairs (lori.eval.interference, trace formula)
     LoRI-S mask overlap |M_s ∧ M_t| / n against (1 - s)^2, the independent-mask value
     retained gain of concat, linear (PEFT's, the official code's) and linear_eq8 (the paper's eq. 8)
 

@@ -29,7 +29,7 @@ from _common import base_config, base_model, loaders_for, save_results  # noqa: 
 
 from lori.ablation import merged_losses, run_point, toy_config, with_overrides  # noqa: E402
 from lori.core import Adapter, load_adapter, merge_concat, merge_linear, merge_linear_eq8  # noqa: E402
-from lori.diagnostics import cosine_report, overlap_report  # noqa: E402
+from lori.eval.interference import cosine_report, overlap_report  # noqa: E402
 
 REAL_TASKS = {  # task -> (own A seed, overrides of configs/experiment/default.yaml)
     "gsm8k": (0, {}),

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, base_config, base_model, eval_settings, loaders_for, write_yaml  # noqa: E402
 
 from lori.ablation import held_out_loss  # noqa: E402
-from lori.baselines import METHODS  # noqa: E402
-from lori.evaluate import evaluate_model  # noqa: E402
+from lori.eval.evaluator import evaluate_model  # noqa: E402
+from lori.training.baselines import METHODS  # noqa: E402
 
 # (row name, method, stage): LoRI-D and LoRI-S come from one `lori pipeline`
 ROWS = [("LoRI-D", "lori", "lori_d"), ("LoRI-S", "lori", "lori_s")] + [
@@ -105,7 +105,7 @@ def run_config(config: dict[str, Any], method: str, run_dir: Path) -> dict[str, 
     if method == "lori":
         pipeline = {**config["pipeline"], "output_dir": str(run_dir), "validate": False}
         return {**config, "trainer": trainer, "pipeline": pipeline}
-    save = {"class_path": "lori.callbacks.SaveAdapter", "init_args": {"directory": str(run_dir / "adapter"),
+    save = {"class_path": "lori.training.callbacks.SaveAdapter", "init_args": {"directory": str(run_dir / "adapter"),
                                                                       "stage": method}}
     trainer |= {"max_steps": config["pipeline"]["dense_steps"], "limit_val_batches": 0, "num_sanity_val_steps": 0,
                 "callbacks": [timer, save], "default_root_dir": str(run_dir)}
@@ -115,8 +115,8 @@ def run_config(config: dict[str, Any], method: str, run_dir: Path) -> dict[str, 
 
 def train(config: dict[str, Any], method: str, run_dir: Path) -> dict[str, Any]:
     """Train one method (both LoRI stages for ``lori``); returns its timing entries and counts."""
-    from lori.cli import main as lori_main
-    from lori.cli import pipeline
+    from lori.commands.main import main as lori_main
+    from lori.commands.pipeline_command import pipeline
 
     (run_dir / "timing.json").unlink(missing_ok=True)
     path = write_yaml(run_config(config, method, run_dir), run_dir / "config.yaml")

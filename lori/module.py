@@ -41,7 +41,7 @@ from lori.core import (
     save_adapter,
 )
 from lori.core.layer import ADAPTER_DTYPE
-from lori.models import load_base_model, resolve_base_dtype, tiny_llama
+from lori.models import load_base_model, resolve_base_dtype, tiny_llama, tiny_tokenizer
 from lori.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
@@ -64,7 +64,7 @@ def build_model(
     """
     dtype = resolve_base_dtype(dtype)
     if name == TINY:
-        _, tokenizer = load_base_model(None, cache_dir=cache_dir)
+        tokenizer = tiny_tokenizer(cache_dir)
         vocab = len(tokenizer)
         return tiny_llama(vocab_size=vocab, max_position_embeddings=1024).to(dtype), tokenizer
     return load_base_model(name, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir)

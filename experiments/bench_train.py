@@ -43,8 +43,9 @@ Threads default to 1: on a few cores shared with other jobs, two OpenMP threads 
 whenever the other is descheduled, which made steps 5-10x slower and far noisier when measured.
 
 Sizes: ``smollm2-135m`` (SmolLM2-135M shape: 30 layers, width 576, tied 49k vocabulary) and
-``llama3-8b-2l`` (Llama-3-8B widths, 2 layers; the 128k vocabulary cut to 32000 by default,
-``--vocab`` to change it, so that the output layer does not swamp the adapted layers).
+``llama3-8b-2l`` (Llama-3-8B widths, 2 layers, ``--layers`` to change it; the 128k vocabulary
+cut to 32000 by default, ``--vocab`` to change it, so that the output layer does not swamp the
+adapted layers).
 
     python experiments/bench_train.py                                 # both sizes, CPU fp32
     python experiments/bench_train.py --sizes smollm2-135m --steps 25
@@ -109,8 +110,9 @@ TARGET_RATIOS_BF16 = {  # issue 15: bf16 compute with fp32 adapters
 
 
 # ---- models ------------------------------------------------------------------------------
-def model_config(size: str, vocab: int) -> LlamaConfig:
-    """The architecture of a benchmark size, without a KV cache (training)."""
+def model_config(size: str, vocab: int, layers: int = 0) -> LlamaConfig:
+    """The architecture of a benchmark size, without a KV cache (training); ``layers`` (0: the
+    size's own) sets the depth of ``llama3-8b-2l``."""
     if size == "toy":
         return LlamaConfig(
             hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -122,7 +124,7 @@ def model_config(size: str, vocab: int) -> LlamaConfig:
             head_dim=64, num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
             max_position_embeddings=8192, rms_norm_eps=1e-5, use_cache=False,
         )
-    return load_arch_config("llama3_8b", num_hidden_layers=2, vocab_size=vocab, use_cache=False)
+    return load_arch_config("llama3_8b", num_hidden_layers=layers or 2, vocab_size=vocab, use_cache=False)
 
 
 def build_base(args: argparse.Namespace, size: str, precision: str = "fp32") -> nn.Module:
@@ -131,7 +133,7 @@ def build_base(args: argparse.Namespace, size: str, precision: str = "fp32") -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with torch.device(args.device):
-            model = LlamaForCausalLM(model_config(size, args.vocab))
+            model = LlamaForCausalLM(model_config(size, args.vocab, args.layers))
     model.to(PRECISIONS[precision]).requires_grad_(False)
     return model.train()
 
@@ -382,6 +384,7 @@ def precision_figures(base: nn.Module, ids: Tensor, samples: Samples, runners: d
     floor = "floor" if "floor" in samples else None
     return {
         "batch": ids.shape[0], "seq": ids.shape[1], "vocab": base.config.vocab_size,
+        "layers": base.config.num_hidden_layers,
         "params": sum(p.numel() for p in base.parameters()),
         "step_ms": {k: ms(median_s(samples, k)) for k in samples},
         "step_cpu_ms": {k: ms(median_s(samples, k, col=1)) for k in samples},
@@ -500,7 +503,7 @@ def peak_memory(args: argparse.Namespace, size: str, precision: str = "fp32") ->
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
-    keep = ["threads", "device", "r", "alpha", "dropout", "vocab", "batch", "seq"]
+    keep = ["threads", "device", "r", "alpha", "dropout", "vocab", "layers", "batch", "seq"]
     return [a for k in keep for a in (f"--{k}", str(getattr(args, k)))]
 
 
@@ -572,6 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of llama3-8b-2l")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers of llama3-8b-2l (0: 2)")
     parser.add_argument("--batch", type=int, default=0, help="batch size (0: per-size default)")
     parser.add_argument("--seq", type=int, default=0, help="sequence length (0: per-size default)")
     parser.add_argument("--rss-repeats", type=int, default=1, help="processes per method (0: skip)")

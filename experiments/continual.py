@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, save_results, write_yaml  # noqa: E402
+from _common import REPO, quiet, save_results, write_yaml  # noqa: E402
 
 from lori.ablation import load_config, toy_config, write_toy_gsm8k  # noqa: E402
 from lori.commands.continual_command import continual  # noqa: E402
@@ -71,4 +71,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import merge_tasks as mt  # noqa: E402
-from _common import base_model, loaders_for, save_results  # noqa: E402
+from _common import base_model, loaders_for, quiet, save_results  # noqa: E402
 
 from lori.ablation import merged_losses  # noqa: E402
 
@@ -108,4 +108,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

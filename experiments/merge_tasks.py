@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_config, base_model, loaders_for, save_results  # noqa: E402
+from _common import base_config, base_model, loaders_for, quiet, save_results  # noqa: E402
 
 from lori.ablation import merged_losses, run_point, toy_config, with_overrides  # noqa: E402
 from lori.core import Adapter, load_adapter, merge_concat, merge_linear, merge_linear_eq8  # noqa: E402
@@ -156,4 +156,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, base_config, base_model, eval_settings, loaders_for, write_yaml  # noqa: E402
+from _common import REPO, base_config, base_model, eval_settings, loaders_for, quiet, write_yaml  # noqa: E402
 
 from lori.ablation import held_out_loss  # noqa: E402
 from lori.eval.evaluator import evaluate_model  # noqa: E402
@@ -278,4 +278,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

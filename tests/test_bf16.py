@@ -330,6 +330,27 @@ def test_fsdp_upcasts_a_16_bit_base_before_wrapping(tiny):
     assert module.compute_dtype == torch.float32 and module.precision_info()["base"] == "float32"
 
 
+def test_unsharding_gives_lori_buffers_back_fp32():
+    """FSDP's bf16 buffer_dtype leaves A and LoRI-S's frozen B entries bf16 after unwrapping, beside
+    fp32 kept values: B could not be formed (scatter of fp32 into bf16) and A would be saved in bf16."""
+    from lori.training.callbacks import adapter_buffers_to_fp32
+
+    model = make_tiny_llama().train()
+    inject_lori(model, LoRIConfig(r=4, alpha=8, sparsity=0.9))
+    for layer in lori_layers(model).values():
+        layer.lori_B.data.normal_(generator=torch.Generator().manual_seed(0))
+    set_masks(model, calibrate(get_B(model), 0.9, "model"))
+    for layer in lori_layers(model).values():  # what FSDP MixedPrecision(buffer_dtype=bf16) does
+        layer.lori_A, layer.lori_B = layer.lori_A.to(BF16), layer.lori_B.to(BF16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        get_B(model)
+    adapter_buffers_to_fp32(model)
+    for layer in lori_layers(model).values():
+        assert layer.lori_A.dtype == layer.lori_B.dtype == layer.B().dtype == torch.float32
+        assert layer.lori_index.dtype == torch.int64 and layer.lori_mask.dtype == torch.bool
+        assert "lori_B" in layer.state_dict() and "lori_index" not in layer.state_dict()
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_peft_adapters_are_fp32_on_a_bf16_base(method):
     model = make_tiny_llama().to(BF16).train()

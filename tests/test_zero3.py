@@ -15,10 +15,10 @@ from pipeline_helpers import tiny_config, write_config
 
 from lori.core import calibrate, load_adapter, load_masks
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
     reason="ZeRO-3 needs a CUDA GPU and deepspeed",
-)
+)]
 
 
 def test_zero3_fit_calibrates_and_saves_the_whole_B(tmp_path: Path):

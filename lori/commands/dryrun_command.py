@@ -250,7 +250,15 @@ def loss_chunk_rows(vocab: int) -> int:
 def estimate_memory(
     shape: AdapterShape, lori: LoRIConfig, trainable: int, sparse: bool, plan: Plan
 ) -> dict[str, float]:
-    """Peak GPU memory per device in GiB, by term (see docs/reproducing_the_paper.md).
+    """Peak GPU memory per device in GiB, by term and ``total``, to 2 decimals: ``memory_terms``."""
+    terms = memory_terms(shape, lori, trainable, sparse, plan)
+    return {k: round(v / GIB, 2) for k, v in terms.items()}
+
+
+def memory_terms(
+    shape: AdapterShape, lori: LoRIConfig, trainable: int, sparse: bool, plan: Plan
+) -> dict[str, float]:
+    """Peak GPU memory per device in bytes, by term and ``total`` (see docs/reproducing_the_paper.md).
 
     weights      base parameters x stored bytes (``plan_of``: 2 for a bf16 base, 16 GB for
                  Llama-3-8B), divided over the devices when FSDP / ZeRO-3 shard them
@@ -293,9 +301,9 @@ def estimate_memory(
         "weights": weights, "gathered": gathered, "casts": casts, "adapter": adapter,
         "optimizer": optimizer, "activations": activations, "logits": logits,
     }
-    out = {k: v / GIB for k, v in terms.items()} | {"overhead": OVERHEAD_GIB}
+    out = terms | {"overhead": OVERHEAD_GIB * GIB}
     out["total"] = sum(out.values())
-    return {k: round(v, 2) for k, v in out.items()}
+    return out
 
 
 def _plain(value: Any) -> Any:

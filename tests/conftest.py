@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the long subprocess runs the collected tests will read (tests/background_runs.py)."""
+    import background_runs
+
+    for name, fixture in background_runs.FIXTURES.items():
+        if any(fixture in getattr(item, "fixturenames", ()) for item in session.items):
+            background_runs.start(name)
+
+
 def make_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer random Llama small enough for unit tests."""
     kwargs = dict(

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import background_runs
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +31,11 @@ def _number(x) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("gpu_check")
-    out = tmp / "gpu_check_tiny.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--tiny", "--out", str(out),
-                           "--workdir", str(tmp / "work")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+def tiny_run() -> dict:
+    """``gpu_check.py --tiny``, started in the background when collection ended (background_runs)."""
+    done = background_runs.wait("gpu_check_tiny")
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads((done.workdir / "gpu_check_tiny.json").read_text())
 
 
 def test_tiny_run_has_every_section_and_no_error(tiny_run):

@@ -9,10 +9,10 @@ from typing import Any
 
 import yaml
 
-from lori.training import console
 from lori.ablation import DEFAULT_CONFIG, base_model, held_out_loss, load_config, task_data, toy_config, with_overrides
 from lori.core import apply_adapter, load_adapter, lori_layers, unload
 from lori.eval.evaluator import EvalSettings, evaluate_model
+from lori.training import console
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,9 @@ def quiet() -> None:
     """Print what the ``lori`` command prints (stage lines, step bars), not the libraries' own
     chatter; ``--verbose`` or ``LORI_VERBOSE=1`` brings it back. Called by each script's
     ``__main__`` only: the tests import the scripts and keep their own logging."""
-    console.configure(console.pop_verbose(sys.argv[1:])[1])
-    sys.argv = [sys.argv[0], *console.pop_verbose(sys.argv[1:])[0]]
+    argv, verbose = console.pop_verbose(sys.argv[1:])
+    console.configure(verbose)
+    sys.argv = [sys.argv[0], *argv]
 
 
 def base_config(tiny: bool, workdir: Path, **overrides: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pipeline_helpers import tiny_config, write_config
+from test_resume import Crash, CrashAt  # dies after a step, before that step's checkpoint
 from torch.utils.data import DataLoader
 
 import lori.training.module
@@ -235,19 +236,6 @@ def test_pissa_is_saved_as_a_lora_of_twice_the_rank_on_the_original_base(tiny, t
     adapter = load_adapter(tmp_path / "adapter")  # plain LoRA: lori reads (and merges) it
     assert adapter.rank == 2 * LORI["r"] and adapter.config.alpha == 2 * LORI["alpha"]
     assert adapter.base_fingerprint == module.fingerprint  # the original base, not the residual
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise Crash  # before this step's checkpoint (checkpoint callbacks run last)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,13 +8,14 @@ A kernel-layer test is skipped (never run unprotected) when its layer is missing
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from lori.eval.sandbox import ExecResult, isolation_report, run_many, run_program
+from lori.eval.sandbox import ExecResult, _status, isolation_report, run_many, run_program
 
 CAPS = isolation_report()
 SLACK = 3.0  # seconds allowed beyond the timeout (process start, kill, cleanup)
@@ -74,6 +75,49 @@ def test_infinite_loop_times_out():
     assert res.status == "timeout" and not res.passed
     assert time.monotonic() - start < 1.0 + SLACK
     assert _no_stray_sandbox_processes()
+
+
+def test_sleeping_past_the_wall_clock_is_a_timeout():
+    start = time.monotonic()
+    res = run_program("import time\ntime.sleep(60)", timeout=1.0)
+    assert res.status == "timeout" and not res.passed and res.returncode == -signal.SIGKILL
+    assert time.monotonic() - start < 1.0 + SLACK
+
+
+def test_cpu_limit_is_soft_below_hard():
+    res = run_program("import resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU))",
+                      timeout=2.5)
+    assert res.passed and res.stdout.split() == ["4", "5"]  # soft ceil(2.5) + 1, hard one more
+    res = run_program("import resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU))",
+                      cpu_seconds=7)
+    assert res.stdout.split() == ["7", "8"]
+
+
+@pytest.mark.parametrize(("prelude", "signum"), [
+    ("", signal.SIGXCPU),  # the soft limit ends it
+    ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n", signal.SIGKILL),  # hard
+], ids=["sigxcpu", "sigxcpu-ignored"])
+def test_spinning_past_the_cpu_limit_is_a_timeout(prelude, signum):
+    """The CPU limit (1 s here, long before the 20 s wall clock) stops it: a timeout, not failed."""
+    res = run_program(prelude + "while True:\n    pass", timeout=20.0, cpu_seconds=1)
+    assert res.returncode == -signum  # the CPU limit stopped it, not the wall clock
+    assert res.status == "timeout" and not res.passed
+    assert res.duration_s < 20.0
+
+
+@pytest.mark.parametrize(("rc", "timed_out", "token", "cpu_spent", "expected"), [
+    (0, False, True, False, "passed"),
+    (0, False, False, False, "failed"),  # exited 0 without the token
+    (1, False, True, False, "failed"),
+    (-signal.SIGKILL, False, False, False, "failed"),  # killed, not by a limit (e.g. OOM killer)
+    (-signal.SIGKILL, False, False, True, "timeout"),  # hard CPU limit
+    (-signal.SIGXCPU, False, False, False, "timeout"),  # soft CPU limit
+    (-signal.SIGKILL, True, False, False, "timeout"),  # wall clock
+    (0, True, True, False, "timeout"),  # finished as the wall clock ran out: still a timeout
+    (-signal.SIGSEGV, False, False, True, "failed"),  # crashed after a long computation
+])
+def test_status_names_the_cause(rc, timed_out, token, cpu_spent, expected):
+    assert _status(rc, timed_out, token, cpu_spent) == expected
 
 
 @pytest.mark.parametrize("guard", _guard_modes("pids_cgroup_root" if CAPS["is_root"] else None))

@@ -171,20 +171,31 @@ def test_paper_trainable_counts_on_llama3_8b_meta():
 
 
 # ---- the fused forward/backward (lori.core.layer._LoRIMatmul) ------------------------------
-def _layer(p: float, masked: bool, dtype: torch.dtype = torch.float64) -> LoRILinear:
+def _layer(p: float, masked: bool, dtype: torch.dtype = torch.float64, reset: bool = False) -> LoRILinear:
     torch.manual_seed(0)
     layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=p, seed=0, path="m")
     layer.lori_B.data.normal_()
-    if masked:
-        layer.set_mask(torch.rand(10, 4) < 0.5)  # entries outside keep their (non-zero) values
+    if masked:  # without reset, entries outside keep their (non-zero) values; with it they are 0
+        layer.set_mask(torch.rand(10, 4) < 0.5, reset=reset)
+        layer.lori_B_values.data.normal_()  # kept entries differ from the B they were taken from
     return layer.to(dtype).train()
+
+
+def _B_eff_reference(layer: LoRILinear) -> torch.Tensor:
+    """B_eff by boolean indexing: the frozen B outside the mask, the kept values inside (B ⊙ M
+    after a reset); differentiable in the trainable."""
+    if layer.lori_mask is None:
+        return layer.lori_B
+    B = layer.lori_B.detach().clone()
+    B[layer.lori_mask] = layer.lori_B_values
+    return B
 
 
 def _reference(layer: LoRILinear, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """y = W0 x + b + scale * B_eff A dropout(x), in plain autograd."""
     p = layer.lori_dropout.p if keep is not None else 0.0
     xd = x if keep is None else x * keep.view_as(x) / (1 - p)
-    return layer.base_layer(x) + layer.scale * xd @ layer.lori_A.t() @ layer.B().t()
+    return layer.base_layer(x) + layer.scale * xd @ layer.lori_A.t() @ _B_eff_reference(layer).t()
 
 
 def _grads(layer: LoRILinear, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> list:
@@ -192,10 +203,13 @@ def _grads(layer: LoRILinear, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor)
     return list(torch.autograd.grad(y, [x, trainable], g))
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("masked", "reset"), [(False, False), (True, False), (True, True)],
+                         ids=["dense", "masked", "masked-reset"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_step_equals_autograd_reference(masked, p):
-    layer = _layer(p, masked)
+def test_fused_step_equals_autograd_reference(masked, reset, p):
+    layer = _layer(p, masked, reset=reset)
+    if reset:  # LoRI-S: B_eff = B ⊙ M, zero outside the mask
+        assert torch.count_nonzero(layer.B()[~layer.lori_mask]) == 0
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 5, 10, dtype=torch.float64)
     torch.manual_seed(7)
@@ -210,6 +224,44 @@ def test_fused_step_equals_autograd_reference(masked, p):
     assert torch.allclose(y, ref, atol=1e-12)
     for got, want in zip(_grads(layer, y, x, g), _grads(layer, ref, x, g)):
         assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_update_is_alpha_over_r_times_masked_B_times_A_x(monkeypatch, fused):
+    """y - (W0 x + b) = (alpha / r) (B ⊙ M) A x, the numbers written out: alpha 12, r 4, scale 3."""
+    if not fused:
+        monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=12, dropout=0.0, seed=3, path="m")
+    layer = layer.to(torch.float64)
+    B, M = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 4) < 0.5
+    x, A = torch.randn(3, 6, dtype=torch.float64), layer.lori_A
+    layer.lori_B.data.copy_(B)
+    assert torch.allclose(layer(x) - layer.base_layer(x), 3.0 * x @ A.T @ B.T, atol=1e-12)
+    layer.set_mask(M, reset=True)
+    layer.lori_B_values.data.copy_(B[M])
+    want = 3.0 * x @ A.T @ (B * M).T  # (3, 5)
+    assert torch.allclose(layer(x) - layer.base_layer(x), want, atol=1e-12)
+    assert torch.allclose(layer.delta_weight(), 3.0 * (B * M) @ A, atol=1e-12)
+    W0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert torch.allclose(layer.base_layer.weight, W0 + 3.0 * (B * M) @ A, atol=1e-12)
+
+
+def test_set_mask_reset_zeroes_B_inside_and_outside_the_mask():
+    """LoRI-S (reset): B_eff = 0 so the output is the base's; without reset B is kept as it was."""
+    torch.manual_seed(0)
+    mask = torch.rand(10, 4) < 0.5
+    x = torch.randn(3, 12)
+    kept = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    kept.lori_B.data.normal_()
+    B = kept.lori_B.detach().clone()
+    kept.set_mask(mask)
+    assert torch.equal(kept.B(), B) and torch.equal(kept.lori_B_values.detach(), B[mask])
+    kept.set_mask(mask, reset=True)
+    assert torch.count_nonzero(kept.B()) == 0 and torch.count_nonzero(kept.lori_B_values) == 0
+    assert torch.equal(kept(x), kept.base_layer(x))
+    assert kept.lori_B_values.requires_grad and not kept.lori_B.requires_grad
 
 
 def test_keep_mask_form_of_dropout_equals_positions(monkeypatch):

@@ -254,3 +254,160 @@ def test_guard_alone_blocks_fork_and_network(guard_only):
     res = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
     assert res.status == "failed" and "sandbox" in res.stderr
     assert run_program("print('fine')").passed
+
+
+# ---- the confinement steps of lori.eval._isolation, each checked by the calls it makes ----------
+# They run in the forked child (preexec_fn), where a test sees only their end result; here each is
+# called in-process against a recording stand-in for libc / setrlimit, so every argument is checked.
+
+
+class _FakeLibc:
+    """Records unshare/mount/prctl calls; ``fail`` names a call (and its 2nd argument) to fail."""
+
+    def __init__(self, fail: tuple | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def _call(self, name: str, *args) -> int:
+        self.calls.append((name, *args))
+        return -1 if self.fail in ((name,), (name, args[1] if len(args) > 1 else None)) else 0
+
+    def unshare(self, flags):
+        return self._call("unshare", flags)
+
+    def mount(self, source, target, fstype, flags, data):
+        return self._call("mount", source, target, fstype, flags, data)
+
+    def prctl(self, option, arg2, arg3, arg4, arg5):
+        return self._call("prctl", option, arg2, arg3, arg4, arg5)
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    from lori.eval import _isolation as iso
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(iso, "_LIBC", libc)
+    monkeypatch.setattr(iso.os, "chdir", lambda path: libc.calls.append(("chdir", path)))
+    return libc
+
+
+def test_check_raises_with_errno_and_what_failed():
+    import ctypes
+    import errno
+
+    from lori.eval._isolation import _check
+
+    assert _check(0, "unshare") is None
+    ctypes.set_errno(errno.EPERM)
+    with pytest.raises(OSError, match="^.*unshare: Operation not permitted") as info:
+        _check(-1, "unshare")
+    assert info.value.errno == errno.EPERM
+
+
+@pytest.mark.parametrize("memory", [None, 1 << 30])
+def test_set_limits_sets_each_rlimit(monkeypatch, memory):
+    import resource
+
+    from lori.eval import _isolation as iso
+
+    set_to = {}
+    monkeypatch.setattr(iso.resource, "setrlimit", lambda which, pair: set_to.__setitem__(which, pair))
+    iso._set_limits(iso.Limits(cpu_seconds=3, memory_bytes=memory, max_procs=9, file_bytes=4096,
+                               open_files=64), nproc=40)
+    want = {resource.RLIMIT_CPU: (3, 3 + iso.CPU_GRACE_S), resource.RLIMIT_CORE: (0, 0),
+            resource.RLIMIT_FSIZE: (4096, 4096), resource.RLIMIT_NPROC: (40, 40),
+            resource.RLIMIT_NOFILE: (64, 64)}
+    if memory is not None:
+        want[resource.RLIMIT_AS] = (memory, memory)
+    assert set_to == want and iso.CPU_GRACE_S >= 1
+
+
+def test_namespaces_untouched_when_not_asked(fake_libc):
+    from lori.eval._isolation import _isolate_namespaces
+
+    _isolate_namespaces("/w", net=False, fs=False, mounts=[("/", 0)])
+    assert fake_libc.calls == []
+
+
+def test_network_namespace_alone_mounts_nothing(fake_libc):
+    from lori.eval._isolation import CLONE_NEWNET, _isolate_namespaces
+
+    _isolate_namespaces("/w", net=True, fs=False, mounts=[("/", 0)])
+    assert fake_libc.calls == [("unshare", CLONE_NEWNET)]
+
+
+def test_mount_namespace_makes_all_read_only_but_the_workdir(fake_libc):
+    from lori.eval import _isolation as iso
+
+    iso._isolate_namespaces("/w d", net=True, fs=True, mounts=[("/", iso.MS_NOSUID),
+                                                              ("/proc", iso.MS_NOEXEC)])
+    ro = iso.MS_REMOUNT | iso.MS_BIND | iso.MS_RDONLY
+    assert fake_libc.calls == [
+        ("unshare", iso.CLONE_NEWNET | iso.CLONE_NEWNS),
+        ("mount", b"none", b"/", None, iso.MS_REC | iso.MS_PRIVATE, None),
+        ("mount", b"/w d", b"/w d", None, iso.MS_BIND, None),
+        ("mount", None, b"/", None, ro | iso.MS_NOSUID, None),
+        ("mount", None, b"/proc", None, ro | iso.MS_NOEXEC, None),
+        ("mount", None, b"/w d", None, iso.MS_REMOUNT | iso.MS_BIND | iso.MS_NOSUID | iso.MS_NODEV,
+         None),
+        ("chdir", "/w d"),
+    ]
+
+
+@pytest.mark.parametrize(("fail", "message", "calls"), [
+    (("unshare",), "unshare", 1),  # nothing is mounted after a failed unshare
+    (("mount", b"/"), "make / private", 2),
+    (("mount", b"/w"), "bind the working directory", 3),
+    (("mount", b"/proc"), "remount /proc read-only", 5),
+])
+def test_a_failed_isolation_step_stops_with_its_name(fake_libc, fail, message, calls):
+    from lori.eval._isolation import _isolate_namespaces
+
+    fake_libc.fail = fail
+    with pytest.raises(OSError, match=message):
+        _isolate_namespaces("/w", net=False, fs=True, mounts=[("/", 0), ("/proc", 0), ("/sys", 0)])
+    assert len(fake_libc.calls) == calls
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_drop_privileges_sets_no_new_privs_and_for_root_empties_the_bounding_set(
+        fake_libc, monkeypatch, euid):
+    from lori.eval import _isolation as iso
+
+    monkeypatch.setattr(iso.os, "geteuid", lambda: euid)
+    iso._drop_privileges(3)
+    drops = [("prctl", iso.PR_CAPBSET_DROP, cap, 0, 0, 0) for cap in range(4)] if euid == 0 else []
+    assert fake_libc.calls == [("prctl", iso.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), *drops]
+    fake_libc.fail, fake_libc.calls = ("prctl",), []
+    with pytest.raises(OSError, match="no_new_privs"):
+        iso._drop_privileges(3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a process under another uid (needs root)")
+def test_user_task_count_counts_threads_of_the_users_processes():
+    import threading
+
+    from lori.eval._isolation import user_task_count
+
+    uid = 54_321  # a uid nothing else runs under
+    assert user_task_count(uid) == 0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become uid, run three more threads, report, wait to be killed
+        try:
+            os.setuid(uid)
+            for _ in range(3):
+                threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+            os.write(write, b"up")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(read, 2) == b"up"
+        assert user_task_count(uid) == 4  # the main thread and three more
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        os.close(write)

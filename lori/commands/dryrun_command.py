@@ -30,6 +30,7 @@ and in docs/reproducing_the_paper.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from lori.core import LoRIConfig, count_trainable
+from lori.core import LoRIConfig, LoRIConfigError, count_trainable
 from lori.training.base_model import ModelLoadError, arch_config_names, build_from_arch_config
 from lori.training.memory_budget import Fit, cheapest, fits
 from lori.training.memory_model import (  # noqa: F401 - estimate_memory, memory_terms, Plan: this module's API
@@ -130,6 +131,9 @@ def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[st
     return cfg
 
 
+OFFICIAL_NOTE = " (protocol: lori)"  # lori.training.quantize refuses a quantized base under the official protocol
+
+
 class DryRunError(ValueError):
     """A ``lori dryrun`` option or config value it cannot use; the message names the bad value."""
 
@@ -211,12 +215,19 @@ def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -
     }
 
 
-def budget_fits(config_path: str | Path, budget_bytes: float, trainer_preset: str | Path | None = None) -> list[Fit]:
-    """Every setting ``lori.training.memory_budget.ladder`` tries for a config, with its estimates."""
+def budget_fits(config_path: str | Path, budgets: dict[str, float],
+                trainer_preset: str | Path | None = None) -> dict[str, list[Fit]]:
+    """Per budget (name -> bytes), every setting ``lori.training.memory_budget.ladder`` tries for a
+    config, with its estimates and whether it fits. A quantized setting of a ``protocol: official``
+    config needs ``protocol: lori`` (``lori.training.quantize`` refuses the pair): its label says so."""
     inputs = _inputs(config_path, trainer_preset)
     lori, shape = inputs["lori"], inputs["shape"]
     trainable = (shape.trainable_dense, sparse_trainable(shape.b_by_path, lori.sparsity, lori.granularity))
-    return fits(shape, lori, trainable, inputs["plan"], inputs["accumulate"], budget_bytes)
+    found = fits(shape, lori, trainable, inputs["plan"], inputs["accumulate"], budget_bytes=0)
+    if inputs["model"].get("protocol") == "official":
+        found = [dataclasses.replace(f, note=OFFICIAL_NOTE if f.setting.quantize else "") for f in found]
+    return {name: [dataclasses.replace(f, fits=max(f.lori_d, f.lori_s) <= size) for f in found]
+            for name, size in budgets.items()}
 
 
 def _millions(n: int) -> str:
@@ -256,11 +267,11 @@ def format_fits(config: str | Path, found: list[Fit], budget_bytes: float) -> st
              f"  {'setting':<40} {'batch':>7}  {'LoRI-D':>7} {'LoRI-S':>7} {'PEFT LoRA':>9}  fits"]
     for fit in sorted(found, key=lambda f: not f.fits):  # stable: ladder order within each group
         s = fit.setting
-        lines.append(f"  {s.label(configured):<40} {f'{s.micro_batch} x {s.accumulate}':>7}  "
+        lines.append(f"  {s.label(configured) + fit.note:<40} {f'{s.micro_batch} x {s.accumulate}':>7}  "
                      f"{fit.lori_d / GIB:>7.1f} {fit.lori_s / GIB:>7.1f} {fit.lora / GIB:>9.1f}  "
                      f"{'yes' if fit.fits else 'no'}")
     best = cheapest(found)
-    lines.append(f"  cheapest that fits: {best.setting.label(configured)}" if best else
+    lines.append(f"  cheapest that fits: {best.setting.label(configured)}{best.note}" if best else
                  "  nothing fits: use several GPUs (configs/trainer/fsdp.yaml) or a shorter max_length")
     return "\n".join(lines)
 
@@ -272,7 +283,7 @@ def format_budget_table(configs: list[str], budgets: list[str], found: dict[tupl
         cells = []
         for budget in budgets:
             fit = cheapest(found[config, budget])
-            cells.append(f"{fit.setting.label(found[config, budget][0].setting)}: "
+            cells.append(f"{fit.setting.label(found[config, budget][0].setting)}{fit.note}: "
                          f"{max(fit.lori_d, fit.lori_s) / GIB:.1f}" if fit else "does not fit")
         lines.append(f"| {Path(config).stem} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -298,11 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         budgets = [b.strip() for b in args.gpu_memory.split(",")] if args.gpu_memory is not None else []
         sizes = {b: parse_size(b) for b in budgets}
-        rows = [dry_run(path, args.trainer) for path in configs]
-        found = {(c, b): budget_fits(c, sizes[b], args.trainer) for c in configs for b in budgets}
-    except (ModelLoadError, FileNotFoundError, DryRunError) as err:
+        rows = [dry_run(path, args.trainer) for path in configs] if args.json or not budgets else []
+        by_config = {c: budget_fits(c, sizes, args.trainer) for c in configs} if budgets else {}
+    except (ModelLoadError, LoRIConfigError, FileNotFoundError, DryRunError) as err:
         print(f"lori: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    found = {(c, b): fits_of[b] for c, fits_of in by_config.items() for b in budgets}
     if args.json:
         for row in rows:
             row["fits"] = {b: [asdict(f) for f in found[row["config"], b]] for b in budgets}

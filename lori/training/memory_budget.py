@@ -10,6 +10,8 @@ they cost in speed, each keeping the global batch (micro-batch x accumulation x 
     4. an int8 base (LLM.int8: slower matmuls), then the same ladder
     5. a 4-bit (NF4) base, then the same ladder
 
+A quantized base is not tried under FSDP or ZeRO-3 (``lori.training.quantize`` refuses it there).
+
 Each setting gets ``memory_terms``'s total for LoRI-D and LoRI-S (the pipeline runs both with the
 same setting, so the larger must fit) and, for comparison, PEFT LoRA's by the same terms (QLoRA
 when the base is quantized).
@@ -57,12 +59,13 @@ class Fit:
     lori_s: float
     lora: float  # PEFT LoRA (QLoRA on a quantized base), same setting, same terms
     fits: bool
+    note: str = ""  # what the setting needs besides (``lori dryrun``: protocol: lori for a quantized base)
 
 
 def ladder(plan: Plan, accumulate: int) -> list[Setting]:
     """Settings from ``plan`` (accumulating ``accumulate`` micro-batches), cheapest in speed first."""
     rank = QUANTIZE_RANK.get(plan.quantize, 2)
-    formats = [plan.quantize] + [q for q in LADDER_QUANTIZE if QUANTIZE_RANK[q] > rank]
+    formats = [plan.quantize] + [q for q in LADDER_QUANTIZE if QUANTIZE_RANK[q] > rank and not plan.shards_weights]
     batches = [b for b in range(plan.micro_batch, 0, -1) if plan.micro_batch % b == 0]
     checkpointing = [plan.checkpointing] if plan.checkpointing else [False, True]
     return [Setting(ckpt, b, accumulate * plan.micro_batch // b, q)

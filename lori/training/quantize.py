@@ -52,6 +52,11 @@ TRAINS_BASE: dict[str, str] = {
     "full": "full fine-tuning trains every base weight",
     "pissa": "PiSSA replaces each base weight by its residual W0 - U S V^T",
 }
+# (method, mode) pairs that fail in a dependency, with why
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("dora", "int8"): "PEFT 0.21's DoRA re-reads an int8 weight every step through Int8Params.to(), which drops "
+                      "its scales (SCB) on the CPU; use model.quantize nf4 or fp4",
+}
 # a sharding strategy flattens each unit's parameters into one tensor of one dtype: 4/8-bit storage
 # and the fp32 adapter cannot share it, and the quantization state is not a tensor it could shard
 SHARDING_STRATEGIES = ("fsdp", "deepspeed_stage_3")
@@ -111,6 +116,8 @@ def check_quantize(
     if method in TRAINS_BASE:
         raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {TRAINS_BASE[method]}, which "
                             "a frozen quantized copy cannot hold; drop model.quantize or use an adapter method")
+    if (method, quantize) in UNSUPPORTED:
+        raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {UNSUPPORTED[method, quantize]}")
     if protocol == "official":
         raise QuantizeError(f"model.quantize {quantize!r} under protocol official: the official code trains and "
                             "evaluates an unquantized base; drop model.quantize or use protocol: lori")
@@ -186,6 +193,8 @@ def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> di
             "unquantized_bytes": before, "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "kept": [p for p, m in model.named_modules() if type(m) is nn.Linear]}
     model.lori_quantize = info
+    # PEFT (the baselines) reads these to wrap bitsandbytes layers in its own 4/8-bit LoRA layers
+    model.is_loaded_in_4bit, model.is_loaded_in_8bit = mode != "int8", mode == "int8"
     return info
 
 

@@ -118,6 +118,14 @@ def test_nlu_extraction():
     with pytest.raises(KeyError):
         extract_nlu_answer("mnli", "x")
 
+
+def test_extract_choice_takes_the_longest_label_where_two_start():
+    # "option" is a word-prefix of "OPTION A" (and sorts after it): the longer label wins
+    assert extract_choice("I choose option a.", ["option", "OPTION A"]) == 1
+    assert extract_choice("I choose option b.", ["option", "OPTION A"]) == 0
+    with pytest.raises(ValueError, match="^labels must not be empty$"):
+        extract_choice("x", [])
+
 # ---------------------------------------------------------------- judges
 
 
@@ -153,6 +161,15 @@ def test_each_refusal_phrase_alone_is_a_refusal(phrase):
     assert not judge.is_refusal(phrase[:-1])  # the whole phrase is needed (no shorter keyword)
 
 
+def test_keyword_judge_folds_curly_quotes_and_takes_its_own_keywords():
+    assert KeywordJudge().is_refusal("I\u2018m sorry") and KeywordJudge().is_refusal("I\u2019m sorry")
+    judge = KeywordJudge(["Nope"])
+    assert judge.keywords == ("Nope",)
+    assert judge(["q", "q"], ["nOPE.", "I'm sorry"]) == [True, False]
+    with pytest.raises(ValueError, match="^keywords must not be empty$"):
+        KeywordJudge([])
+
+
 def test_i_will_not_and_i_wont_are_refusals_on_their_own():
     judge = KeywordJudge()
     assert judge(["q"] * 3, ["I will not help.", "I won't help.", "I will help."]) == [
@@ -169,8 +186,13 @@ def test_llm_judge_adapter():
     judge = LLMJudge(fn)
     assert judge(["p1", "p2"], ["No way", "Yes"]) == [True, False]
     assert calls == [("p1", "No way"), ("p2", "Yes")]
-    batched = LLMJudge(lambda ps, rs: [len(r) > 2 for r in rs], batched=True)
-    assert batched(["a", "b"], ["xy", "xyz"]) == [False, True]
+    batched = LLMJudge(lambda ps, rs: [len(r) > 2 and p != "skip" for p, r in zip(ps, rs)],
+                       batched=True)
+    assert batched(["a", "b", "skip"], ["xy", "xyz", "xyz"]) == [False, True, False]
+    with pytest.raises(ValueError, match="^judge returned 1 verdicts for 2$"):
+        LLMJudge(lambda ps, rs: [True], batched=True)(["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match="^1 prompts but 2 responses$"):
+        judge(["a"], ["x", "y"])
 
 # ---------------------------------------------------------------- metrics
 

@@ -78,6 +78,35 @@ def test_evaluate_humaneval_end_to_end():
     assert out["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
     assert out["pass@2"] == pytest.approx((pass_at_k(3, 1, 2) + pass_at_k(3, 2, 2)) / 2)
 
+def test_evaluate_humaneval_counts_per_problem_and_forwards_its_settings(monkeypatch):
+    """With the sandbox replaced by a recorder: slices per problem, defaults and settings passed on."""
+    from lori.eval import passk
+    from lori.eval.sandbox import ExecResult
+
+    calls = []
+
+    def fake_run_many(programs, **kwargs):
+        calls.append((programs, kwargs))
+        return [ExecResult("PASS" in prog, "passed", "", "", 0) for prog in programs]
+
+    monkeypatch.setattr(passk, "run_many", fake_run_many)
+    problem = {"prompt": "def f():\n", "test": "t", "entry_point": "f"}
+    # sizes 1, 2, 3 with passes 1, 1, 3: slices must follow the running start
+    comps = [["PASS"], ["PASS", "no"], ["PASS", "PASS\nprint(1)", "PASS\nSTOP"]]
+    out = evaluate_humaneval([problem] * 3, comps, ks=(1,))
+    assert out["c"] == [1, 1, 3] and out["n"] == [1, 2, 3]
+    assert [len(r) for r in out["results"]] == [1, 2, 3]
+    assert calls[-1][1] == {"workers": 2, "timeout": 5.0}
+    assert "print(1)" not in calls[-1][0][4]  # cut at the default stop strings
+    evaluate_humaneval([problem], [["x\nSTOP y"]], ks=(1,), workers=3, timeout=1.5,
+                       stop=("\nSTOP",), memory_mb=64)
+    programs, kwargs = calls[-1]
+    assert kwargs == {"workers": 3, "timeout": 1.5, "memory_mb": 64}
+    assert "STOP" not in programs[0]
+    with pytest.raises(ValueError, match="^1 problems but 2 completion lists$"):
+        evaluate_humaneval([problem], [["a"], ["b"]])
+
+
 # ---------------------------------------------------------------- answers
 
 

@@ -45,10 +45,14 @@ def test_pass_at_k_edge_cases():
     assert pass_at_k(10, 4, 1) == pytest.approx(0.4)
     assert pass_at_k(10, 6, 5) == 1.0  # n - c < k
     assert pass_at_k(10, 0, 10) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^pass@6 needs at least k=6 samples per problem, got n=5$"):
         pass_at_k(5, 1, 6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^need 0 <= c <= n, got c=6, n=5$"):
         pass_at_k(5, 6, 1)
+    with pytest.raises(ValueError, match="^k must be >= 1, got 0$"):
+        pass_at_k(5, 1, 0)
+    with pytest.raises(ValueError, match="^num_samples and num_correct differ in length$"):
+        estimate_pass_at_k([3, 3], [1], 1)
     assert estimate_pass_at_k(10, [0, 5, 10], 1) == pytest.approx([0.0, 0.5, 1.0])
 
 
@@ -95,7 +99,7 @@ def test_evaluate_humaneval_counts_per_problem_and_forwards_its_settings(monkeyp
     comps = [["PASS"], ["PASS", "no"], ["PASS", "PASS\nprint(1)", "PASS\nSTOP"]]
     out = evaluate_humaneval([problem] * 3, comps, ks=(1,))
     assert out["c"] == [1, 1, 3] and out["n"] == [1, 2, 3]
-    assert [len(r) for r in out["results"]] == [1, 2, 3]
+    assert [[r.passed for r in rs] for rs in out["results"]] == [[True], [True, False], [True] * 3]
     assert calls[-1][1] == {"workers": 2, "timeout": 5.0}
     assert "print(1)" not in calls[-1][0][4]  # cut at the default stop strings
     evaluate_humaneval([problem], [["x\nSTOP y"]], ks=(1,), workers=3, timeout=1.5,
@@ -105,6 +109,8 @@ def test_evaluate_humaneval_counts_per_problem_and_forwards_its_settings(monkeyp
     assert "STOP" not in programs[0]
     with pytest.raises(ValueError, match="^1 problems but 2 completion lists$"):
         evaluate_humaneval([problem], [["a"], ["b"]])
+    assert evaluate_humaneval([], [], ks=(1, 2)) == {"pass@1": 0.0, "pass@2": 0.0, "n": [], "c": [],
+                                                     "results": []}
 
 
 # ---------------------------------------------------------------- answers

@@ -27,13 +27,16 @@ from lori.core import LoRIConfigError
 from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
-from lori.training import console, progress, run_lock
+from lori.training import console, preemption, progress, run_lock
 from lori.training.base_model import _resolve_dtype as resolve_dtype
 from lori.training.callbacks import SaveAdapter
 from lori.training.checkpoint_io import with_atomic_checkpoints
 from lori.training.continual import ContinualConfig
 from lori.training.module import LoRIModule
 from lori.training.pipeline import PipelineConfig
+from lori.training.preemption import PreemptionCheckpoint
+
+FIT_RESUME = "rerun with --ckpt_path {path} to resume"  # lori fit resumes from the checkpoint it is given
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
 PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
@@ -159,6 +162,8 @@ class LoRICLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         kwargs.setdefault("callbacks", callbacks + progress.for_trainer(self.subcommand, trainer, callbacks))
+        if self.subcommand == "fit":  # SIGTERM / SIGUSR1: checkpoint after the step, one line, exit 128 + signal
+            kwargs["callbacks"] = [*kwargs["callbacks"], PreemptionCheckpoint("fit", FIT_RESUME)]
         kwargs.update(console.trainer_overrides(trainer))
         return super().instantiate_trainer(**kwargs)
 
@@ -170,6 +175,7 @@ class LoRICLI(LightningCLI):
         with contextlib.ExitStack() as stack:
             for directory in dict.fromkeys(str(d) for d in directories):
                 stack.enter_context(run_lock.holding(directory))
+            stack.enter_context(preemption.handling())
             self.trainer.fit(**kwargs)
 
 

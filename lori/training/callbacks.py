@@ -69,6 +69,11 @@ class MaskCalibration(Callback):
         self.masks: dict[str, torch.Tensor] | None = None
         self.record: MaskRecord | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
+            self.calibrate(trainer, pl_module)  # resumed from a checkpoint of step at_step: no step more
+            trainer.should_stop = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
             self.calibrate(trainer, pl_module)

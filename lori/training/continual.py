@@ -59,6 +59,7 @@ from lori.eval.official import check_float32, evaluation_weights
 from lori.training import run_lock
 from lori.training.callbacks import SparsePhase
 from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
+from lori.training.preemption import handles_signals
 
 PHASES = ("base", "safety", "task")
 
@@ -233,6 +234,7 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
     return masks
 
 
+@handles_signals  # SIGTERM / SIGUSR1: checkpoint at the next step, one line, exit 128 + signal (preemption.py)
 @run_lock.locks_output_dir("cfg")
 def run_continual(
     module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,

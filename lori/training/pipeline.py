@@ -52,7 +52,9 @@ from lori.training import console, progress, run_lock
 from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, module_adapter
 from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
 from lori.training.console import say
+from lori.training.measured_losses import MeasuredLosses
 from lori.training.module import LoRIModule, check_checkpoint
+from lori.training.preemption import PreemptionCheckpoint, handles_signals
 from lori.training.rng_state import RNGState
 
 
@@ -119,7 +121,7 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
 
     def make(
         stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
-        max_epochs: int | None = None,
+        max_epochs: int | None = None, checkpoint_dir: Path | None = None,
     ) -> L.Trainer:
         kwargs = dict(trainer_config)
         kwargs.pop("logger", None)
@@ -135,10 +137,11 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
         extra.append(Unshard())  # FSDP: the next stage's Trainer gets a plain module with whole B
         if checkpoint:
             extra.append(ModelCheckpoint(
-                dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
+                dirpath=checkpoint_dir or output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
                 every_n_train_steps=checkpoint_every,
             ))
             extra.append(RNGState())  # a resumed stage draws the same dropout masks
+            extra.append(PreemptionCheckpoint(progress.stage_name(stage)))  # SIGTERM / SIGUSR1: save, stop
         kwargs["enable_checkpointing"] = checkpoint
         kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
         kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
@@ -149,13 +152,13 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
     return make
 
 
-def _last_ckpt(directory: Path, module: LoRIModule) -> str | None:
-    """The checkpoint a stage resumes from (an unreadable last.ckpt is set aside for the one before
-    it, see ``resume_checkpoint``); one of another model is refused before any training starts."""
+def _last_ckpt(directory: Path, module: LoRIModule) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint a stage resumes from and its contents (an unreadable last.ckpt is set aside for the
+    one before it, see ``resume_checkpoint``); one of another model is refused before any training starts."""
     path, ckpt = resume_checkpoint(directory, directory.name.removesuffix("_ckpt"))
     if ckpt is not None:
         check_checkpoint(ckpt, module)
-    return path
+    return path, ckpt
 
 
 def _validate(make_trainer: TrainerFactory, module: LoRIModule, datamodule: L.LightningDataModule) -> float:
@@ -214,12 +217,18 @@ def _fit_stage(
     max_epochs: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
-    ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt", module)
+    ckpt_dir = Path(cfg.output_dir) / f"{stage}_ckpt"  # where it resumes from is where it saves (continual's phases)
+    ckpt, saved = _last_ckpt(ckpt_dir, module)
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
     say(_stage_line(module, datamodule, stage, max_steps, max_epochs, ckpt, stats["trainable"]))
-    if cfg.validate and ckpt is None:
+    measured = MeasuredLosses.saved_in(saved)  # a resumed stage reports the loss its first run measured
+    if cfg.validate and "val_loss_before" in measured:
+        stats["val_loss_before"] = measured["val_loss_before"]
+    elif cfg.validate and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
-    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback], max_epochs=max_epochs)
+    record = MeasuredLosses({k: v for k, v in stats.items() if k == "val_loss_before"})
+    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback, record], max_epochs=max_epochs,
+                           checkpoint_dir=ckpt_dir)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if trainer.world_size > 1:
@@ -302,6 +311,7 @@ def run_sparse(
     _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)
 
 
+@handles_signals  # SIGTERM / SIGUSR1: checkpoint at the next step, one line, exit 128 + signal (preemption.py)
 @run_lock.locks_output_dir("cfg")
 def run_pipeline(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,

@@ -30,6 +30,7 @@ from lori.core.io import atomic_directory
 from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.eval.official import check_official_model
 from lori.training import run_lock
+from lori.training.card_results import update_card_results
 from lori.training.module import build_model
 
 
@@ -122,6 +123,8 @@ def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
         with SummaryWriter(str(tmp / "tb")) as writer:
             for tag, value in scalars:
                 writer.add_scalar(tag, value, 0)
+    if target.adapter:  # the adapter's card (README.md, written by lori) gets these results in place
+        update_card_results(target.adapter, report, out / "results.json")
     return report
 
 

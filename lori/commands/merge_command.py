@@ -66,6 +66,7 @@ from lori.core.merge import (
     merge_factors,
 )
 from lori.training import run_lock
+from lori.training.model_card import facts_from_merge, write_card
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
              "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES"}
@@ -456,6 +457,9 @@ def _merge_row(
     (out / "delta_stats.json").write_text(json.dumps(stats, indent=2))
     if merged is not None and cfg.save_merged:
         save_adapter(merged, out / "merged_adapter")
+        sources = [{"task": n, "path": str(p), "weight": w} for n, p, w in zip(aset.names, cfg.adapters, aset.weights)]
+        write_card(facts_from_merge(out / "merged_adapter", merged, method, sources,
+                                    Path(cfg.output_dir) / out.name / "merged_adapter"))  # its README.md
     scores = evaluate(model, tokenizer, list(cfg.evaluate)) if cfg.evaluate else {}
     return {"method": method, "merging": ROW_NAMES[method], "adaptation": aset.label,
             "combination_type": PEFT_TYPES.get(method), "protocol": cfg.protocol, "weights": aset.weights,

@@ -35,6 +35,7 @@ from lori.core.adapter import a_digest
 from lori.core.atomic_files import atomic_write, write_bytes_atomic
 from lori.core.io import MaskRecord, read_mask_record
 from lori.core.layer import ADAPTER_DTYPE
+from lori.training.model_card import write_module_card
 
 
 def broadcast_masks(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,6 +179,7 @@ class SaveAdapter(Callback):
         with full_parameters(trainer.strategy.model or pl_module):  # every rank gathers, rank 0 writes
             if trainer.is_global_zero:
                 pl_module.save_adapter(self.directory, self.stage)
+                write_module_card(self.directory, pl_module, self.stage, trainer.datamodule)
 
 
 class Unshard(Callback):

@@ -53,6 +53,7 @@ from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, modul
 from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
 from lori.training.console import say
 from lori.training.measured_losses import MeasuredLosses
+from lori.training.model_card import write_module_card
 from lori.training.module import LoRIModule, check_checkpoint
 from lori.training.preemption import PreemptionCheckpoint, handles_signals
 from lori.training.rng_state import RNGState
@@ -253,6 +254,7 @@ def _save_stage(
     if rank_zero_only.rank == 0:  # under DDP every rank holds the same adapter; one writes it
         save_adapter(adapter, directory)
         _write_config(directory, config_text)
+        write_module_card(directory, module, stage)  # README.md: the adapter's card (lori.training.model_card)
 
 
 def run_dense(

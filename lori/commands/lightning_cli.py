@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,25 @@ class LoRICLI(LightningCLI):
                 stack.enter_context(run_lock.holding(directory))
             stack.enter_context(preemption.handling())
             self.trainer.fit(**kwargs)
+
+    def validate(self, **kwargs: Any) -> Any:
+        """``lori validate``: Trainer.validate, also of a checkpoint of ``lori pipeline`` / ``fit``."""
+        with _without_callback_advice():
+            return self.trainer.validate(**kwargs)
+
+    def test(self, **kwargs: Any) -> Any:
+        """``lori test``: Trainer.test (a checkpoint as ``validate``)."""
+        with _without_callback_advice():
+            return self.trainer.test(**kwargs)
+
+
+@contextlib.contextmanager
+def _without_callback_advice() -> Any:
+    """Evaluating a checkpoint needs none of the callbacks that trained it (its ModelCheckpoint, RNG
+    state): Lightning's advice to add them (for a resumed fit) is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`", module=r"lightning\.pytorch")
+        yield
 
 
 def add_protocol_argument(parser: LightningArgumentParser) -> None:

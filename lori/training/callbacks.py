@@ -103,8 +103,9 @@ class MaskCalibration(Callback):
         stats = {"calibration/density": mask_density(self.masks), "calibration/step": trainer.global_step}
         stats.update({f"sparsity/layer/{k}": v for k, v in sparsity_by(self.masks, "layer").items()})
         stats.update({f"sparsity/projection/{k}": v for k, v in sparsity_by(self.masks, "projection").items()})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(stats, step=trainer.global_step)
+        for logger in trainer.loggers:  # every logger the user named (trainer.logger: a list)
+            logger.log_metrics(stats, step=trainer.global_step)
+        if trainer.loggers:
             _log_heatmap(trainer, self.masks)
         if self.output_dir is not None and trainer.is_global_zero:
             from safetensors.torch import save

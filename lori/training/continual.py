@@ -58,6 +58,7 @@ from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eva
 from lori.eval.official import check_float32, evaluation_weights
 from lori.training import run_lock
 from lori.training.callbacks import SparsePhase
+from lori.training.loggers import scoped
 from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
 from lori.training.preemption import handles_signals
 
@@ -213,9 +214,10 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
                           sparse_steps=max(cfg.safety_sparse_steps, 1), sparse_lr=cfg.safety_sparse_lr,
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     if cfg.safety_sparse_steps > 0:
-        summary["safety"] = run_pipeline(module, datamodule, make_trainer, pipe, config_text)
+        summary["safety"] = run_pipeline(module, datamodule, scoped(make_trainer, "safety"), pipe, config_text)
     else:
-        run_dense(module, datamodule, make_trainer, pipe, summary.setdefault("safety", {}), config_text)
+        run_dense(module, datamodule, scoped(make_trainer, "safety"), pipe, summary.setdefault("safety", {}),
+                  config_text)
     # the adapter the module now holds (what rank 0 saved), read on every rank without waiting for the file
     return adapter_from_model(module.model, module.lori_config, module.hparams.model, fingerprint=module.fingerprint)
 
@@ -229,7 +231,8 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     set_masks(module.model, None, reset=True)  # a fresh LoRI-D on the task: B = 0, dense
     module.phase = "dense"
-    masks = run_dense(module, task_data, make_trainer, pipe, summary.setdefault("task_mask", {}), None)
+    masks = run_dense(module, task_data, scoped(make_trainer, "task_mask"), pipe, summary.setdefault("task_mask", {}),
+                      None)
     apply_adapter(module.model, safety)  # back to the safety adapter
     return masks
 

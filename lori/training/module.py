@@ -20,6 +20,7 @@ response token are gathered, and the LM head + cross-entropy run on them chunk b
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from lori.core import (
     adapter_from_model,
     base_fingerprint,
     count_trainable,
+    lori_layers,
     save_adapter,
 )
 from lori.core.layer import ADAPTER_DTYPE
@@ -219,6 +221,8 @@ class LoRIModule(L.LightningModule):
         ``trainer.precision: bf16-mixed`` (FSDP MixedPrecision), the official recipe."""
         from lightning.pytorch.strategies import FSDPStrategy
 
+        if self._trainer is None:  # ``LoRIModule.load_from_checkpoint`` outside a Trainer: no strategy to fit
+            return
         if self.hparams.get("gradient_checkpointing") and strategy_checkpoints(self.trainer.strategy):
             disable_activation_checkpointing(self.model)  # an older FSDP config's policy checkpoints the layers
         if not isinstance(self.trainer.strategy, FSDPStrategy):
@@ -318,9 +322,9 @@ class LoRIModule(L.LightningModule):
         clip_per_tensor(params, float(gradient_clip_val), _shard_sum(self.trainer))
 
     def on_train_start(self) -> None:
-        if self.logger is not None:
+        for logger in self.loggers:
             n = count_trainable(self.model)
-            self.logger.log_metrics({f"params/trainable_{self.phase}": float(n)}, step=self.global_step)
+            logger.log_metrics({f"params/trainable_{self.phase}": float(n)}, step=self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -353,11 +357,40 @@ class LoRIModule(L.LightningModule):
         keep = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lori"] = {"phase": self.phase, "fingerprint": self.fingerprint, "model": self.hparams.model,
-                              "method": self.hparams.method}
+                              "method": self.hparams.method, "alpha": self.lori_config.alpha}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
         self.phase = checkpoint.get("lori", {}).get("phase", "dense")
+        alpha = checkpoint.get("lori", {}).get("alpha")  # LoRI-S may train with its own (pipeline.sparse_alpha)
+        if alpha is not None and alpha != self.lori_config.alpha:
+            self.set_alpha(alpha)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Give every LoRI layer (and the config saved with the adapter) a new alpha."""
+        self.lori_config = replace(self.lori_config, alpha=alpha)
+        for layer in lori_layers(self.model).values():
+            layer.alpha, layer.scale = float(alpha), self.lori_config.scale
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint's tensors: all of them for ``method: full``; else the adapter's, strictly.
+
+        An adapter checkpoint holds only what trained (``checkpoint_keys``; the base is rebuilt
+        from ``model``), so the frozen base's keys are not reported missing (no warning from
+        ``load_from_checkpoint``); a key this model lacks, or an adapter key the checkpoint lacks,
+        raises CheckpointMismatchError, and a shape mismatch RuntimeError, whatever ``strict``.
+        """
+        if self.hparams.get("method", "lori") == "full":
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        adapter = self.checkpoint_keys()  # (LoRI layers have taken the checkpoint's layout, dense or masked)
+        missing = [key for key in result.missing_keys if key in adapter]
+        if missing or result.unexpected_keys:
+            raise CheckpointMismatchError(
+                f"checkpoint does not hold this model's adapter: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
+        return type(result)([], [])
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:

@@ -5,7 +5,8 @@
     <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
     <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt and the one before it, last.prev.ckpt):
                                    adapter state, masks, phase, optimizer (lori.training.checkpoint_io)
-    <output_dir>/tb/<stage>/       tensorboard logs
+    <output_dir>/tb/<stage>/       tensorboard logs (the default; ``trainer.logger`` names any Lightning
+                                   logger instead: one run, metrics under the stage's name, lori.training.loggers)
     <output_dir>/summary.json      held-out losses, trainable counts, sparsity, paths
     <parent>/.<output_dir>.lock    held while the run lasts (lori.training.run_lock): one run per directory
 
@@ -23,14 +24,13 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.core import (
@@ -40,7 +40,6 @@ from lori.core import (
     get_masks,
     load_adapter,
     load_masks,
-    lori_layers,
     mask_density,
     save_adapter,
     set_masks,
@@ -52,6 +51,7 @@ from lori.training import console, progress, run_lock
 from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, module_adapter
 from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
 from lori.training.console import say
+from lori.training.loggers import RunLoggers
 from lori.training.measured_losses import MeasuredLosses
 from lori.training.model_card import write_module_card
 from lori.training.module import LoRIModule, check_checkpoint
@@ -117,12 +117,18 @@ class PipelineConfig:
 TrainerFactory = Callable[..., L.Trainer]
 
 
-def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int) -> TrainerFactory:
-    """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
+def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int,
+                         loggers: RunLoggers | None = None) -> TrainerFactory:
+    """A function building one Trainer per stage from the YAML's ``trainer:`` settings.
+
+    ``loggers`` (default: from ``trainer.logger``) gives each stage its logger, named ``log_name``
+    (default: the stage; ``lori.training.loggers``).
+    """
+    loggers = loggers if loggers is not None else RunLoggers(trainer_config.get("logger"), output_dir)
 
     def make(
         stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
-        max_epochs: int | None = None, checkpoint_dir: Path | None = None,
+        max_epochs: int | None = None, log_name: str | None = None, checkpoint_dir: Path | None = None,
     ) -> L.Trainer:
         kwargs = dict(trainer_config)
         kwargs.pop("logger", None)
@@ -145,7 +151,7 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
             extra.append(PreemptionCheckpoint(progress.stage_name(stage)))  # SIGTERM / SIGUSR1: save, stop
         kwargs["enable_checkpointing"] = checkpoint
         kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
-        kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
+        kwargs["logger"] = loggers.for_stage(log_name or stage) if logger else False
         extra += progress.for_trainer(stage, kwargs, extra + list(callbacks))  # steps of this stage, its loss
         kwargs.update(console.trainer_overrides(kwargs))
         return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
@@ -284,9 +290,7 @@ def run_dense(
 
 def set_alpha(module: LoRIModule, alpha: float) -> None:
     """Give every adapter layer (and the config saved with the adapter) a new alpha."""
-    module.lori_config = replace(module.lori_config, alpha=alpha)
-    for layer in lori_layers(module.model).values():
-        layer.alpha, layer.scale = float(alpha), module.lori_config.scale
+    module.set_alpha(alpha)
 
 
 def run_sparse(

@@ -154,11 +154,11 @@ def check_fits(model: nn.Module, adapter: Adapter, strict_base: bool = True) -> 
                 f"adapter module {path!r} does not exist in {type(model).__name__}: "
                 "the adapter was trained on another base model"
             ) from None
-        weight = module.weight
-        if tuple(weight.shape) != (d_out, d_in):
+        shape = (module.out_features, module.in_features) if hasattr(module, "in_features") else module.weight.shape
+        if tuple(shape) != (d_out, d_in):  # (a quantized weight's own shape is its packed storage's)
             raise AdapterMismatchError(
                 f"{path}: adapter expects a ({d_out} x {d_in}) weight, the model has "
-                f"{tuple(weight.shape)}: the adapter was trained on another base model"
+                f"{tuple(shape)}: the adapter was trained on another base model"
             )
     _check_saved_embeddings(model, adapter)
     if strict_base and adapter.base_fingerprint not in (None, "meta"):

@@ -180,3 +180,19 @@ def test_lori_fit_baselines_get_a_card(tiny, tmp_path, method, library):  # noqa
     assert _bullets(card)["Steps"] == "2" and in_order(markdown_card(RELEASED["markdown"].read_text())[1], headings)
     loader = "AutoModelForCausalLM.from_pretrained" if method == "full" else "PeftModel.from_pretrained"
     assert f'{loader}(' in card.split("## How to Get Started")[1].split("## Training Details")[0]
+
+
+def test_a_card_that_cannot_be_written_keeps_its_results(tmp_path, monkeypatch, capsys):
+    from lori.training import card_results
+
+    text = "### Results\n<!-- lori:results {} -->\nnone\n<!-- /lori:results -->\n"
+    (tmp_path / "README.md").write_text(text)
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(card_results, "write_text_atomic", read_only)
+    report = {"results": {"gsm8k": {"accuracy": 0.5, "n": 4}}}
+    assert not update_card_results(tmp_path, report, "r.json")
+    assert (tmp_path / "README.md").read_text() == text
+    assert capsys.readouterr().err.startswith(f"lori: the card {tmp_path / 'README.md'} keeps its old results")

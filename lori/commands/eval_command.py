@@ -6,7 +6,8 @@
 Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated and how many items of
 each set and why, the settings ``eval.protocol: official`` fixed, timing),
 ``<output_dir>/samples.json`` (every generation, for inspection) and tensorboard scalars under
-``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
+``<output_dir>/tb``; the results also go into the Results section of the adapter's card (its
+README.md, when lori wrote it: ``lori.training.card_results``). Settings, evaluation sets and the adapter file are checked before the model
 loads (an adapter holding NaN or inf is refused); nothing is written unless the evaluation
 finishes, and then the directory is replaced whole. One run at a time per output_dir
 (``lori.training.run_lock``). Under ``eval.protocol: official`` the model is evaluated in float32 with the

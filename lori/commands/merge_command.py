@@ -10,7 +10,7 @@ model on every benchmark and writes:
     <output_dir>/results.md                 rows = merge methods, columns = task metrics + average
     <output_dir>/results.json               the same numbers, weights, densities, adapters
     <output_dir>/merge_config.yaml          the resolved config
-    <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged)
+    <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged), README.md card
     <output_dir>/<method>/delta_stats.json  ||ΔW||_F and nonzero fraction per module
 
 What each method computes (``lori.core.merge``; s_t = alpha_t / r_t, w_t the weights; PEFT's

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def update_card_results(adapter_dir: str | Path, report: dict[str, Any], results
     """Put ``report``'s results into the card of ``adapter_dir`` in place (atomically).
 
     Tasks the report ran replace their rows; other tasks' rows stay. Returns False (and writes
-    nothing) when the directory has no lori card.
+    nothing) when the directory has no lori card, or (with one line on stderr) cannot be written.
     """
     path = Path(adapter_dir) / CARD_FILE
     text = path.read_text() if path.is_file() else ""
@@ -75,5 +76,9 @@ def update_card_results(adapter_dir: str | Path, report: dict[str, Any], results
     start = _START.search(text)
     end = text.index(RESULTS_END, start.start())
     section = "\n".join([results_marker(results), *results_lines(results), ""])
-    write_text_atomic(path, text[: start.start()] + section + text[end:])
+    try:
+        write_text_atomic(path, text[: start.start()] + section + text[end:])
+    except OSError as err:  # a read-only adapter: the results are in results.json all the same
+        print(f"lori: the card {path} keeps its old results: {err}", file=sys.stderr)
+        return False
     return True

@@ -1,8 +1,8 @@
 """LoRI-D -> mask calibration -> LoRI-S as chained ``Trainer.fit`` calls (paper Alg. 1).
 
-    <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml
+    <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml + README.md (its card)
     <output_dir>/calibration/      masks.safetensors, sparsity_heatmap.png
-    <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
+    <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml + README.md
     <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt and the one before it, last.prev.ckpt):
                                    adapter state, masks, phase, optimizer (lori.training.checkpoint_io)
     <output_dir>/tb/<stage>/       tensorboard logs (the default; ``trainer.logger`` names any Lightning

@@ -58,9 +58,9 @@ def runs(tmp_path_factory):
 def lori_eval_outputs(tmp: Path, base: Path, adapter: Path) -> dict[str, str]:
     """``lori eval --adapter`` unmerged: the generated text by item id.
 
-    Unmerged, lori computes x W0^T + s (x A^T) B^T as PEFT's LoRA layer does, so the logits agree to the
-    last bit on any CPU; merged into W0 (lori eval's default) they differ by rounding, which gave the same
-    text here too but could flip a near-tie elsewhere.
+    Unmerged, lori computes x W0^T + s (x A^T) B^T as PEFT's LoRA layer does (the logits are bit for bit
+    PEFT's on this project's CPU); merged into W0 (lori eval's default) they differ by rounding, which gave
+    the same text here too but could flip a near-tie on another machine.
     """
     out = tmp / f"eval_{adapter.parent.name}_{adapter.name}"
     args = ["--model", str(base), "--adapter", str(adapter), "--merge", "false", "--output_dir", str(out)]

@@ -154,6 +154,39 @@ def test_nlu_extraction():
         extract_nlu_answer("mnli", "x")
 
 
+def test_truncate_at_stop_cuts_at_the_first_occurrence():
+    assert truncate_at_stop("a\nSTOP b\nSTOP c", ["\nSTOP"]) == "a"
+    assert truncate_at_stop("a\nX b\nY c", ["\nY", "", "\nX"]) == "a"  # earliest of all; "" ignored
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4.25.", "4.25"),  # a sentence's period
+    (".5", "0.5"),
+    ("0.000015", "0.000015"),  # plain digits, never 1.5E-5
+    ("12X", None),
+    ("1 000", "1000"),
+])
+def test_normalize_number_forms(text, expected):
+    assert normalize_number(text) == expected
+
+
+def test_gsm8k_gold_reads_after_the_last_marker_only():
+    assert gsm8k_gold("48/2 = 24\n#### unknown") is None  # never a number of the reasoning
+    assert gsm8k_gold("so 24\n####72") == "72"
+    assert gsm8k_gold("#### 3\n#### 4") == "4"
+    assert gsm8k_gold("1 000") == "1000"  # a plain number string, spaces and all
+    assert gsm8k_gold("12 apples") == "12"  # else its last number
+
+
+def test_canonical_task_squashes_separators():
+    from lori.eval.answers import canonical_task
+
+    assert canonical_task("Social-IQa") == "social_i_qa"
+    assert canonical_task("ArcEasy") == "arc_easy" and canonical_task("ARCChallenge") == "arc_challenge"
+    with pytest.raises(KeyError, match="unknown NLU task 'mnli'; known: \\['arc_challenge'"):
+        canonical_task("mnli")
+
+
 def test_extract_choice_takes_the_longest_label_where_two_start():
     # "option" is a word-prefix of "OPTION A" (and sorts after it): the longer label wins
     assert extract_choice("I choose option a.", ["option", "OPTION A"]) == 1

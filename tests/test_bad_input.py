@@ -186,6 +186,15 @@ def fit_args_case(*args: str) -> Callable[[Path], list[str]]:
     return build
 
 
+def prequantized(tmp: Path) -> str:
+    """A local HF model folder whose config.json says it is stored quantized (GPTQ)."""
+    folder = tmp / "gptq"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "gptq", "bits": 4}}))
+    return str(folder)
+
+
 def pipeline_option(section: str, key: str, value) -> Callable[[Path], list[str]]:
     """A pipeline case changing one value, as a user would on the command line."""
     return pipeline_case(lambda c, t: c[section].update({key: value}))
@@ -286,6 +295,17 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "lori fit with batch size 0": (fit_args_case("--data.batch_size", "0"), ["batch_size", "0"]),
     "continual task phase of zero steps": (lambda t: continual_case(t, task_steps=0, task_mask=None),
                                            ["task_steps"]),
+    # model.quantize (issue 23): a format bitsandbytes lacks, a method that trains the base, a base stored quantized
+    # already, a sharding strategy, an adapter to merge into the quantized base
+    "quantize: unknown format": (pipeline_option("model", "quantize", "nf3"), ["model.quantize", "nf3"]),
+    "quantize: full fine-tuning": (pipeline_case(lambda c, t: c["model"].update(method="full", quantize="nf4")),
+                                   ["quantize", "'full'", "trains every base weight"]),
+    "quantize: a base stored quantized already": (pipeline_case(lambda c, t: c["model"].update(
+        model=prequantized(t), quantize="nf4")), ["already stored quantized", "gptq"]),
+    "quantize: under FSDP": (pipeline_case(lambda c, t: (c["model"].update(quantize="int8"),
+                                                         c["trainer"].update(strategy="fsdp"))), ["int8", "fsdp"]),
+    "quantize: lori eval merging into it": (eval_case("--quantize", "nf4", setup=lambda t: [
+        "--adapter", str(tiny_adapter(t / "a"))]), ["merge", "--merge false"]),
 }
 
 # cases refused on the parsed config: the base model is never built
@@ -293,7 +313,7 @@ EARLY = {name for name in CASES if name.startswith((
     "unknown config key", "sparsity 1.5", "rank 0", "unknown granularity", "unknown dtype", "world size",
     "ZeRO-3", "LoRI-D of", "negative", "LoRI-S of", "zero", "calibration after", "checkpoint every", "LoRI-S alpha",
     "empty output", "batch size", "eval_batch_size", "max_length 0", "held-out fraction", "no held-out", "AdamW",
-    "accumulate", "lori fit", "continual", "unknown template"))}
+    "accumulate", "lori fit", "continual", "unknown template", "quantize"))}
 
 
 def files_under(directory: Path) -> set[Path]:

@@ -194,7 +194,8 @@ def _dtypes(module: LoRIModule) -> str:
     """``float32 base, float32 adapter``: the dtypes of the frozen and the trained weights."""
     frozen = next((p.dtype for p in module.model.parameters() if not p.requires_grad), None)
     trained = next((p.dtype for p in module.model.parameters() if p.requires_grad), None)
-    return ", ".join(f"{str(dtype).removeprefix('torch.')} {what}"
+    quantized = getattr(module.model, "lori_quantize", None)  # ``nf4 base``: lori.training.quantize
+    return ", ".join(f"{quantized['mode'] if quantized and what == 'base' else str(dtype).removeprefix('torch.')} {what}"
                      for dtype, what in ((frozen, "base"), (trained, "adapter")) if dtype is not None)
 
 
@@ -380,5 +381,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _precision_line(p: dict[str, Any]) -> str:
     auto = " (model.dtype auto)" if p.get("auto") else ""
+    checkpointing = "; activation checkpointing on" if p.get("gradient_checkpointing") else ""
     return (f"  precision: base {p['base']}{auto}, adapter {p['adapter']}, compute {p['compute']}"
-            f" (trainer.precision {p.get('trainer_precision')})")
+            f" (trainer.precision {p.get('trainer_precision')}){checkpointing}"
+            + (f"\n  base storage: {p['storage']}" if p.get("storage") else ""))

@@ -130,6 +130,17 @@ def test_bad_config_values_are_named(kwargs, fragment):
         LoRIConfig(**kwargs)
 
 
+def test_config_edges_that_are_accepted():
+    cfg = LoRIConfig(r=1, alpha=0.5, dropout=0.0, sparsity=0.0, target_modules="q_proj", seed=7)
+    assert cfg.target_modules == ["q_proj"] and cfg.scale == 0.5
+    assert LoRIConfig.from_dict(cfg.to_dict()) == cfg
+    assert LoRIConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(LoRIConfigError, match="^target_modules is empty$"):
+        LoRIConfig(target_modules=[])
+    with pytest.raises(LoRIConfigError, match="^seed must be an int, got seed=1.5$"):
+        LoRIConfig(seed=1.5)
+
+
 def test_unknown_config_key_is_named():
     with pytest.raises(LoRIConfigError, match="sparsty"):
         LoRIConfig.from_dict({"sparsty": 0.9})

@@ -1,8 +1,10 @@
 """Dry run of a lori config: adapter sizes and a GPU-memory estimate, with no weights and no GPU.
 
-    lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]
+    lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]    (or --config CONFIG)
     lori dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
     lori dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
+    lori dryrun --gpu-memory 24GiB --config configs/paper/llama3_8b_r32_gsm8k.yaml   the settings that fit
+    lori dryrun --gpu-memory 16GiB,24GiB,80GiB configs/paper/*_gsm8k.yaml            the cheapest, as a table
 
 The base model is built from its architecture config on the meta device (shapes only, no memory),
 LoRI is injected with the config's ``model.lori`` settings and the trainable entries are counted:
@@ -23,8 +25,10 @@ projections are built, they are small). On Llama-3-8B, r = 32, all seven project
 
 Percentages are ``trainable / (base parameters + adapter entries A and B)``, the denominator of
 PEFT's ``print_trainable_parameters`` (the paper's "# Params (%)" column matches it); the percentage
-of the base model alone is reported too. The memory estimate is explained in ``estimate_memory``
-and in docs/reproducing_the_paper.md.
+of the base model alone is reported too. The memory estimate is ``lori.training.memory_model``
+(``memory_terms``; a quantized base, ``model.quantize``, and ``model.gradient_checkpointing`` are
+terms of it), explained in docs/reproducing_the_paper.md and docs/fit_your_gpu.md; ``--gpu-memory``
+searches the settings that fit a card (``lori.training.memory_budget``). This module parses and prints.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from lori.core.atomic_files import write_text_atomic
 from lori.core.io import MASKS_FILE, META_FILE
 from lori.training.card_results import CARD_FILE, RESULTS_END, results_lines, results_marker
 from lori.training.base_model import DEFAULT_MODEL_NAME
-from lori.training.progress import stage_name
 
 PAPER = "https://arxiv.org/abs/2504.07448"
 OFFICIAL_CODE = "https://github.com/juzhengz/LoRI"
@@ -106,8 +105,9 @@ class CardFacts:
         """``LoRI-S``, ``LoRA``, ``merged (concat)``: what the adapter is, in a few words."""
         if self.merge is not None:
             return f"merged adapter ({self.merge['method']})"
-        if self.method == "lori":
-            return {"task": "LoRI-S continual (task phase)"}.get(self.stage, stage_name(self.stage))
+        if self.method == "lori":  # a pipeline stage, a continual phase, or a `lori fit` of method lori
+            return {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "task": "LoRI-S continual (task phase)"}.get(
+                self.stage, "LoRI")
         return METHOD_NAMES.get(self.method, self.method)
 
     @property
@@ -230,11 +230,13 @@ def _hyperparameters(f: CardFacts) -> list[str]:
     rows += [(name, lori[key]) for name, key in (
         ("Adapter rank (r)", "r"), ("LoRA alpha", "alpha"), ("LoRA dropout", "dropout"),
         ("Target modules", "target_modules")) if key in lori]
-    if f.method == "lori" and f.merge is None:
+    if f.method == "lori" and f.stage in ("lori_d", "lori_s", "task"):  # a stage with a mask
         sparsity = lori.get("sparsity")
         rows.append(("Sparsity", f"{sparsity} (mask calibrated from this dense B)" if f.stage == "lori_d"
                      else sparsity))
-        rows += [("Mask granularity", lori.get("granularity")), ("A seed", lori.get("seed"))]
+        rows.append(("Mask granularity", lori.get("granularity")))
+    if f.method in ("lori", "lora_frozen_a") and f.merge is None:
+        rows.append(("A seed", lori.get("seed")))
     rows += [("Steps", f.steps), ("Learning rate", f.lr), ("Trainable parameters", f.trainable),
              ("Protocol", f.protocol)]
     rows += [(f"Held-out loss {k}", round(v, 4)) for k, v in f.losses.items()]

@@ -32,8 +32,6 @@ the toy GSM8K file: the same code paths in seconds. Results: experiments/results
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -48,6 +46,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+from bench_train import release_free_memory, resident_bytes  # noqa: E402 - experiments/ on the path first
 PARTS = ["base_bytes", "rss", "pipeline", "checkpointing", "llama3"]
 TARGETS = {"base_bytes_nf4_vs_fp32": 0.30, "rss_lori_s_nf4_vs_fp32": 0.6, "val_loss_nf4_vs_fp32_within": 0.03,
            "checkpointing_peak_vs_plain": 0.5, "checkpointing_time_vs_plain": 1.4, "llama3_vs_dry_run_within": 0.05}
@@ -79,23 +78,6 @@ def stored_bytes(model: torch.nn.Module) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     return sum(storages.values()) + quantized_bytes(model)
-
-
-def resident_bytes(field: str) -> int:
-    """``VmRSS`` or ``VmHWM`` of this process in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def release_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def lori_s_model(model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:

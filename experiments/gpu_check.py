@@ -306,18 +306,26 @@ def dryrun_config(ctx: Context) -> Path:
     return path
 
 
-def section_memory(ctx: Context) -> dict:
-    """Peak memory of LoRI-D / LoRI-S steps with and without checkpointing, against the dry run."""
+def dry_run_inputs(ctx: Context) -> tuple:
+    """(config path, its YAML, LoRIConfig, dry-run row, Plan, arch, AdapterShape) of ``dryrun_config``."""
     from lori.commands import dryrun_command as dryrun
-    from lori.core import LoRIConfig, calibrate, get_B, inject_lori, lori_layers, set_masks
+    from lori.core import LoRIConfig
 
     path = dryrun_config(ctx)
     cfg = yaml.safe_load(path.read_text())
     lori = LoRIConfig.from_dict(cfg["model"]["lori"])
     row = dryrun.dry_run(path)
-    plan = dryrun.Plan(**row["plan"])
     arch = dryrun.arch_for(cfg["model"]["model"])
-    shape = dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules))
+    return (path, cfg, lori, row, dryrun.Plan(**row["plan"]), arch,
+            dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules)))
+
+
+def section_memory(ctx: Context) -> dict:
+    """Peak memory of LoRI-D / LoRI-S steps with and without checkpointing, against the dry run."""
+    from lori.commands import dryrun_command as dryrun
+    from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
+
+    path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
     trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
     estimates = {(m, ck): dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s",
                                               dataclasses.replace(plan, checkpointing=ck))
@@ -358,18 +366,14 @@ def section_memory(ctx: Context) -> dict:
 def section_quantized(ctx: Context) -> dict:
     """LoRI-D and LoRI-S steps on an NF4 base with checkpointing: peak memory and stored bytes against
     the dry run, step time against the bf16 base without checkpointing."""
-    from lori.commands import dryrun_command as dryrun
-    from lori.core import LoRIConfig, calibrate, get_B, inject_lori, lori_layers, set_masks
-    from lori.training.memory_model import base_weight_bytes
-    from lori.training.quantize import quantize_base, quantized_bytes
+    from bench_memory import stored_bytes  # experiments/ is on sys.path (main)
 
-    path = dryrun_config(ctx)
-    cfg = yaml.safe_load(path.read_text())
-    lori = LoRIConfig.from_dict(cfg["model"]["lori"])
-    row = dryrun.dry_run(path)
-    plan = dryrun.Plan(**row["plan"])
-    arch = dryrun.arch_for(cfg["model"]["model"])
-    shape = dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules))
+    from lori.commands import dryrun_command as dryrun
+    from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
+    from lori.training.memory_model import base_weight_bytes
+    from lori.training.quantize import quantize_base
+
+    path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
     setting = dataclasses.replace(plan, quantize="nf4", checkpointing=True)
     trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
     estimates = {m: dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s", setting) for m in trainable}
@@ -385,9 +389,7 @@ def section_quantized(ctx: Context) -> dict:
     release(ctx)
     model = random_model(arch, ctx.device, torch.bfloat16)
     quantize_base(model, "nf4", torch.bfloat16)
-    stored = quantized_bytes(model) + sum(t.untyped_storage().nbytes() for t in
-                                          {t.untyped_storage().data_ptr(): t for t in
-                                           [*model.parameters(), *model.buffers()] if t.is_floating_point()}.values())
+    stored = stored_bytes(model)
     inject_lori(model, lori)
     runs = []
     for method in ("lori_d", "lori_s"):

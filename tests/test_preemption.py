@@ -45,6 +45,73 @@ def preempted_line(signal_name: str, where: str, ckpt: Path, extra: str = "") ->
             "rerun the same command to resume")
 
 
+def signal_config(tmp_path: Path, **init_args) -> Path:
+    path = tmp_path / "signal.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "signal_at.SignalAt", "init_args": init_args}]}}))
+    return path
+
+
+def test_lori_fit_sigusr1_checkpoints_names_the_resume_option_and_resumes(tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_config(tmp_path))
+    root = tmp_path / "fit"
+    argv = ["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--trainer.default_root_dir", str(root)]
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--config", str(signal_config(tmp_path, fit=1, step=3, signal="SIGUSR1"))])
+    assert info.value.code == 138
+    assert signal.getsignal(signal.SIGUSR1) is before  # the handlers are given back
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpt = Path(line.split("checkpoint ")[1].split(";")[0])
+    assert line == (f"lori: preempted (SIGUSR1) at fit step 3/6; checkpoint {ckpt}; "
+                    f"rerun with --ckpt_path {ckpt} to resume")
+    assert ckpt.name == "last.ckpt" and root in ckpt.parents
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    main([*argv, "--ckpt_path", str(ckpt)])
+    steps = [torch.load(p, weights_only=True)["global_step"] for p in root.rglob("*.ckpt")]
+    assert max(steps) == 6  # the resumed fit reached max_steps (its checkpoints: the logger's next version)
+
+
+def test_lori_continual_sigterm_checkpoints_the_phase_and_releases_the_lock(tmp_path, capsys):
+    from lori.commands.continual_command import continual
+
+    cfg = continual_config(tmp_path, "run")
+    with pytest.raises(SystemExit) as info:
+        continual(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=1))])
+    assert info.value.code == 143
+    ckpt = tmp_path / "run" / "safety" / "lori_d_ckpt" / "last.ckpt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == preempted_line("SIGTERM", "LoRI-D step 1/3", ckpt)
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 1
+    assert not (tmp_path / ".run.lock").exists()
+    assert not (tmp_path / "run" / "safety" / "lori_d").exists()  # no adapter from the interrupted phase
+
+
+def test_preempted_at_calibrate_at_step_resumes_without_training_past_it(tmp_path):
+    cfg = write_config(tmp_path, tiny_config(tmp_path, dense_steps=6, calibrate_at_step=3, sparse_steps=2,
+                                             checkpoint_every=5, validate=False))
+    with pytest.raises(SystemExit):
+        cli.pipeline(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=3))])
+    assert torch.load(tmp_path / "run" / "lori_d_ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+    summary = cli.pipeline(["--config", str(cfg)])
+    assert summary["lori_d"]["steps"] == 3 and summary["lori_d"]["calibration"]["step"] == 3
+
+
+def test_signal_after_the_last_step_lets_the_run_finish(capsys):
+    with preemption.handling():
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert capsys.readouterr().err == "lori: SIGUSR1 arrived after the last training step; the run finished\n"
+    assert preemption.pending() is None
+
+
+def test_lightnings_sigterm_exception_becomes_a_preemption_exit(capsys):
+    with pytest.raises(preemption.Preempted) as info, preemption.handling():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SIGTERMException  # what Lightning's loops raise, e.g. mid held-out loss
+    assert info.value.code == 143
+    assert capsys.readouterr().err.startswith("lori: preempted (SIGTERM) outside a training step;")
+
+
+# the lori pipeline processes (run in the background since collection ended)
 def test_sigterm_during_lori_d_step_8_checkpoints_step_8_says_so_and_exits_143(preemption_runs):
     runs_dir, runs = preemption_runs
     run, out = runs["sigterm_d8"], runs_dir / "interrupted" / "run"
@@ -110,69 +177,3 @@ def test_resumed_run_has_the_uninterrupted_summary_and_bit_identical_adapters(pr
             assert a.masks is None or torch.equal(a.masks[path], b.masks[path])
         # every checkpoint went to last.ckpt (Lightning's ModelCheckpoint did not start a last-v1.ckpt)
         assert sorted(p.name for p in (resumed / f"{stage}_ckpt").iterdir()) == ["last.ckpt", "last.prev.ckpt"]
-
-
-def signal_config(tmp_path: Path, **init_args) -> Path:
-    path = tmp_path / "signal.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "signal_at.SignalAt", "init_args": init_args}]}}))
-    return path
-
-
-def test_lori_fit_sigusr1_checkpoints_names_the_resume_option_and_resumes(tmp_path, capsys):
-    cfg = write_config(tmp_path, tiny_config(tmp_path))
-    root = tmp_path / "fit"
-    argv = ["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--trainer.default_root_dir", str(root)]
-    before = signal.getsignal(signal.SIGUSR1)
-    with pytest.raises(SystemExit) as info:
-        main([*argv, "--config", str(signal_config(tmp_path, fit=1, step=3, signal="SIGUSR1"))])
-    assert info.value.code == 138
-    assert signal.getsignal(signal.SIGUSR1) is before  # the handlers are given back
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    ckpt = Path(line.split("checkpoint ")[1].split(";")[0])
-    assert line == (f"lori: preempted (SIGUSR1) at fit step 3/6; checkpoint {ckpt}; "
-                    f"rerun with --ckpt_path {ckpt} to resume")
-    assert ckpt.name == "last.ckpt" and root in ckpt.parents
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
-    main([*argv, "--ckpt_path", str(ckpt)])
-    steps = [torch.load(p, weights_only=True)["global_step"] for p in root.rglob("*.ckpt")]
-    assert max(steps) == 6  # the resumed fit reached max_steps (its checkpoints: the logger's next version)
-
-
-def test_lori_continual_sigterm_checkpoints_the_phase_and_releases_the_lock(tmp_path, capsys):
-    from lori.commands.continual_command import continual
-
-    cfg = continual_config(tmp_path, "run")
-    with pytest.raises(SystemExit) as info:
-        continual(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=1))])
-    assert info.value.code == 143
-    ckpt = tmp_path / "run" / "safety" / "lori_d_ckpt" / "last.ckpt"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == preempted_line("SIGTERM", "LoRI-D step 1/3", ckpt)
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 1
-    assert not (tmp_path / ".run.lock").exists()
-    assert not (tmp_path / "run" / "safety" / "lori_d").exists()  # no adapter from the interrupted phase
-
-
-def test_preempted_at_calibrate_at_step_resumes_without_training_past_it(tmp_path):
-    cfg = write_config(tmp_path, tiny_config(tmp_path, dense_steps=6, calibrate_at_step=3, sparse_steps=2,
-                                             checkpoint_every=5, validate=False))
-    with pytest.raises(SystemExit):
-        cli.pipeline(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=3))])
-    assert torch.load(tmp_path / "run" / "lori_d_ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
-    summary = cli.pipeline(["--config", str(cfg)])
-    assert summary["lori_d"]["steps"] == 3 and summary["lori_d"]["calibration"]["step"] == 3
-
-
-def test_signal_after_the_last_step_lets_the_run_finish(capsys):
-    with preemption.handling():
-        os.kill(os.getpid(), signal.SIGUSR1)
-    assert capsys.readouterr().err == "lori: SIGUSR1 arrived after the last training step; the run finished\n"
-    assert preemption.pending() is None
-
-
-def test_lightnings_sigterm_exception_becomes_a_preemption_exit(capsys):
-    with pytest.raises(preemption.Preempted) as info, preemption.handling():
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise SIGTERMException  # what Lightning's loops raise, e.g. mid held-out loss
-    assert info.value.code == 143
-    assert capsys.readouterr().err.startswith("lori: preempted (SIGTERM) outside a training step;")

@@ -18,9 +18,10 @@ LM head and the biases keep ``model.dtype``, which is also the compute dtype of 
 quantized; a method that changes the base (``full``; ``pissa``, whose residual replaces W0) refuses
 a quantized base.
 
-The weights are quantized on the CPU as the model loads, one layer at a time (the full-precision
-copy of one layer is the only extra memory), and Lightning then moves the quantized storage to the
-device. A GGUF base is dequantized to float32 first, as without ``quantize``. A quantized layer
+The weights are quantized as the model loads, one layer at a time (the full-precision copy of one
+layer is the only extra memory), on ``quantize_device()``: the process's GPU when there is one (there
+bitsandbytes quantizes a layer in milliseconds; the CPU takes about a second per 2M weights), else
+the CPU; the model then lives on that device, and Lightning moves it where the run computes. A GGUF base is dequantized to float32 first, as without ``quantize``. A quantized layer
 keeps the first 64 entries of its original weight (``lori.core.adapter.FINGERPRINT_HEAD``), so the
 base fingerprint, and with it every adapter file, is the one of the unquantized base: adapters move
 between a quantized and an unquantized base both ways. Merging into a quantized weight is refused
@@ -34,6 +35,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,7 +168,17 @@ def _sharding_name(strategy: Any) -> str | None:
     return None
 
 
-def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+def quantize_device() -> torch.device:
+    """Where ``quantize_base`` quantizes: this process's GPU (``cuda:$LOCAL_RANK``, the rank's own
+    under DDP), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def quantize_base(
+    model: nn.Module, mode: str, compute_dtype: torch.dtype, device: str | torch.device | None = None
+) -> dict[str, Any]:
     """Replace every ``nn.Linear`` of ``model`` but its LM head by a bitsandbytes layer, in place.
 
     Args:
@@ -174,6 +186,7 @@ def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> di
         mode: ``nf4``, ``fp4`` (``bnb.nn.Linear4bit``) or ``int8`` (``bnb.nn.Linear8bitLt``,
             outlier threshold ``INT8_THRESHOLD``).
         compute_dtype: what the 4-bit layers dequantize to for each matmul (``model.dtype``).
+        device: where to quantize and then keep the model (default ``quantize_device()``).
 
     Returns:
         What is stored (also kept as ``model.lori_quantize``): ``mode``, ``layers`` (how many were
@@ -182,13 +195,16 @@ def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> di
     """
     check_quantize(mode)
     bnb = import_bitsandbytes()
+    device = torch.device(device) if device is not None else quantize_device()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = [(path, m) for path, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     before = sum(m.weight.numel() * m.weight.element_size() for _, m in found)
     for path, linear in found:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name,
-                _quantized_linear(bnb, linear, mode, compute_dtype))
+                _quantized_linear(bnb, linear, mode, compute_dtype, device))
+    if device.type != "cpu":
+        model.to(device)  # the rest follows the quantized layers (a loaded model sits on the CPU)
     info = {"mode": mode, "layers": len(found), "quantized_bytes": quantized_bytes(model),
             "unquantized_bytes": before, "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "kept": [p for p, m in model.named_modules() if type(m) is nn.Linear]}
@@ -199,9 +215,11 @@ def quantize_base(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> di
 
 
 @torch.no_grad()
-def _quantized_linear(bnb: Any, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
-    """The bitsandbytes layer holding ``linear``'s weight (quantized here, on its device) and bias."""
-    w, bias = linear.weight.detach(), linear.bias is not None
+def _quantized_linear(
+    bnb: Any, linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """The bitsandbytes layer holding ``linear``'s weight (quantized on ``device``) and bias."""
+    w, bias = linear.weight.detach().to(device), linear.bias is not None
     if mode == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")
@@ -215,7 +233,7 @@ def _quantized_linear(bnb: Any, linear: nn.Linear, mode: str, compute_dtype: tor
         # one training reads: every forward here takes the same path
         layer.support_avx512bf16_for_cpu = False
     if bias:
-        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
     setattr(layer, FINGERPRINT_HEAD, w.reshape(-1)[:64].to("cpu", copy=True))  # the unquantized base's digest
     layer.train(linear.training)
     return layer

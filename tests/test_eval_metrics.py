@@ -162,7 +162,7 @@ def test_truncate_at_stop_cuts_at_the_first_occurrence():
 @pytest.mark.parametrize(("text", "expected"), [
     ("4.25.", "4.25"),  # a sentence's period
     (".5", "0.5"),
-    ("0.000015", "0.000015"),  # plain digits, never 1.5E-5
+    ("0.00000015", "0.00000015"),  # plain digits, never 1.5E-7
     ("12X", None),
     ("1 000", "1000"),
 ])

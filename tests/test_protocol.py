@@ -203,9 +203,10 @@ def test_conflicts_are_joined_and_end_with_the_fix():
     assert message.count("; model.") == 1 and message.endswith(" -- remove them or use protocol: lori")
 
 
-def test_a_section_that_is_none_has_no_keys():
-    config = {"model": None, "trainer": {"gradient_clip_val": None}}
-    assert apply_official(config, _config()) == [] and config["model"] is None
+@pytest.mark.parametrize("section", [None, 3])
+def test_a_section_that_is_no_mapping_has_no_keys(section):
+    config = {"model": section, "trainer": {"gradient_clip_val": None}}
+    assert apply_official(config, _config()) == [] and config["model"] == section
 
 
 def test_official_table_lists_every_fixed_setting():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -177,7 +178,9 @@ class PreemptionCheckpoint(L.Callback):
         signum = _pending or signal.SIGTERM  # (another rank's signal under DDP)
         requeued = requeue(trainer, signum)
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        raise Preempted(signum, f"at {self.stage} step {trainer.global_step}/{total}; checkpoint {path}{requeued}; "
+        of = f"/{int(total)}" if math.isfinite(total) else ""
+        _end_step_bar(trainer)
+        raise Preempted(signum, f"at {self.stage} step {trainer.global_step}{of}; checkpoint {path}{requeued}; "
                                 f"{self.resume.format(path=path)}")
 
     @staticmethod
@@ -185,3 +188,12 @@ class PreemptionCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         directory = getattr(callback, "dirpath", None) or trainer.default_root_dir
         return Path(directory) / LAST
+
+
+def _end_step_bar(trainer: L.Trainer) -> None:
+    """Close the training bar (its line ends) so that the preemption line starts a line of its own."""
+    try:
+        bar = trainer.progress_bar_callback.train_progress_bar  # type: ignore[union-attr]
+    except (AttributeError, TypeError):  # no bar, or one not drawn yet
+        return
+    bar.close()

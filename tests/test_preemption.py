@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pipeline_helpers import tiny_config, write_config
+from preemption_runs import signal_config
 from test_continual import continual_config
 
 import background_runs
@@ -45,20 +45,13 @@ def preempted_line(signal_name: str, where: str, ckpt: Path, extra: str = "") ->
             "rerun the same command to resume")
 
 
-def signal_config(tmp_path: Path, **init_args) -> Path:
-    path = tmp_path / "signal.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "signal_at.SignalAt", "init_args": init_args}]}}))
-    return path
-
-
 def test_lori_fit_sigusr1_checkpoints_names_the_resume_option_and_resumes(tmp_path, capsys):
     cfg = write_config(tmp_path, tiny_config(tmp_path))
     root = tmp_path / "fit"
     argv = ["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--trainer.default_root_dir", str(root)]
     before = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(SystemExit) as info:
-        main([*argv, "--config", str(signal_config(tmp_path, fit=1, step=3, signal="SIGUSR1"))])
+        main([*argv, "--config", str(signal_config(tmp_path, "signal", fit=1, step=3, signal="SIGUSR1"))])
     assert info.value.code == 138
     assert signal.getsignal(signal.SIGUSR1) is before  # the handlers are given back
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -77,7 +70,7 @@ def test_lori_continual_sigterm_checkpoints_the_phase_and_releases_the_lock(tmp_
 
     cfg = continual_config(tmp_path, "run")
     with pytest.raises(SystemExit) as info:
-        continual(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=1))])
+        continual(["--config", str(cfg), "--config", str(signal_config(tmp_path, "signal", fit=1, step=1))])
     assert info.value.code == 143
     ckpt = tmp_path / "run" / "safety" / "lori_d_ckpt" / "last.ckpt"
     assert capsys.readouterr().err.strip().splitlines()[-1] == preempted_line("SIGTERM", "LoRI-D step 1/3", ckpt)
@@ -90,7 +83,7 @@ def test_preempted_at_calibrate_at_step_resumes_without_training_past_it(tmp_pat
     cfg = write_config(tmp_path, tiny_config(tmp_path, dense_steps=6, calibrate_at_step=3, sparse_steps=2,
                                              checkpoint_every=5, validate=False))
     with pytest.raises(SystemExit):
-        cli.pipeline(["--config", str(cfg), "--config", str(signal_config(tmp_path, fit=1, step=3))])
+        cli.pipeline(["--config", str(cfg), "--config", str(signal_config(tmp_path, "signal", fit=1, step=3))])
     assert torch.load(tmp_path / "run" / "lori_d_ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
     summary = cli.pipeline(["--config", str(cfg)])
     assert summary["lori_d"]["steps"] == 3 and summary["lori_d"]["calibration"]["step"] == 3

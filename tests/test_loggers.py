@@ -166,7 +166,7 @@ def test_fit_uses_the_logger_given_on_the_command_line(tmp_path):
     cfg = tiny_config(tmp_path)
     del cfg["pipeline"]
     cfg["trainer"] |= {"max_steps": 2, "default_root_dir": str(tmp_path)}
-    main(["fit", "--config", str(write_config(tmp_path, cfg)), "--trainer.logger", CSV,
+    main(["fit", "--config", str(write_config(tmp_path, cfg)), "--trainer.logger", "CSVLogger",  # as in the README
           "--trainer.logger.save_dir", str(tmp_path / "csv"), "--trainer.logger.name", "lori"])
     metrics = csv_metrics(tmp_path / "csv")
     assert [step for step, _ in metrics["train/loss"]] == [0, 1]  # one stage: names as Lightning logs them

@@ -18,6 +18,10 @@ the module's and the data's (what Lightning logs) plus the command's own section
 ``sparse_lr``), and a W&B config is per run. ``lori fit`` is one stage: LightningCLI hands the
 logger to its one Trainer, metric names unprefixed.
 
+A rerun that resumes an interrupted pipeline opens a new run in the tracker (finished stages are
+reused, not logged again) unless the logger is pointed at the old one (WandbLogger ``id`` with
+``resume: allow``, MLFlowLogger ``run_id``).
+
 ``RunLoggers.finalize`` ends the run when the command is done (MLflow: status FINISHED; W&B: the
 run is finished, so its files are complete and a next run in the same process opens its own).
 """

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lori.core.adapter import FINGERPRINT_HEAD
+from lori.training import console
 from lori.training.base_model import ModelLoadError
 
 QUANTIZE_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
@@ -76,9 +77,15 @@ def bitsandbytes_available() -> bool:
 def import_bitsandbytes() -> Any:
     """``import bitsandbytes``, without the warning its CPU backend logs at import when the optional
     hub kernel ``kernels-community/quantization-bitsandbytes`` cannot be fetched (its pure-torch
-    kernels run instead; nothing a user can act on). A level the user set on that logger stays."""
+    kernels run instead; nothing a user can act on), and, unless ``--verbose``, without the line
+    LLM.int8 logs at every evaluation matmul. A level the user set on those loggers stays."""
     with _quiet_logger("bitsandbytes.backends.cpu.ops"):
-        return importlib.import_module("bitsandbytes")
+        bnb = importlib.import_module("bitsandbytes")
+    if not console.is_verbose():  # LLM.int8's no-grad matmul logs its (inherent) fp16 input cast at every call
+        logger = logging.getLogger("bitsandbytes.autograd._functions")
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+    return bnb
 
 
 @contextlib.contextmanager

@@ -124,14 +124,16 @@ def _plain(value: Any) -> Any:
 
 
 def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[str, Any]:
-    """The parsed config as plain dicts, the preset's ``trainer:`` keys laid over it."""
+    """The parsed config as plain dicts, the preset's ``trainer:`` and ``model:`` keys laid over it."""
     # imports Lightning; kept out of module import time
     from lori.commands.lightning_cli import parse_config
 
     cfg = {k: _plain(parse_config(config_path)[k]) for k in ("model", "data", "trainer", "pipeline")}
     if trainer_preset is not None:
         parse_config(trainer_preset)  # the preset must be a valid config on its own
-        cfg["trainer"].update(yaml.safe_load(Path(trainer_preset).read_text()).get("trainer") or {})
+        preset = yaml.safe_load(Path(trainer_preset).read_text())
+        cfg["trainer"].update(preset.get("trainer") or {})
+        cfg["model"].update(preset.get("model") or {})  # e.g. the FSDP preset's gradient_checkpointing
     return cfg
 
 
@@ -180,7 +182,7 @@ def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -
 
     Args:
         config_path: a ``lori pipeline`` YAML (e.g. ``configs/paper/llama3_8b_r32_gsm8k.yaml``).
-        trainer_preset: a YAML whose ``trainer:`` keys replace the config's (``configs/trainer/*.yaml``).
+        trainer_preset: a YAML whose ``trainer:`` (and ``model:``) keys replace the config's (``configs/trainer/*.yaml``).
 
     Returns:
         method, its trainable entries and percentage (of base + adapter entries), model, arch, r,

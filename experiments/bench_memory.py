@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"[bench_memory] {part}")
         start = time.perf_counter()
         results["parts"][part] = globals()[f"part_{part}"](args) | {
-            "seconds": round(time.perf_counter() - start, 1), "commit": results["commit"], "date": results["date"]}
+            "seconds": round(time.perf_counter() - start, 1), "commit": results["commit"], "date": results["date"],
+            "command": results["command"]}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
     log(f"[bench_memory] wrote {out}")

@@ -155,8 +155,8 @@ def test_continual_stages_log_under_their_phase(tmp_path):
     cfg["eval"] |= {"tasks": ["gsm8k"], "max_examples": 1, "max_new_tokens": 1}
     continual(["--config", str(write_config(tmp_path, cfg, "logged.yaml"))])
     metrics = csv_metrics(tmp_path / "csv")
-    assert {"safety/lori_d/train/loss", "safety/lori_s/train/loss", "task_mask/lori_d/train/loss",
-            "task/train/loss", "safety/lori_d/calibration/density", "task_mask/lori_d/calibration/density"} <= set(metrics)
+    assert {"safety/lori_d/train/loss", "safety/lori_s/train/loss", "task_mask/lori_d/train/loss", "task/train/loss",
+            "safety/lori_d/calibration/density", "task_mask/lori_d/calibration/density"} <= set(metrics)
     assert len(metrics["safety/lori_d/train/loss"]) == 2
     hparams = csv_hparams(tmp_path / "csv")
     assert hparams["continual"]["task_steps"] == 1 and hparams["lr"] == 0.01

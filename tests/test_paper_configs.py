@@ -330,7 +330,8 @@ def test_merge_config_parses_with_lori_merge(path):
 
 
 # Fig. 3 (continual learning): the task's benchmark and its paper evaluation settings
-CONTINUAL_BENCH = {"nlu": ("nlu", {"nlu_mode": "generate"}), "gsm8k": ("gsm8k", {"held_out": None, "items": "official"}),
+CONTINUAL_BENCH = {"nlu": ("nlu", {"nlu_mode": "generate"}),
+                   "gsm8k": ("gsm8k", {"held_out": None, "items": "official"}),  # held_out None: the official set
                    "codealpaca": ("humaneval", {"n_samples": 20, "temperature": 0.2, "top_p": 0.95})}
 
 

@@ -1,6 +1,6 @@
 """Kill rate per mutated file from mutmut's results (run after experiments/mutation.sh).
 
-    python3 experiments/mutation_table.py [--markdown]
+    python3 experiments/mutation_table.py [--markdown] [--only 'lori.eval.judge*' ...]
 
 A mutant listed in experiments/mutation_equivalent.txt (``name  reason`` per line) is equivalent:
 no test can tell it from the original, so it counts neither as killed nor as surviving. Rate =
@@ -11,6 +11,7 @@ survivors. Files with no tried mutant are left out.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 import subprocess
 from collections import Counter, defaultdict
@@ -38,9 +39,12 @@ def module_of(name: str) -> str:
     return re.sub(r"\.x[_ǁ].*$", "", name)
 
 
-def table(statuses: dict[str, str], equivalent: set[str]) -> list[tuple[str, Counter]]:
+def table(statuses: dict[str, str], equivalent: set[str], only: list[str] | None = None,
+          ) -> list[tuple[str, Counter]]:
     by_module: dict[str, Counter] = defaultdict(Counter)
     for name, status in statuses.items():
+        if only and not any(fnmatch.fnmatchcase(name, glob) for glob in only):
+            continue
         row = by_module[module_of(name)]
         if name in equivalent:
             row["equivalent"] += 1
@@ -58,8 +62,9 @@ def table(statuses: dict[str, str], equivalent: set[str]) -> list[tuple[str, Cou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="a Markdown table")
+    parser.add_argument("--only", nargs="+", help="count only mutants matching these globs")
     args = parser.parse_args()
-    rows = table(results(), equivalent_names())
+    rows = table(results(), equivalent_names(), args.only)
     head = ("module", "mutants", "killed", "survived", "equivalent", "not checked", "kill rate")
     lines = []
     for module, c in rows:

@@ -262,15 +262,15 @@ def test_guard_alone_blocks_fork_and_network(guard_only):
 
 
 class _FakeLibc:
-    """Records unshare/mount/prctl calls; ``fail`` names a call (and its 2nd argument) to fail."""
+    """Records unshare/mount/prctl calls; the ``fail_at``-th call (1-based) fails."""
 
-    def __init__(self, fail: tuple | None = None) -> None:
+    def __init__(self, fail_at: int | None = None) -> None:
         self.calls: list[tuple] = []
-        self.fail = fail
+        self.fail_at = fail_at
 
     def _call(self, name: str, *args) -> int:
         self.calls.append((name, *args))
-        return -1 if self.fail in ((name,), (name, args[1] if len(args) > 1 else None)) else 0
+        return -1 if len(self.calls) == self.fail_at else 0
 
     def unshare(self, flags):
         return self._call("unshare", flags)
@@ -355,19 +355,20 @@ def test_mount_namespace_makes_all_read_only_but_the_workdir(fake_libc):
     ]
 
 
-@pytest.mark.parametrize(("fail", "message", "calls"), [
-    (("unshare",), "unshare", 1),  # nothing is mounted after a failed unshare
-    (("mount", b"/"), "make / private", 2),
-    (("mount", b"/w"), "bind the working directory", 3),
-    (("mount", b"/proc"), "remount /proc read-only", 5),
+@pytest.mark.parametrize(("fail_at", "message"), [
+    (1, "unshare"),  # nothing is mounted after a failed unshare
+    (2, "make / private"),
+    (3, "bind the working directory"),
+    (5, "remount /proc read-only"),
+    (7, "remount the working directory writable"),
 ])
-def test_a_failed_isolation_step_stops_with_its_name(fake_libc, fail, message, calls):
+def test_a_failed_isolation_step_stops_with_its_name(fake_libc, fail_at, message):
     from lori.eval._isolation import _isolate_namespaces
 
-    fake_libc.fail = fail
-    with pytest.raises(OSError, match=message):
+    fake_libc.fail_at = fail_at
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] " + message + ": "):
         _isolate_namespaces("/w", net=False, fs=True, mounts=[("/", 0), ("/proc", 0), ("/sys", 0)])
-    assert len(fake_libc.calls) == calls
+    assert len(fake_libc.calls) == fail_at
 
 
 @pytest.mark.parametrize("euid", [0, 1000])
@@ -379,9 +380,13 @@ def test_drop_privileges_sets_no_new_privs_and_for_root_empties_the_bounding_set
     iso._drop_privileges(3)
     drops = [("prctl", iso.PR_CAPBSET_DROP, cap, 0, 0, 0) for cap in range(4)] if euid == 0 else []
     assert fake_libc.calls == [("prctl", iso.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), *drops]
-    fake_libc.fail, fake_libc.calls = ("prctl",), []
-    with pytest.raises(OSError, match="no_new_privs"):
+    fake_libc.fail_at, fake_libc.calls = 1, []
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] no_new_privs: "):
         iso._drop_privileges(3)
+    if euid == 0:
+        fake_libc.fail_at, fake_libc.calls = 4, []
+        with pytest.raises(OSError, match=r"^\[Errno \d+\] drop capability 2: "):
+            iso._drop_privileges(3)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starts a process under another uid (needs root)")

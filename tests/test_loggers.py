@@ -170,7 +170,8 @@ def test_fit_uses_the_logger_given_on_the_command_line(tmp_path):
           "--trainer.logger.save_dir", str(tmp_path / "csv"), "--trainer.logger.name", "lori"])
     metrics = csv_metrics(tmp_path / "csv")
     assert [step for step, _ in metrics["train/loss"]] == [0, 1]  # one stage: names as Lightning logs them
-    assert csv_hparams(tmp_path / "csv")["lr"] == 0.01
+    hparams = csv_hparams(tmp_path / "csv")
+    assert hparams["lr"] == 0.01 and hparams["lori"]["r"] == 4 and hparams["held_out"] == 4
 
 
 def test_continual_scopes_its_phases_stage_names(tmp_path):

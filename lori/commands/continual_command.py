@@ -67,7 +67,7 @@ def continual(argv: list[str]) -> dict[str, Any]:
     task_data.set_tokenizer(cli.model.tokenizer)
     task_data.validate()  # the task's data is checked before the safety phase trains
     trainer_config = cli.config_init["trainer"]
-    hparams = {"lori": cli.model.hparams["lori"], "continual": asdict(cfg)}  # with the module's, once per run
+    hparams = {"continual": asdict(cfg)}  # logged with the module's and the data's, once per run
     loggers = RunLoggers(trainer_config.get("logger"), Path(cfg.output_dir), hparams)
     make = make_trainer_factory({**trainer_config}, Path(cfg.output_dir), cfg.checkpoint_every, loggers)
     config_text = dump_config(cli)

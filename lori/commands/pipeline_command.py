@@ -37,7 +37,7 @@ def pipeline(argv: list[str]) -> dict[str, Any]:
     cfg = PipelineConfig(**cli.config["pipeline"])
     trainer_config = cli.config_init["trainer"]
     out = Path(cfg.output_dir)
-    hparams = {"lori": cli.model.hparams["lori"], "pipeline": asdict(cfg)}  # with the module's, once per run
+    hparams = {"pipeline": asdict(cfg)}  # logged with the module's and the data's, once per run
     loggers = RunLoggers(trainer_config.get("logger"), out, hparams)
     make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every, loggers)
     config_text = dump_config(cli)

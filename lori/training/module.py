@@ -233,6 +233,14 @@ class LoRIModule(L.LightningModule):
             self.model.to(ADAPTER_DTYPE)
             self.compute_dtype = ADAPTER_DTYPE
 
+    @property
+    def hparams_initial(self) -> Any:
+        """The init arguments as loggers record them (``trainer.logger``), ``lori`` and ``baseline``
+        included (saved as plain values after ``save_hyperparameters``)."""
+        initial = super().hparams_initial
+        initial.update(lori=self.hparams["lori"], baseline=self.hparams["baseline"])
+        return initial
+
     def precision_info(self) -> dict[str, Any]:
         """What ran: dtypes of the frozen base, of the trained tensors and of the compute."""
         params = list(self.model.parameters())

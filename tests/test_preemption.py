@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pipeline_helpers import tiny_config, write_config
-from preemption_runs import signal_config
+from preemption_runs import SLURM, fake_scontrol, signal_config
 from test_continual import continual_config
 
 import background_runs
@@ -63,6 +63,31 @@ def test_lori_fit_sigusr1_checkpoints_names_the_resume_option_and_resumes(tmp_pa
     main([*argv, "--ckpt_path", str(ckpt)])
     steps = [torch.load(p, weights_only=True)["global_step"] for p in root.rglob("*.ckpt")]
     assert max(steps) == 6  # the resumed fit reached max_steps (its checkpoints: the logger's next version)
+
+
+def test_lori_fit_under_slurm_writes_lightnings_checkpoint_that_the_requeued_job_resumes(tmp_path, capsys,
+                                                                                         monkeypatch):
+    from lori.commands.lightning_cli import LoRICLI
+    from lori.data.datamodule import TaskDataModule
+    from lori.training.module import LoRIModule
+
+    for name, value in SLURM.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", f"{fake_scontrol(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    root = tmp_path / "fit"
+    argv = ["fit", "--config", str(write_config(tmp_path, tiny_config(tmp_path))), "--trainer.max_steps", "6",
+            "--trainer.default_root_dir", str(root),
+            "--config", str(signal_config(tmp_path, "signal", fit=1, step=3, signal="SIGUSR1"))]
+    with pytest.raises(SystemExit) as info:
+        LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    assert info.value.code == 138
+    hpc = root / "hpc_ckpt_1.ckpt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lori: preempted (SIGUSR1) at fit step 3/6; checkpoint {hpc}; SLURM job 4242 requeued; "
+        "the requeued job resumes from it")
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    resumed = LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})  # requeued
+    assert resumed.trainer.ckpt_path == str(hpc) and resumed.trainer.global_step == 6
 
 
 def test_lori_continual_sigterm_checkpoints_the_phase_and_releases_the_lock(tmp_path, capsys):

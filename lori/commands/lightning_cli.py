@@ -164,7 +164,7 @@ class LoRICLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         kwargs.setdefault("callbacks", callbacks + progress.for_trainer(self.subcommand, trainer, callbacks))
         if self.subcommand == "fit":  # SIGTERM / SIGUSR1: checkpoint after the step, one line, exit 128 + signal
-            kwargs["callbacks"] = [*kwargs["callbacks"], PreemptionCheckpoint("fit", FIT_RESUME)]
+            kwargs["callbacks"] = [*kwargs["callbacks"], PreemptionCheckpoint("fit", FIT_RESUME, slurm_checkpoint=True)]
         kwargs.update(console.trainer_overrides(trainer))
         return super().instantiate_trainer(**kwargs)
 

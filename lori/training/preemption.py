@@ -5,7 +5,9 @@
 
       -> the optimizer step under way finishes
       -> <stage>_ckpt/last.ckpt is written at that step (atomically: ``AtomicCheckpointIO``), with the
-         RNG state and the held-out loss measured before the stage (a rerun resumes bit for bit)
+         RNG state and the held-out loss measured before the stage (a rerun resumes bit for bit);
+         ``lori fit``: last.ckpt of its ModelCheckpoint, or under a SLURM requeue Lightning's
+         ``hpc_ckpt_<n>.ckpt``, which the requeued ``lori fit`` resumes from by itself
       -> under SLURM with Lightning's auto-requeue (``SLURMEnvironment``, the default there) and its
          requeue signal (SIGUSR1): ``scontrol requeue $SLURM_JOB_ID`` (array jobs: ``<array id>_<task id>``)
       -> one line on stderr, the lock of the output directory released:
@@ -121,13 +123,18 @@ def handles_signals(run: Callable) -> Callable:
     return handled
 
 
-def requeue(trainer: L.Trainer, signum: int) -> str:
-    """``scontrol requeue <job>`` (rank 0) when the Trainer runs under SLURM with auto-requeue and ``signum``
-    is its requeue signal, as Lightning's own handler would; the clause the preemption line gets."""
+def requeues(trainer: L.Trainer, signum: int) -> bool:
+    """Whether the Trainer runs under SLURM with auto-requeue and ``signum`` is its requeue signal."""
     # a single-device strategy keeps no environment: the one Lightning's signal connector reads
     env = (getattr(trainer.strategy, "cluster_environment", None)
            or getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None))
-    if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and signum == env.requeue_signal):
+    return isinstance(env, SLURMEnvironment) and env.auto_requeue and signum == env.requeue_signal
+
+
+def requeue(trainer: L.Trainer, signum: int) -> str:
+    """``scontrol requeue <job>`` (rank 0) when ``requeues(trainer, signum)``, as Lightning's own handler
+    would; the clause the preemption line gets."""
+    if not requeues(trainer, signum):
         return ""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "")
@@ -148,13 +155,18 @@ class PreemptionCheckpoint(L.Callback):
     own, so resuming from it is resuming from a periodic one. Batches that only accumulate gradients
     are no step: the stop waits for the step that uses them.
 
+    With ``slurm_checkpoint`` (``lori fit``, whose rerun starts over unless given ``--ckpt_path``), a stop
+    that requeues the SLURM job writes Lightning's own ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``
+    instead, which Lightning resumes from when the requeued job runs the same command.
+
     Args:
         stage: the stage's name in the line (``LoRI-D``).
         resume: how to resume, ``{path}`` standing for the checkpoint.
+        slurm_checkpoint: on a SLURM requeue, write the checkpoint Lightning's auto-requeue resumes from.
     """
 
-    def __init__(self, stage: str, resume: str = RESUME) -> None:
-        self.stage, self.resume = stage, resume
+    def __init__(self, stage: str, resume: str = RESUME, slurm_checkpoint: bool = False) -> None:
+        self.stage, self.resume, self.slurm_checkpoint = stage, resume, slurm_checkpoint
         self._step_before = -1
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -171,17 +183,22 @@ class PreemptionCheckpoint(L.Callback):
             if connector is not None:
                 connector.received_sigterm = False
             return
-        path = self.checkpoint_path(trainer)
-        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # its file now: a resumed ModelCheckpoint
-            trainer.checkpoint_callback.last_model_path = str(path)  # replaces it instead of writing last-v1.ckpt
-        trainer.save_checkpoint(path)
         signum = _pending or signal.SIGTERM  # (another rank's signal under DDP)
+        resume = self.resume
+        if self.slurm_checkpoint and requeues(trainer, signum):  # where Lightning's SIGUSR1 handler saves
+            path = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            resume = "the requeued job resumes from it"
+        else:
+            path = self.checkpoint_path(trainer)
+            if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # its file now: a resumed one
+                trainer.checkpoint_callback.last_model_path = str(path)  # replaces it, writes no last-v1.ckpt
+        trainer.save_checkpoint(path)
         requeued = requeue(trainer, signum)
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         of = f"/{int(total)}" if math.isfinite(total) else ""
         _end_step_bar(trainer)
         raise Preempted(signum, f"at {self.stage} step {trainer.global_step}{of}; checkpoint {path}{requeued}; "
-                                f"{self.resume.format(path=path)}")
+                                f"{resume.format(path=path)}")
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

@@ -12,7 +12,8 @@ Run it on a lori adapter (lori saves PEFT LoRA files: B dense, zero outside the 
         --include_path DIR --tasks NAME --log_samples --output_path OUT
 
 lm-eval tokenises the prompt as lori does (the tokenizer's own special tokens), so with batch
-size 1 its generations are ``lori eval``'s text for text (tests/test_lm_eval.py). Its score is the
+size 1 its generations are those of ``lori eval --merge false --eval.batch_size 1`` text for text
+(tests/test_lm_eval.py; merged, the weights differ by rounding). Its score is the
 harness's flexible-extract exact match (last number in the text), close to but not lori's answer
 rule (``lori.eval.answers``). ``protocol: official`` tokenises without BOS and is not exported.
 """

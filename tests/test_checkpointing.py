@@ -48,8 +48,7 @@ def _step(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-@pytest.mark.parametrize("phase", ["dense", "sparse"])
+@pytest.mark.parametrize(("quantize", "phase"), [(None, "dense"), ("nf4", "sparse")])
 def test_B_gets_the_plain_runs_gradient(quantize, phase):
     plain, plain_calls = _step(_adapted(quantize, phase, False))
     ckpt, ckpt_calls = _step(_adapted(quantize, phase, True))

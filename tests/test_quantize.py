@@ -92,7 +92,7 @@ def test_only_B_trains_and_the_quantized_storage_stays_bit_identical(tiny_q, mod
     with torch.no_grad():
         loss_before = module.model_step(batch).item()
     before = _state(module)
-    _trainer(4).fit(module, DataLoader(_batches(), batch_size=None))
+    _trainer(3).fit(module, DataLoader(_batches(), batch_size=None))
     assert _changed(before, _state(module)) == trainable  # A, codes, scales, absmax: untouched
     with torch.no_grad():
         assert module.model_step(batch).item() < loss_before
@@ -150,7 +150,8 @@ def test_merging_into_a_quantized_base_is_refused_and_changes_nothing():
     assert delta.dtype == torch.float32 and delta.abs().sum() > 0  # ΔW itself is still there to read
 
 
-@pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m != "pissa"])
+# one of each PEFT layer kind on bitsandbytes (rsLoRA and LoRA+ are LoRA's layer with another scale / optimizer)
+@pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m not in ("pissa", "rslora", "loraplus")])
 def test_peft_baselines_train_on_the_quantized_base(tiny_q, method):
     module = LoRIModule(model="tiny", method=method, lori=LORI, lr=0.01, quantize="nf4")
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
@@ -187,7 +188,7 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_command(tmp_path, cap
 
 def test_pipeline_and_eval_on_a_quantized_base(tmp_path, capsys):
     """LoRI-D -> calibration -> LoRI-S on an NF4 base, then ``lori eval`` of its adapter unmerged on it."""
-    cfg = tiny_config(tmp_path, dense_steps=3, sparse_steps=2, validate=False)
+    cfg = tiny_config(tmp_path, dense_steps=2, sparse_steps=2, checkpoint_every=5, validate=False)
     cfg["model"]["quantize"] = "nf4"
     main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
     out = tmp_path / "run"

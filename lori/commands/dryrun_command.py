@@ -278,7 +278,7 @@ def format_fits(config: str | Path, found: list[Fit], budget_bytes: float) -> st
                      f"{'yes' if fit.fits else 'no'}")
     best = cheapest(found)
     lines.append(f"  cheapest that fits: {best.setting.label(configured)}{best.note}" if best else
-                 "  nothing fits: use several GPUs (configs/trainer/fsdp.yaml) or a shorter max_length")
+                 "  nothing fits: shard over more GPUs (configs/trainer/fsdp.yaml) or shorten data.max_length")
     return "\n".join(lines)
 
 

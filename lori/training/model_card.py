@@ -106,8 +106,8 @@ class CardFacts:
         if self.merge is not None:
             return f"merged adapter ({self.merge['method']})"
         if self.method == "lori":  # a pipeline stage, a continual phase, or a `lori fit` of method lori
-            return {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "task": "LoRI-S continual (task phase)"}.get(
-                self.stage, "LoRI")
+            continual = f"LoRI-{'S' if self.mask_file else 'D'} continual (task phase)"  # masked_task or not
+            return {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "task": continual}.get(self.stage, "LoRI")
         return METHOD_NAMES.get(self.method, self.method)
 
     @property
@@ -133,7 +133,8 @@ def _front_matter(f: CardFacts) -> str:
     if f.merge is not None:
         tags = ["lori", f"merged-{f.merge['method']}", *(str(a["task"]) for a in f.merge["adapters"])]
     else:
-        stage = {"lori_d": "lori-d", "lori_s": "lori-s", "task": "lori-s-continual"}.get(f.stage, f.method)
+        continual = f"lori-{'s' if f.mask_file else 'd'}-continual"
+        stage = {"lori_d": "lori-d", "lori_s": "lori-s", "task": continual}.get(f.stage, f.method)
         tags = ["lori", stage if f.method == "lori" else f.method, *([str(f.task)] if f.task else [])]
     lines = ["---", f"base_model: {f.hub_base}", f"library_name: {f.library}", "pipeline_tag: text-generation",
              f"license: {base_license(f.base_model)}", "tags:", *(f"- {t}" for t in dict.fromkeys(tags)), "---"]
@@ -276,8 +277,9 @@ def _procedure(f: CardFacts) -> str:
         "lori_d": "LoRI-D: A frozen (Kaiming-uniform from the A seed), B trained dense from zero; the mask is then "
                   "calibrated from |B| with one threshold at the given sparsity.",
         "lori_s": "LoRI-S: the LoRI-D run's A, B reset to zero and trained only inside the calibrated mask.",
-        "task": "Continual learning: the safety adapter's B trained further on the task, inside the task's mask; "
-                "every other entry keeps its safety value.",
+        "task": "Continual learning: the safety adapter's B trained further on the task, inside the task's mask "
+                "(every other entry keeps its safety value)" if f.mask_file else
+                "Continual learning: the safety adapter's B trained further on the task, all of B (no mask).",
     }.get(f.stage, f"Stage {f.stage} of a lori run.")
 
 

@@ -259,6 +259,83 @@ def test_update_is_alpha_over_r_times_masked_B_times_A_x(monkeypatch, fused):
     assert torch.allclose(layer.base_layer.weight, W0 + 3.0 * (B * M) @ A, atol=1e-12)
 
 
+def test_fallback_casts_fp32_adapter_to_the_input_dtype_on_3d_inputs(monkeypatch):
+    """The autograd path with fp32 A and B under an fp64 base: y - W0 x - b = scale B A x per token."""
+    monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5).double(), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)  # (batch, seq, d_in): seq != d_out
+    y = layer(x)
+    want = 2.0 * x @ layer.lori_A.double().T @ layer.lori_B.double().T
+    assert y.dtype == torch.float64 and torch.allclose(y - layer.base_layer(x), want, atol=1e-6)
+
+
+def test_fallback_adds_out_of_place_to_a_non_contiguous_base_output():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    layer.base_layer.register_forward_hook(lambda m, args, out: out.t().contiguous().t())
+    x = torch.randn(3, 6)
+    base = layer.base_layer(x)
+    assert not base.is_contiguous()
+    want = 2.0 * x @ layer.lori_A.T @ layer.lori_B.T
+    assert torch.allclose(layer(x) - base, want, atol=1e-5)
+
+
+def test_set_mask_checks_shape_casts_to_bool_and_removes():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    layer.lori_B.data.normal_()
+    with pytest.raises(ValueError, match=r"^mask for 'm' has shape \(3, 4\), B has \(10, 4\)$"):
+        layer.set_mask(torch.ones(3, 4, dtype=torch.bool))
+    mask = (torch.rand(10, 4) < 0.5).int()  # any 0/1 dtype: stored as bool
+    layer.set_mask(mask)
+    assert layer.lori_mask.dtype == torch.bool and torch.equal(layer.lori_mask, mask.bool())
+    layer.lori_B_values.data.add_(1.0)
+    B_eff = layer.B().detach().clone()
+    layer.set_mask(None)  # back to a dense, trainable B holding B_eff
+    assert layer.lori_mask is None and layer.lori_index is None and layer.lori_B_values is None
+    assert isinstance(layer.lori_B, torch.nn.Parameter) and layer.lori_B.requires_grad
+    assert torch.equal(layer.lori_B.detach(), B_eff) and torch.equal(layer.B(), layer.lori_B)
+
+
+def test_set_mask_on_the_meta_device_counts_kept_entries():
+    layer = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.0, seed=0,
+                       path="m")
+    mask = torch.zeros(10, 4, dtype=torch.bool)
+    mask[::2, 1] = True
+    layer.set_mask(mask)
+    assert layer.lori_B_values.is_meta and layer.lori_B_values.shape == (5,)
+    assert layer.lori_B_values.dtype == torch.float32 and layer.lori_mask.device.type == "cpu"
+
+
+def test_merge_sets_merged_and_unmerge_restores():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5).double(), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    W0, live = layer.base_layer.weight.detach().clone(), layer(x)
+    layer.merge()
+    assert layer.merged is True and torch.allclose(layer(x), live, atol=1e-12)
+    layer.unmerge()
+    assert layer.merged is False and torch.allclose(layer.base_layer.weight, W0, atol=1e-12)
+
+
+def test_a_quantized_base_weight_is_refused_for_merging_by_path():
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=8, dropout=0.0, seed=3, path="layers.0.q")
+    layer.base_layer.weight = torch.nn.Parameter(torch.zeros(5, 6, dtype=torch.int8), requires_grad=False)
+    assert layer.delta_weight().dtype == torch.float32  # a delta still, in the adapter's dtype
+    with pytest.raises(lori_layer.QuantizedMergeError) as err:
+        layer.merge()
+    assert str(err.value) == (
+        "refusing to merge into layers.0.q: its base weight is stored quantized (torch.int8, "
+        "model.quantize), where W0 + ΔW would be rounded to 4/8 bits again; evaluate with the adapter "
+        "unmerged (merge: false) or merge into the unquantized base (model.quantize: null): the "
+        "adapter file is the same")
+    assert layer.merged is False
+
+
 def test_set_mask_reset_zeroes_B_inside_and_outside_the_mask():
     """LoRI-S (reset): B_eff = 0 so the output is the base's; without reset B is kept as it was."""
     torch.manual_seed(0)

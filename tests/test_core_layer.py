@@ -336,6 +336,53 @@ def test_a_quantized_base_weight_is_refused_for_merging_by_path():
     assert layer.merged is False
 
 
+def _masked_pair() -> tuple[torch.nn.Sequential, torch.nn.Sequential, torch.Tensor]:
+    """Two one-layer models (the layer under prefix "0."): a masked source and a dense target."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(  # noqa: E731
+        LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m"))
+    src, dst = make(), make()
+    src[0].lori_B.data.normal_()
+    mask = torch.rand(10, 4) < 0.5
+    src[0].set_mask(mask)
+    src[0].lori_B_values.data.add_(1.0)
+    return src, dst, mask
+
+
+def test_loading_a_masked_state_installs_its_mask_first():
+    src, dst, mask = _masked_pair()
+    state = src.state_dict()
+    state["0.lori_mask"] = state["0.lori_mask"].to(torch.uint8)  # any 0/1 dtype
+    dst.load_state_dict(state)
+    assert dst[0].lori_mask.dtype == torch.bool and torch.equal(dst[0].lori_mask, mask)
+    assert torch.equal(dst[0].B(), src[0].B())
+    values = dst[0].lori_B_values
+    dst.load_state_dict(src.state_dict())  # an equal mask stays installed: same parameter object
+    assert dst[0].lori_B_values is values
+    other = src.state_dict() | {"0.lori_mask": ~mask}
+    other["0.lori_B_values"] = torch.zeros(int((~mask).sum()))
+    dst.load_state_dict(other)  # a different mask replaces it
+    assert torch.equal(dst[0].lori_mask, ~mask) and torch.count_nonzero(dst[0].B()[~mask]) == 0
+
+
+def test_loading_a_dense_state_removes_the_mask():
+    src, dst, _ = _masked_pair()
+    dense_state = dst.state_dict()  # dense, B = 0
+    dst.load_state_dict(src.state_dict())
+    dst.load_state_dict(dense_state)
+    assert dst[0].lori_mask is None and dst[0].lori_B_values is None
+    assert torch.count_nonzero(dst[0].B()) == 0
+    src[0].load_state_dict({"lori_A": src[0].lori_A}, strict=False)  # no B in it: the mask stays
+    assert src[0].lori_mask is not None
+
+
+def test_extra_repr_names_rank_scale_and_kept_entries():
+    src, _, mask = _masked_pair()
+    dense = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    assert dense.extra_repr() == "r=4, scale=2, B=dense, merged=False"
+    assert src[0].extra_repr() == f"r=4, scale=2, B={int(mask.sum())} kept, merged=False"
+
+
 def test_set_mask_reset_zeroes_B_inside_and_outside_the_mask():
     """LoRI-S (reset): B_eff = 0 so the output is the base's; without reset B is kept as it was."""
     torch.manual_seed(0)

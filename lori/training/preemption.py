@@ -15,16 +15,16 @@
                rerun the same command to resume
       -> exit code 128 + the signal's number: 143 (SIGTERM), 138 (SIGUSR1)
 
-The exit code is the one a shell, SLURM (``sacct``'s ExitCode) or a batch system reports for a job that
-the signal killed, so a wrapper that requeues killed jobs requeues this one the same way; a run that
-finished exits 0 and one that failed 1 or 2, so "preempted" is never confused with either.
+The exit code is the one a shell (``$?``) or Kubernetes reports for a command that the signal killed,
+so a wrapper that requeues killed jobs requeues this one the same way; a run that finished exits 0
+and one that failed 1 or 2, so "preempted" is never confused with either.
 
 Where the signal lands (``handles_signals`` installs the handlers around ``run_pipeline``,
 ``run_continual`` and ``lori fit``'s ``Trainer.fit``; they only record the signal):
 
 - during a training step: the step finishes and the stage stops there (``PreemptionCheckpoint``);
-- between steps of no Trainer (calibration, a held-out loss, an adapter being written, evaluation,
-  the gap between stages): that work completes (a mask or adapter is whole or absent, never half
+- outside a training step (calibration, an adapter being written, evaluation, the gap between
+  stages, a held-out loss for SIGUSR1): that work completes (a mask or adapter is whole or absent, never half
   written) and the run stops at the next optimizer step, so the random stream of the next stage is
   the uninterrupted run's; a signal after the last step lets the run finish (exit 0, one line);
 - Lightning's own SIGTERM check ends a held-out-loss measurement at once (``SIGTERMException``): the

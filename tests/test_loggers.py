@@ -97,18 +97,18 @@ def logged_run(tmp_path_factory):
         {"class_path": "lightning.pytorch.loggers.WandbLogger",
          "init_args": {"save_dir": str(tmp / "wandb"), "offline": True, "project": "lori"}},
     ]
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(stderr):
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to write a local file store
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a call out would fail, not reach anyone
         env.delenv("WANDB_SILENT", raising=False)  # lori's quiet console sets it
         main(["pipeline", "--config", str(write_config(tmp, cfg))])
-    return tmp, stderr.getvalue()
+    return tmp, stderr.getvalue(), stdout.getvalue()
 
 
 def test_csv_logger_gets_every_stage_under_its_name_and_the_hparams_once(logged_run):
-    tmp, _ = logged_run
+    tmp, _, printed = logged_run
     metrics = csv_metrics(tmp / "csv")
     assert [step for step, _ in metrics["lori_d/train/loss"]] == [0, 1, 2]
     assert [step for step, _ in metrics["lori_s/train/loss"]] == [0, 1]
@@ -119,12 +119,13 @@ def test_csv_logger_gets_every_stage_under_its_name_and_the_hparams_once(logged_
     assert hparams["lr"] == 0.01 and hparams["lori"]["sparsity"] == 0.9 and hparams["held_out"] == 4
     assert hparams["pipeline"]["dense_steps"] == 3 and hparams["pipeline"]["sparse_steps"] == 2
     assert not (tmp / "run" / "tb").exists()  # the user's logger replaces TensorBoard
+    assert "LoRI run summary" in printed and "tensorboard" not in printed  # the summary names no TB directory
 
 
 def test_mlflow_file_store_holds_one_finished_run_with_both_stages(logged_run):
     from mlflow.tracking import MlflowClient
 
-    tmp, _ = logged_run
+    tmp, _, _ = logged_run
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         client = MlflowClient((tmp / "mlruns").as_uri())
@@ -139,7 +140,7 @@ def test_mlflow_file_store_holds_one_finished_run_with_both_stages(logged_run):
 
 
 def test_wandb_offline_run_has_both_stages_and_config_and_prints_nothing(logged_run):
-    tmp, stderr = logged_run
+    tmp, stderr, _ = logged_run
     history, config = wandb_records(tmp / "wandb")
     assert len(history["lori_d/train/loss"]) == 3 and len(history["lori_s/train/loss"]) == 2
     assert config["lr"] == 0.01 and config["pipeline"]["dense_steps"] == 3
@@ -158,6 +159,8 @@ def test_continual_stages_log_under_their_phase(tmp_path):
     assert {"safety/lori_d/train/loss", "safety/lori_s/train/loss", "task_mask/lori_d/train/loss", "task/train/loss",
             "safety/lori_d/calibration/density", "task_mask/lori_d/calibration/density"} <= set(metrics)
     assert len(metrics["safety/lori_d/train/loss"]) == 2
+    assert [step for step, _ in metrics["continual/gsm8k/accuracy"]] == [1, 2]  # the safety and task phases
+    assert not (tmp_path / "cont" / "tb").exists()
     hparams = csv_hparams(tmp_path / "csv")
     assert hparams["continual"]["task_steps"] == 1 and hparams["lr"] == 0.01
 

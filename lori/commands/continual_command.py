@@ -71,7 +71,7 @@ def continual(argv: list[str]) -> dict[str, Any]:
     loggers = RunLoggers(trainer_config.get("logger"), Path(cfg.output_dir), hparams)
     make = make_trainer_factory({**trainer_config}, Path(cfg.output_dir), cfg.checkpoint_every, loggers)
     config_text = dump_config(cli)
-    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
+    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text, loggers)
     loggers.finalize()
     if rank_zero_only.rank == 0:
         print(format_continual(summary))

@@ -58,7 +58,7 @@ from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eva
 from lori.eval.official import check_float32, evaluation_weights
 from lori.training import run_lock
 from lori.training.callbacks import SparsePhase
-from lori.training.loggers import scoped
+from lori.training.loggers import RunLoggers, scoped
 from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
 from lori.training.preemption import handles_signals
 
@@ -241,9 +241,13 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
 @run_lock.locks_output_dir("cfg")
 def run_continual(
     module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,
-    cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None,
+    cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None, loggers: RunLoggers | None = None,
 ) -> dict[str, Any]:
-    """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked)."""
+    """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked).
+
+    The evaluations go to ``loggers`` (the command's ``trainer.logger``; default TensorBoard in
+    <output_dir>/tb/continual) as ``continual/<task>/<metric>`` at the phase's index.
+    """
     cfg.check()
     if settings.protocol == "official":  # before any training
         check_float32(module.model, "set model.dtype: float32")
@@ -261,9 +265,7 @@ def run_continual(
     results: dict[str, Any] = {}
     writer = None
     if rank_zero_only.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb" / "continual"))
+        writer = (loggers if loggers is not None else RunLoggers(None, out)).evaluation_writer("continual")
     if cfg.evaluate_base:
         _evaluate(module, settings, eval_sets, "base", results, writer)
 
@@ -301,7 +303,8 @@ def run_continual(
     if rank_zero_only.rank == 0:
         write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
         plot_phases(results, out / "continual.png")
-        writer.close()
+        if writer is not None:
+            writer.close()
     return summary
 
 

@@ -9,6 +9,7 @@
 
     lori_d/train/loss   lori_d/lr   lori_d/calibration/density   lori_s/train/loss   lori_s/params/trainable_sparse
     (lori continual:)   safety/lori_d/train/loss   safety/lori_s/...   task_mask/lori_d/...   task/train/loss
+                        continual/<task>/<metric> at step 0, 1, 2 (base, safety, task: the Fig. 3 numbers)
 
 One run per pipeline, not one per stage: a sweep over sparsity or learning rate (paper Fig. 5) is
 then one row per configuration in W&B's or MLflow's run table, with LoRI-D's and LoRI-S's curves side
@@ -127,12 +128,37 @@ class RunLoggers:
             return TensorBoardLogger(str(self.output_dir), name="tb", version=stage)
         return [StageLogger(logger, stage, self) for logger in self.loggers]
 
+    def evaluation_writer(self, name: str) -> Any:
+        """Where evaluation scalars go (``add_scalar(tag, value, step)``, ``close()``): a TensorBoard
+        writer in <output_dir>/tb/<name> by default, the user's loggers (tags as given), or None."""
+        if not self.enabled:
+            return None
+        if self.loggers:
+            return _LoggersWriter(self.loggers)
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.output_dir / "tb" / name))
+
     def finalize(self, status: str = "success") -> None:
         """End the run in every user logger (MLflow's status, W&B's run); TensorBoard needs nothing."""
         for logger in self.loggers:
             logger.finalize(status)
             if isinstance(logger, WandbLogger) and logger.version is not None:  # a W&B run was opened
                 logger.experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+class _LoggersWriter:
+    """``SummaryWriter.add_scalar`` onto Lightning loggers (``lori continual``'s evaluations)."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics({tag: value}, step)
+
+    def close(self) -> None:
+        """The run goes on until ``RunLoggers.finalize``."""
 
 
 def user_loggers(setting: Any) -> list[Logger]:

@@ -374,7 +374,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([_precision_line(summary["precision"])] if "precision" in summary else []),
         f"  adapters: {paths['lori_d']}  {paths['lori_s']}",
         f"  masks: {paths['masks']}",
-        f"  tensorboard: tensorboard --logdir {paths['tensorboard']}",
+        *([f"  tensorboard: tensorboard --logdir {paths['tensorboard']}"]  # (not with trainer.logger: another)
+          if Path(paths["tensorboard"]).is_dir() else []),
     ]
     return "\n".join(lines)
 

@@ -383,6 +383,69 @@ def test_extra_repr_names_rank_scale_and_kept_entries():
     assert src[0].extra_repr() == f"r=4, scale=2, B={int(mask.sum())} kept, merged=False"
 
 
+def test_module_seed_is_the_documented_63_bit_hash():
+    import hashlib
+
+    for seed, path in [(0, "m"), (7, "model.layers.0.self_attn.q_proj")]:
+        digest = hashlib.sha256(f"lori:{seed}:{path}".encode()).digest()
+        want = int.from_bytes(digest[:8], "little") % 2**63
+        assert lori_layer.module_seed(seed, path) == want
+    assert lori_layer.module_seed(0, "m") != lori_layer.module_seed(0, "n")
+
+
+def test_new_layer_state_whatever_the_base_dtype_or_device():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert draw_A(4, 12, 0, "m").dtype == torch.float32  # fp32 whatever the default dtype
+        layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.merged is False and isinstance(layer.lori_dropout, torch.nn.Identity)
+    assert layer.lori_A.dtype == layer.lori_B.dtype == torch.float32
+    assert torch.equal(layer.lori_A, draw_A(4, 12, 0, "m")) and torch.count_nonzero(layer.lori_B) == 0
+    meta = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.1, seed=0, path="m")
+    assert meta.lori_A.is_meta and meta.lori_A.shape == (4, 12) and meta.lori_A.dtype == torch.float32
+    assert meta.lori_B.is_meta and meta.lori_B.shape == (10, 4) and meta.lori_dropout.p == 0.1
+    layer.set_mask(torch.rand(10, 4) < 0.5)
+    assert "lori_index" not in layer.state_dict() and "lori_mask" in layer.state_dict()
+
+
+def test_compute_dtype_follows_autocast_or_the_pair():
+    f32, f64, bf16 = (torch.empty(1, dtype=d) for d in (torch.float32, torch.float64, torch.bfloat16))
+    assert lori_layer.compute_dtype(f32, f32) == torch.float32
+    assert lori_layer.compute_dtype(f64, f32) is None  # nn.Linear would refuse the pair
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lori_layer.compute_dtype(f32, f32) == torch.bfloat16
+        assert lori_layer.compute_dtype(f32, bf16) == torch.bfloat16
+        assert lori_layer.compute_dtype(f64, f32) is None and lori_layer.compute_dtype(f32, f64) is None
+
+
+def test_fused_node_under_autocast_equals_the_autograd_path(monkeypatch):
+    layer = _layer(0.0, masked=True, dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+        monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+        plain = layer(x)
+    assert fused.dtype == plain.dtype == torch.bfloat16 and fused.shape == (2, 3, 10)
+    assert torch.allclose(fused.float(), plain.float(), atol=0.05, rtol=0.02)
+
+
+def test_a_global_forward_hook_takes_the_autograd_path():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    layer = _layer(0.0, masked=True)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    fused = layer(x).grad_fn.name()
+    handle = register_module_forward_hook(lambda module, args, out: None)
+    try:
+        hooked = layer(x).grad_fn.name()
+    finally:
+        handle.remove()
+    assert "LoRIMatmul" in fused and hooked != fused
+
+
 def test_set_mask_reset_zeroes_B_inside_and_outside_the_mask():
     """LoRI-S (reset): B_eff = 0 so the output is the base's; without reset B is kept as it was."""
     torch.manual_seed(0)

@@ -399,8 +399,11 @@ def test_user_task_count_counts_threads_of_the_users_processes():
     assert user_task_count(uid) == 0
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: become uid, run three more threads, report, wait to be killed
+    if pid == 0:  # child: a name with ") " in it, become uid, run three more threads, report
         try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(15, b"a) S 1 2 3", 0, 0, 0)  # PR_SET_NAME: /proc stat's (comm)
             os.setuid(uid)
             for _ in range(3):
                 threading.Thread(target=time.sleep, args=(30,), daemon=True).start()

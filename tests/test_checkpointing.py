@@ -115,3 +115,23 @@ def test_checkpointing_under_a_strategy_ends_where_one_plain_process_ends(tmp_pa
     assert any(torch.count_nonzero(b) for b in two.values())
     for path, b in one.items():
         torch.testing.assert_close(two[path], b, rtol=1e-4, atol=1e-5, msg=path)
+
+
+def test_an_older_fsdp_config_with_its_own_policy_checkpoints_once(monkeypatch):
+    """An FSDP strategy that wraps layers in checkpointing itself (activation_checkpointing_policy, the
+    preset's former way) takes over: the model's own checkpointing stands aside rather than recompute twice."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    import lori.training.module as module
+    from lori.training.activation_checkpointing import strategy_checkpoints
+
+    monkeypatch.setattr(module, "build_model", lambda *args, **kwargs: (tiny_llama(), None))
+    lori_module = module.LoRIModule(model="tiny", gradient_checkpointing=True)
+    policy = FSDPStrategy(activation_checkpointing_policy={LlamaDecoderLayer})
+    assert strategy_checkpoints(policy) and not strategy_checkpoints(FSDPStrategy())
+    lori_module._trainer = SimpleNamespace(strategy=policy)
+    lori_module.configure_model()
+    assert not is_checkpointing(lori_module.model)

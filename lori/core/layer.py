@@ -44,10 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from lori.core.errors import LoRIError
+
 ADAPTER_DTYPE = torch.float32  # A, B and (so) B's optimizer state, whatever the base's dtype
 
 
-class QuantizedMergeError(ValueError):
+class QuantizedMergeError(LoRIError, ValueError):
     """A merge into a base weight stored quantized (``model.quantize``: 4- or 8-bit): refused."""
 
 

@@ -175,7 +175,7 @@ def part_rss(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
-    batch, seq = ("2", "64") if args.tiny else ("4", "1024")
+    batch, seq = ("2", "64") if args.tiny else ("4", str(args.checkpointing_seq))
     runs = {ckpt: in_fresh_process(args, "checkpointing", "auto", "none", ckpt, batch, seq) for ckpt in ("plain", "ckpt")}
     peak = runs["ckpt"]["step_peak_bytes"] / max(1, runs["plain"]["step_peak_bytes"])
     speed = runs["ckpt"]["step_s"] / runs["plain"]["step_s"]
@@ -254,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the test of this script")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per fresh process")
+    parser.add_argument("--checkpointing-seq", type=int, default=1024, help="sequence length of the checkpointing part")
     parser.add_argument("--workdir", type=Path, help="runs and arch files (default: a fresh temp dir); "
                         "a pipeline run whose summary.json is there is read, not run again")
     parser.add_argument("--out", type=Path, help="JSON (default experiments/results/bench_memory.json)")

@@ -27,13 +27,14 @@ from lori.commands.dryrun_command import (
     main,
     sparse_trainable,
 )
-from lori.commands.lightning_cli import parse_config
+from lori.commands.lightning_cli import parse_config, parse_fit_config
 from lori.core import LoRIConfig, calibrate, get_B, inject_lori
 from lori.core.io import CONFIG_FILE, AdapterFileError
 from lori.core.masks import keep_count
 from lori.eval.evaluator import EvalSettings
 from lori.training.base_model import tiny_llama
-from lori.training.baselines import OPTIONS
+from lori.training.baselines import OPTIONS, BaselineOptions
+from lori.training.baselines.methods import resolved_options
 from lori.training.continual import ContinualConfig, ContinualConfigError
 from lori.training.pipeline import PipelineConfig
 
@@ -522,3 +523,25 @@ def test_baseline_dry_run_counts_match_the_paper(method):
     assert row["method"] == method and _paper_format(row["trainable"]) == count
     assert abs(row["percent"] - pct) < 0.006  # of base + adapter entries, as PEFT prints it
     assert f"{method}: " in format_table([row])
+
+
+def _composed_args(task: str, method: str) -> list[str]:
+    """`lori fit` arguments of a baseline: the paper's LoRI config with the method switched (full: an overlay)."""
+    switch = ["--config", str(ROOT / "configs" / "method" / "full.yaml")] if method == "full" else ["--model.method", method]
+    return ["--config", str(ROOT / "configs" / "paper" / f"llama3_8b_r32_{task}.yaml"), *switch]
+
+
+def _resolved(cfg) -> dict:
+    """What a `lori fit` runs with: model (method options resolved to their values), data, trainer."""
+    model = cfg["model"].as_dict()
+    lori = LoRIConfig.from_dict(dict(model["lori"]))
+    options = BaselineOptions.from_value(model.pop("baseline"))
+    model["baseline"] = resolved_options(model["method"], lori, options)
+    return {"model": model, "data": cfg["data"].as_dict(), "trainer": cfg["trainer"].as_dict(),
+            "seed_everything": cfg["seed_everything"], "protocol": cfg["protocol"]}
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=_ids)
+def test_composed_baseline_equals_the_copied_file(path):
+    task, method = _baseline_key(path)
+    assert _resolved(parse_fit_config(*_composed_args(task, method))) == _resolved(parse_config(path))

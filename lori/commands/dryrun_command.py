@@ -3,6 +3,7 @@
     lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]
     lori dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
     lori dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
+    lori dryrun --method dora configs/paper/llama3_8b_r32_gsm8k.yaml   (a baseline: model.method replaced)
 
 The base model is built from its architecture config on the meta device (shapes only, no memory),
 LoRI is injected with the config's ``model.lori`` settings and the trainable entries are counted:
@@ -40,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from lori.core import LoRIConfig, count_trainable, inject_lori, lori_layers
+from lori.core import InjectionError, LoRIConfig, count_trainable, inject_lori, lori_layers
 from lori.core.masks import group_of, keep_count
 from lori.training.base_model import (
     ModelLoadError,
@@ -310,8 +311,9 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value)
 
 
-def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[str, Any]:
-    """The parsed config as plain dicts, the preset's ``trainer:`` keys laid over it."""
+def _load(config_path: str | Path, trainer_preset: str | Path | None, method: str | None = None) -> dict[str, Any]:
+    """The parsed config as plain dicts, the preset's ``trainer:`` keys laid over it, ``method`` (if
+    given) as ``model.method``."""
     # imports Lightning; kept out of module import time
     from lori.commands.lightning_cli import parse_config
 
@@ -319,22 +321,28 @@ def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[st
     if trainer_preset is not None:
         parse_config(trainer_preset)  # the preset must be a valid config on its own
         cfg["trainer"].update(yaml.safe_load(Path(trainer_preset).read_text()).get("trainer") or {})
+    if method is not None:
+        from lori.training.baselines.methods import check_method
+
+        check_method(method)
+        cfg["model"]["method"] = method
     return cfg
 
 
-def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -> dict[str, Any]:
+def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None, method: str | None = None) -> dict[str, Any]:
     """Sizes of a config's LoRI-D and LoRI-S adapters and the memory they need, from shapes alone.
 
     Args:
         config_path: a ``lori pipeline`` YAML (e.g. ``configs/paper/llama3_8b_r32_gsm8k.yaml``).
         trainer_preset: a YAML whose ``trainer:`` keys replace the config's (``configs/trainer/*.yaml``).
+        method: a ``model.method`` in place of the config's (a baseline's count from a LoRI config).
 
     Returns:
         method, its trainable entries and percentage (of base + adapter entries), model, arch, r,
         alphas, learning rates, epochs, global batch, base parameters, trainable entries and
         percentages of LoRI-D and LoRI-S, the device plan and memory estimates (GiB).
     """
-    cfg = _load(config_path, trainer_preset)
+    cfg = _load(config_path, trainer_preset, method)
     model, data, trainer, pipe = cfg["model"], cfg["data"], cfg["trainer"], cfg["pipeline"]
     lori = LoRIConfig.from_dict(dict(model["lori"]))
     arch = arch_for(model["model"])
@@ -400,12 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("configs", nargs="+", help="lori pipeline YAML files")
     parser.add_argument("--trainer", help="configs/trainer/*.yaml preset laid over each config's trainer:")
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")
+    parser.add_argument("--method", help="a model.method in place of each config's (a baseline's trainable count)")
     args = parser.parse_args(argv)
     # the configs are parsed one by one from Python, not from this process's argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
-        rows = [dry_run(path, args.trainer) for path in args.configs]
-    except (ModelLoadError, FileNotFoundError) as err:
+        rows = [dry_run(path, args.trainer, args.method) for path in args.configs]
+    except (ModelLoadError, FileNotFoundError, InjectionError) as err:
         print(f"lori dryrun: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))

@@ -103,9 +103,12 @@ def test_a_removed_config_names_its_replacement_in_one_line(old, capsys, monkeyp
     lines = capsys.readouterr().err.strip().splitlines()
     assert err.value.code == 2 and lines == [f"lori: error: {old} was removed (one config per setting now): "
                                              f"use lori fit {REMOVED[old]}"]
-    method = old.rsplit("_", 1)[-1] if "baselines" in old else None
-    if method is not None and method in METHODS:  # lori dryrun's own spelling
-        assert f"use lori dryrun --method {method} " in str(pytest.raises(MovedConfigError, check, ["dryrun", old]).value)
+    if "baselines" in old:  # lori dryrun's own spelling: --method, the paper config as a path
+        method = next(m for m in sorted(METHODS, key=len, reverse=True) if old.endswith(f"_{m}.yaml"))
+        paper = old.replace("baselines/", "").replace(f"_{method}.yaml", ".yaml")
+        with pytest.raises(MovedConfigError) as moved:
+            check(["dryrun", old])
+        assert str(moved.value).endswith(f"use lori dryrun --method {method} {paper}")
 
 
 def test_replacement_commands_run_the_removed_settings():

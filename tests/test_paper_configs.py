@@ -516,11 +516,12 @@ def test_full_fine_tuning_of_a_bf16_config_without_the_overlay_is_refused():
 
 
 def test_lora_merge_inputs_are_written_by_the_lora_baseline_configs():
-    outputs = {parse_fit_config(*_composed_args(t, "lora"))["trainer"]["callbacks"][0]["init_args"]["directory"]
-               for t in BASELINE_TASKS}
-    llama_lora = {a for p in MERGE if p.stem.startswith("llama3_8b") and p.stem.endswith("_lora")
-                  for a in yaml.safe_load(p.read_text())["adapters"]}
-    assert llama_lora and llama_lora <= outputs
+    """Every LoRA adapter a merge config reads is what `lori fit --config <paper config> --model.method lora` writes."""
+    outputs = {parse_fit_config("--config", str(ROOT / "configs" / "paper" / f"{m}_r32_{t}.yaml"), "--model.method", "lora")
+               ["trainer"]["callbacks"][0]["init_args"]["directory"] for m in MODELS for t in BASELINE_TASKS}
+    lora = {a for p in MERGE if p.stem.endswith("_lora") for a in yaml.safe_load(p.read_text())["adapters"]}
+    assert {a.rsplit("/", 1)[1].split("_r32_")[0] for a in lora} == set(MODELS)
+    assert lora <= outputs
 
 
 def _paper_format(n: int) -> str:

@@ -2,6 +2,8 @@
 subcommands.
 
     lori fit      --config configs/experiment/default.yaml    one Trainer.fit (LightningCLI)
+    lori fit      --config ... --model.method dora            a baseline: budget, adapter dir and logs
+                                                              derived from pipeline: (baseline_fit)
     lori validate | test | predict --config ...               LightningCLI's other subcommands
 
 The same YAML serves every training subcommand: ``model:`` (LoRIModule), ``data:``

@@ -85,12 +85,12 @@ def test_shipped_yaml_parses(path):
 # ---- removed configs: one line naming the composed command that replaces each -----------------------
 TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
 METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa", "loraplus"]
-REMOVED = {  # the files configs/paper/baselines/ and configs/experiment/<method>.yaml held -> what replaces them
-    **{f"configs/paper/baselines/llama3_8b_r32_{t}_{m}.yaml":
-       f"--config configs/paper/llama3_8b_r32_{t}.yaml " + ("--config configs/method/full.yaml" if m == "full" else f"--model.method {m}")
+SWITCH = {m: "--config configs/method/full.yaml" if m == "full" else f"--model.method {m}" for m in METHODS}
+REMOVED = {  # configs/paper/baselines/*.yaml and configs/experiment/<method>.yaml -> what replaces them
+    **{f"configs/paper/baselines/llama3_8b_r32_{t}_{m}.yaml": f"--config configs/paper/llama3_8b_r32_{t}.yaml {SWITCH[m]}"
        for t in TASKS for m in METHODS},
-    **{f"configs/experiment/{'full_ft' if m == 'full' else m}.yaml": f"--config configs/experiment/default.yaml --model.method {m}"
-       for m in METHODS},
+    **{f"configs/experiment/{'full_ft' if m == 'full' else m}.yaml":
+       f"--config configs/experiment/default.yaml --model.method {m}" for m in METHODS},
 }
 
 

@@ -329,7 +329,9 @@ def _load(config_path: str | Path, trainer_preset: str | Path | None, method: st
     return cfg
 
 
-def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None, method: str | None = None) -> dict[str, Any]:
+def dry_run(
+    config_path: str | Path, trainer_preset: str | Path | None = None, method: str | None = None
+) -> dict[str, Any]:
     """Sizes of a config's LoRI-D and LoRI-S adapters and the memory they need, from shapes alone.
 
     Args:

@@ -18,8 +18,8 @@ from lori.core import LoRIConfigError
 _METHODS = "full|lora|dora|vera|ia3|lora_fa|lora_frozen_a|adalora|rslora|pissa|loraplus"
 # a removed path (its tail) -> (the config that replaces it, the method switched on it)
 _MOVED = (
-    (re.compile(rf"configs/paper/baselines/(?P<run>llama3_8b_r32_(?:nlu|gsm8k|codealpaca|saferpaca))_(?P<method>{_METHODS})\.yaml"),
-     "configs/paper/{run}.yaml"),
+    (re.compile(r"configs/paper/baselines/(?P<run>llama3_8b_r32_(?:nlu|gsm8k|codealpaca|saferpaca))"
+                rf"_(?P<method>{_METHODS})\.yaml"), "configs/paper/{run}.yaml"),
     (re.compile(rf"configs/experiment/(?P<method>{_METHODS}|full_ft)\.yaml"), "configs/experiment/default.yaml"),
 )
 

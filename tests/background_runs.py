@@ -34,9 +34,14 @@ def _gpu_check_tiny(workdir: Path) -> list[str]:
             "--out", str(workdir / "gpu_check_tiny.json"), "--workdir", str(workdir / "work")]
 
 
-COMMANDS = {"gpu_check_tiny": _gpu_check_tiny}
+def _preemption_runs(workdir: Path) -> list[str]:
+    """tests/preemption_runs.py: lori pipeline interrupted by signals and resumed, beside an uninterrupted run."""
+    return [sys.executable, str(REPO / "tests" / "preemption_runs.py"), str(workdir / "runs")]
+
+
+COMMANDS = {"gpu_check_tiny": _gpu_check_tiny, "preemption_runs": _preemption_runs}
 # the fixture whose tests read each run: a collected test using it starts the run early
-FIXTURES = {"gpu_check_tiny": "tiny_run"}
+FIXTURES = {"gpu_check_tiny": "tiny_run", "preemption_runs": "preemption_runs"}
 _running: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 

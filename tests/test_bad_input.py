@@ -24,6 +24,7 @@ from lori.training.base_model import tiny_llama
 from lori.training.module import build_model
 from lori.training.run_lock import lock_path
 
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "llama3_8b_r32_gsm8k.yaml"
 OUT = "out"  # every case points its output at tmp/out, which must not exist afterwards
 
 
@@ -186,6 +187,21 @@ def fit_args_case(*args: str) -> Callable[[Path], list[str]]:
     return build
 
 
+def prequantized(tmp: Path) -> str:
+    """A local HF model folder whose config.json says it is stored quantized (GPTQ)."""
+    folder = tmp / "gptq"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "gptq", "bits": 4}}))
+    return str(folder)
+
+
+def dryrun_quantize_case(tmp: Path) -> list[str]:
+    cfg = yaml.safe_load(PAPER_CONFIG.read_text())
+    cfg["model"]["quantize"] = "nf3"
+    return ["dryrun", write_file(tmp, "q.yaml", yaml.safe_dump(cfg))]
+
+
 def pipeline_option(section: str, key: str, value) -> Callable[[Path], list[str]]:
     """A pipeline case changing one value, as a user would on the command line."""
     return pipeline_case(lambda c, t: c[section].update({key: value}))
@@ -286,6 +302,21 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "lori fit with batch size 0": (fit_args_case("--data.batch_size", "0"), ["batch_size", "0"]),
     "continual task phase of zero steps": (lambda t: continual_case(t, task_steps=0, task_mask=None),
                                            ["task_steps"]),
+    # lori dryrun (issue 23): a card size it cannot read, a base format it does not know
+    "dryrun --gpu-memory 24XB": (lambda t: ["dryrun", "--gpu-memory", "24XB", "--config", str(PAPER_CONFIG)],
+                                 ["--gpu-memory", "24XB"]),
+    "dryrun of an unknown model.quantize": (dryrun_quantize_case, ["quantize", "nf3"]),
+    # model.quantize (issue 23): a format bitsandbytes lacks, a method that trains the base, a base stored quantized
+    # already, a sharding strategy, an adapter to merge into the quantized base
+    "quantize: unknown format": (pipeline_option("model", "quantize", "nf3"), ["model.quantize", "nf3"]),
+    "quantize: full fine-tuning": (pipeline_case(lambda c, t: c["model"].update(method="full", quantize="nf4")),
+                                   ["quantize", "'full'", "trains every base weight"]),
+    "quantize: a base stored quantized already": (pipeline_case(lambda c, t: c["model"].update(
+        model=prequantized(t), quantize="nf4")), ["already stored quantized", "gptq"]),
+    "quantize: under FSDP": (pipeline_case(lambda c, t: (c["model"].update(quantize="int8"),
+                                                         c["trainer"].update(strategy="fsdp"))), ["int8", "fsdp"]),
+    "quantize: lori eval merging into it": (eval_case("--quantize", "nf4", setup=lambda t: [
+        "--adapter", str(tiny_adapter(t / "a"))]), ["merge", "--merge false"]),
 }
 
 # cases refused on the parsed config: the base model is never built
@@ -293,7 +324,7 @@ EARLY = {name for name in CASES if name.startswith((
     "unknown config key", "sparsity 1.5", "rank 0", "unknown granularity", "unknown dtype", "world size",
     "ZeRO-3", "LoRI-D of", "negative", "LoRI-S of", "zero", "calibration after", "checkpoint every", "LoRI-S alpha",
     "empty output", "batch size", "eval_batch_size", "max_length 0", "held-out fraction", "no held-out", "AdamW",
-    "accumulate", "lori fit", "continual", "unknown template"))}
+    "accumulate", "lori fit", "continual", "unknown template", "dryrun", "quantize"))}
 
 
 def files_under(directory: Path) -> set[Path]:

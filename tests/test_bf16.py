@@ -260,7 +260,7 @@ def test_true_half_precision_is_refused_before_loading(tmp_path, precision):
 @pytest.fixture
 def tiny(monkeypatch):
     """LoRIModule builds a conftest tiny Llama (vocab 96, in the requested dtype), no tokenizer."""
-    def build(name, gguf_file, dtype, cache_dir):
+    def build(name, gguf_file, dtype, cache_dir, quantize=None):
         model = make_tiny_qwen2() if name == "qwen2" else make_tiny_llama()
         return model.to(resolve_base_dtype(dtype)).train(), None
 
@@ -292,7 +292,7 @@ def test_module_in_bf16_trains_fp32_adapter_and_reports_it(tiny):
     _fit(module, "32-true")
     info = module.precision_info()
     assert info == {"base": "bfloat16", "adapter": "float32", "compute": "bfloat16", "auto": False,
-                    "trainer_precision": "32-true"}
+                    "trainer_precision": "32-true", "storage": "bfloat16", "gradient_checkpointing": False}
     assert any(not torch.equal(b, before[p]) for p, b in get_B(module.model).items())
     assert all(p.dtype == torch.float32 for p in trainable_parameters(module.model))
 
@@ -451,7 +451,8 @@ def test_pipeline_in_bf16_records_its_precision(tmp_path):
     for stage in ("lori_d", "lori_s"):  # held-out loss (validation steps: the same chunked loss)
         assert 0 < summary[stage]["val_loss_after"] < float("inf")
     assert summary["precision"] == {"base": "bfloat16", "adapter": "float32", "compute": "bfloat16",
-                                    "auto": False, "trainer_precision": "32-true"}
+                                    "auto": False, "trainer_precision": "32-true", "storage": "bfloat16",
+                                    "gradient_checkpointing": False}
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["precision"] == summary["precision"]
     assert "precision: base bfloat16, adapter float32, compute bfloat16" in format_summary(summary)

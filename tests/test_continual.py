@@ -59,6 +59,15 @@ def test_every_phase_is_evaluated_and_plotted(first_run):
     assert (out / "continual.png").is_file()
     assert (out / "task_mask" / "lori_d").is_dir() and (out / "task_mask" / "calibration" / "masks.safetensors").is_file()
 
+def test_every_phase_adapter_has_its_card(first_run):
+    """The safety LoRI-S and the task phase carry README.md cards naming their own data (lori.training.model_card)."""
+    tmp, _ = first_run
+    for directory, tag, task in ((tmp / "run" / "safety" / "lori_s", "lori-s", "saferpaca"),
+                                 (tmp / "run" / "task", "lori-s-continual", "gsm8k")):
+        card = (directory / "README.md").read_text()
+        assert f"tags:\n- lori\n- {tag}\n- {task}\n---" in card and f"- task: {task}" in card
+        assert f"`{directory / 'lori_masks.safetensors'}`" in card and "- Steps: 3" in card
+
 
 def test_mask_calibrated_in_the_run_is_under_the_safety_adapters_A(first_run):
     """With continual.task_mask: null, M_t comes from a LoRI-D run on the task from the safety A, and says so."""

@@ -130,6 +130,17 @@ def test_bad_config_values_are_named(kwargs, fragment):
         LoRIConfig(**kwargs)
 
 
+def test_config_edges_that_are_accepted():
+    cfg = LoRIConfig(r=1, alpha=0.5, dropout=0.0, sparsity=0.0, target_modules="q_proj", seed=7)
+    assert cfg.target_modules == ["q_proj"] and cfg.scale == 0.5
+    assert LoRIConfig.from_dict(cfg.to_dict()) == cfg
+    assert LoRIConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(LoRIConfigError, match="^target_modules is empty$"):
+        LoRIConfig(target_modules=[])
+    with pytest.raises(LoRIConfigError, match="^seed must be an int, got seed=1.5$"):
+        LoRIConfig(seed=1.5)
+
+
 def test_unknown_config_key_is_named():
     with pytest.raises(LoRIConfigError, match="sparsty"):
         LoRIConfig.from_dict({"sparsty": 0.9})
@@ -171,20 +182,31 @@ def test_paper_trainable_counts_on_llama3_8b_meta():
 
 
 # ---- the fused forward/backward (lori.core.layer._LoRIMatmul) ------------------------------
-def _layer(p: float, masked: bool, dtype: torch.dtype = torch.float64) -> LoRILinear:
+def _layer(p: float, masked: bool, dtype: torch.dtype = torch.float64, reset: bool = False) -> LoRILinear:
     torch.manual_seed(0)
     layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=p, seed=0, path="m")
     layer.lori_B.data.normal_()
-    if masked:
-        layer.set_mask(torch.rand(10, 4) < 0.5)  # entries outside keep their (non-zero) values
+    if masked:  # without reset, entries outside keep their (non-zero) values; with it they are 0
+        layer.set_mask(torch.rand(10, 4) < 0.5, reset=reset)
+        layer.lori_B_values.data.normal_()  # kept entries differ from the B they were taken from
     return layer.to(dtype).train()
+
+
+def _B_eff_reference(layer: LoRILinear) -> torch.Tensor:
+    """B_eff by boolean indexing: the frozen B outside the mask, the kept values inside (B ⊙ M
+    after a reset); differentiable in the trainable."""
+    if layer.lori_mask is None:
+        return layer.lori_B
+    B = layer.lori_B.detach().clone()
+    B[layer.lori_mask] = layer.lori_B_values
+    return B
 
 
 def _reference(layer: LoRILinear, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """y = W0 x + b + scale * B_eff A dropout(x), in plain autograd."""
     p = layer.lori_dropout.p if keep is not None else 0.0
     xd = x if keep is None else x * keep.view_as(x) / (1 - p)
-    return layer.base_layer(x) + layer.scale * xd @ layer.lori_A.t() @ layer.B().t()
+    return layer.base_layer(x) + layer.scale * xd @ layer.lori_A.t() @ _B_eff_reference(layer).t()
 
 
 def _grads(layer: LoRILinear, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> list:
@@ -192,10 +214,13 @@ def _grads(layer: LoRILinear, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor)
     return list(torch.autograd.grad(y, [x, trainable], g))
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("masked", "reset"), [(False, False), (True, False), (True, True)],
+                         ids=["dense", "masked", "masked-reset"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_step_equals_autograd_reference(masked, p):
-    layer = _layer(p, masked)
+def test_fused_step_equals_autograd_reference(masked, reset, p):
+    layer = _layer(p, masked, reset=reset)
+    if reset:  # LoRI-S: B_eff = B ⊙ M, zero outside the mask
+        assert torch.count_nonzero(layer.B()[~layer.lori_mask]) == 0
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 5, 10, dtype=torch.float64)
     torch.manual_seed(7)
@@ -210,6 +235,231 @@ def test_fused_step_equals_autograd_reference(masked, p):
     assert torch.allclose(y, ref, atol=1e-12)
     for got, want in zip(_grads(layer, y, x, g), _grads(layer, ref, x, g)):
         assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_update_is_alpha_over_r_times_masked_B_times_A_x(monkeypatch, fused):
+    """y - (W0 x + b) = (alpha / r) (B ⊙ M) A x, the numbers written out: alpha 12, r 4, scale 3."""
+    if not fused:
+        monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=12, dropout=0.0, seed=3, path="m")
+    layer = layer.to(torch.float64)
+    B, M = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 4) < 0.5
+    x, A = torch.randn(3, 6, dtype=torch.float64), layer.lori_A
+    layer.lori_B.data.copy_(B)
+    assert torch.allclose(layer(x) - layer.base_layer(x), 3.0 * x @ A.T @ B.T, atol=1e-12)
+    layer.set_mask(M, reset=True)
+    layer.lori_B_values.data.copy_(B[M])
+    want = 3.0 * x @ A.T @ (B * M).T  # (3, 5)
+    assert torch.allclose(layer(x) - layer.base_layer(x), want, atol=1e-12)
+    assert torch.allclose(layer.delta_weight(), 3.0 * (B * M) @ A, atol=1e-12)
+    W0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert torch.allclose(layer.base_layer.weight, W0 + 3.0 * (B * M) @ A, atol=1e-12)
+
+
+def test_fallback_casts_fp32_adapter_to_the_input_dtype_on_3d_inputs(monkeypatch):
+    """The autograd path with fp32 A and B under an fp64 base: y - W0 x - b = scale B A x per token."""
+    monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5).double(), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)  # (batch, seq, d_in): seq != d_out
+    y = layer(x)
+    want = 2.0 * x @ layer.lori_A.double().T @ layer.lori_B.double().T
+    assert y.dtype == torch.float64 and torch.allclose(y - layer.base_layer(x), want, atol=1e-6)
+
+
+def test_fallback_adds_out_of_place_to_a_non_contiguous_base_output():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    layer.base_layer.register_forward_hook(lambda m, args, out: out.t().contiguous().t())
+    x = torch.randn(3, 6)
+    base = layer.base_layer(x)
+    assert not base.is_contiguous()
+    want = 2.0 * x @ layer.lori_A.T @ layer.lori_B.T
+    assert torch.allclose(layer(x) - base, want, atol=1e-5)
+
+
+def test_set_mask_checks_shape_casts_to_bool_and_removes():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    layer.lori_B.data.normal_()
+    with pytest.raises(ValueError, match=r"^mask for 'm' has shape \(3, 4\), B has \(10, 4\)$"):
+        layer.set_mask(torch.ones(3, 4, dtype=torch.bool))
+    mask = (torch.rand(10, 4) < 0.5).int()  # any 0/1 dtype: stored as bool
+    layer.set_mask(mask)
+    assert layer.lori_mask.dtype == torch.bool and torch.equal(layer.lori_mask, mask.bool())
+    layer.lori_B_values.data.add_(1.0)
+    B_eff = layer.B().detach().clone()
+    layer.set_mask(None)  # back to a dense, trainable B holding B_eff
+    assert layer.lori_mask is None and layer.lori_index is None and layer.lori_B_values is None
+    assert isinstance(layer.lori_B, torch.nn.Parameter) and layer.lori_B.requires_grad
+    assert torch.equal(layer.lori_B.detach(), B_eff) and torch.equal(layer.B(), layer.lori_B)
+
+
+def test_set_mask_on_the_meta_device_counts_kept_entries():
+    layer = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.0, seed=0,
+                       path="m")
+    mask = torch.zeros(10, 4, dtype=torch.bool)
+    mask[::2, 1] = True
+    layer.set_mask(mask)
+    assert layer.lori_B_values.is_meta and layer.lori_B_values.shape == (5,)
+    assert layer.lori_B_values.dtype == torch.float32 and layer.lori_mask.device.type == "cpu"
+
+
+def test_merge_sets_merged_and_unmerge_restores():
+    torch.manual_seed(0)
+    layer = LoRILinear(torch.nn.Linear(6, 5).double(), r=4, alpha=8, dropout=0.0, seed=3, path="m")
+    layer.lori_B.data.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    W0, live = layer.base_layer.weight.detach().clone(), layer(x)
+    layer.merge()
+    assert layer.merged is True and torch.allclose(layer(x), live, atol=1e-12)
+    layer.unmerge()
+    assert layer.merged is False and torch.allclose(layer.base_layer.weight, W0, atol=1e-12)
+
+
+def test_a_quantized_base_weight_is_refused_for_merging_by_path():
+    layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=8, dropout=0.0, seed=3, path="layers.0.q")
+    layer.base_layer.weight = torch.nn.Parameter(torch.zeros(5, 6, dtype=torch.int8), requires_grad=False)
+    assert layer.delta_weight().dtype == torch.float32  # a delta still, in the adapter's dtype
+    with pytest.raises(lori_layer.QuantizedMergeError) as err:
+        layer.merge()
+    assert str(err.value) == (
+        "refusing to merge into layers.0.q: its base weight is stored quantized (torch.int8, "
+        "model.quantize), where W0 + ΔW would be rounded to 4/8 bits again; evaluate with the adapter "
+        "unmerged (merge: false) or merge into the unquantized base (model.quantize: null): the "
+        "adapter file is the same")
+    assert layer.merged is False
+
+
+def _masked_pair() -> tuple[torch.nn.Sequential, torch.nn.Sequential, torch.Tensor]:
+    """Two one-layer models (the layer under prefix "0."): a masked source and a dense target."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(  # noqa: E731
+        LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m"))
+    src, dst = make(), make()
+    src[0].lori_B.data.normal_()
+    mask = torch.rand(10, 4) < 0.5
+    src[0].set_mask(mask)
+    src[0].lori_B_values.data.add_(1.0)
+    return src, dst, mask
+
+
+def test_loading_a_masked_state_installs_its_mask_first():
+    src, dst, mask = _masked_pair()
+    state = src.state_dict()
+    state["0.lori_mask"] = state["0.lori_mask"].to(torch.uint8)  # any 0/1 dtype
+    dst.load_state_dict(state)
+    assert dst[0].lori_mask.dtype == torch.bool and torch.equal(dst[0].lori_mask, mask)
+    assert torch.equal(dst[0].B(), src[0].B())
+    values = dst[0].lori_B_values
+    dst.load_state_dict(src.state_dict())  # an equal mask stays installed: same parameter object
+    assert dst[0].lori_B_values is values
+    other = src.state_dict() | {"0.lori_mask": ~mask}
+    other["0.lori_B_values"] = torch.zeros(int((~mask).sum()))
+    dst.load_state_dict(other)  # a different mask replaces it
+    assert torch.equal(dst[0].lori_mask, ~mask) and torch.count_nonzero(dst[0].B()[~mask]) == 0
+
+
+def test_loading_a_dense_state_removes_the_mask():
+    src, dst, _ = _masked_pair()
+    dense_state = dst.state_dict()  # dense, B = 0
+    dst.load_state_dict(src.state_dict())
+    dst.load_state_dict(dense_state)
+    assert dst[0].lori_mask is None and dst[0].lori_B_values is None
+    assert torch.count_nonzero(dst[0].B()) == 0
+    src[0].load_state_dict({"lori_A": src[0].lori_A}, strict=False)  # no B in it: the mask stays
+    assert src[0].lori_mask is not None
+
+
+def test_extra_repr_names_rank_scale_and_kept_entries():
+    src, _, mask = _masked_pair()
+    dense = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    assert dense.extra_repr() == "r=4, scale=2, B=dense, merged=False"
+    assert src[0].extra_repr() == f"r=4, scale=2, B={int(mask.sum())} kept, merged=False"
+
+
+def test_module_seed_is_the_documented_63_bit_hash():
+    import hashlib
+
+    for seed, path in [(0, "m"), (7, "model.layers.0.self_attn.q_proj")]:
+        digest = hashlib.sha256(f"lori:{seed}:{path}".encode()).digest()
+        want = int.from_bytes(digest[:8], "little") % 2**63
+        assert lori_layer.module_seed(seed, path) == want
+    assert lori_layer.module_seed(0, "m") != lori_layer.module_seed(0, "n")
+
+
+def test_new_layer_state_whatever_the_base_dtype_or_device():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert draw_A(4, 12, 0, "m").dtype == torch.float32  # fp32 whatever the default dtype
+        layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.merged is False and isinstance(layer.lori_dropout, torch.nn.Identity)
+    assert layer.lori_A.dtype == layer.lori_B.dtype == torch.float32
+    assert torch.equal(layer.lori_A, draw_A(4, 12, 0, "m")) and torch.count_nonzero(layer.lori_B) == 0
+    meta = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.1, seed=0, path="m")
+    assert meta.lori_A.is_meta and meta.lori_A.shape == (4, 12) and meta.lori_A.dtype == torch.float32
+    assert meta.lori_B.is_meta and meta.lori_B.shape == (10, 4) and meta.lori_dropout.p == 0.1
+    layer.set_mask(torch.rand(10, 4) < 0.5)
+    assert "lori_index" not in layer.state_dict() and "lori_mask" in layer.state_dict()
+
+
+def test_compute_dtype_follows_autocast_or_the_pair():
+    f32, f64, bf16 = (torch.empty(1, dtype=d) for d in (torch.float32, torch.float64, torch.bfloat16))
+    assert lori_layer.compute_dtype(f32, f32) == torch.float32
+    assert lori_layer.compute_dtype(f64, f32) is None  # nn.Linear would refuse the pair
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lori_layer.compute_dtype(f32, f32) == torch.bfloat16
+        assert lori_layer.compute_dtype(f32, bf16) == torch.bfloat16
+        assert lori_layer.compute_dtype(f64, f32) is None and lori_layer.compute_dtype(f32, f64) is None
+
+
+def test_fused_node_under_autocast_equals_the_autograd_path(monkeypatch):
+    layer = _layer(0.0, masked=True, dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+        monkeypatch.setattr(LoRILinear, "_fusable", lambda self, x, trainable: False)
+        plain = layer(x)
+    assert fused.dtype == plain.dtype == torch.bfloat16 and fused.shape == (2, 3, 10)
+    assert torch.allclose(fused.float(), plain.float(), atol=0.05, rtol=0.02)
+
+
+def test_a_global_forward_hook_takes_the_autograd_path():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    layer = _layer(0.0, masked=True)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    fused = layer(x).grad_fn.name()
+    handle = register_module_forward_hook(lambda module, args, out: None)
+    try:
+        hooked = layer(x).grad_fn.name()
+    finally:
+        handle.remove()
+    assert "LoRIMatmul" in fused and hooked != fused
+
+
+def test_set_mask_reset_zeroes_B_inside_and_outside_the_mask():
+    """LoRI-S (reset): B_eff = 0 so the output is the base's; without reset B is kept as it was."""
+    torch.manual_seed(0)
+    mask = torch.rand(10, 4) < 0.5
+    x = torch.randn(3, 12)
+    kept = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+    kept.lori_B.data.normal_()
+    B = kept.lori_B.detach().clone()
+    kept.set_mask(mask)
+    assert torch.equal(kept.B(), B) and torch.equal(kept.lori_B_values.detach(), B[mask])
+    kept.set_mask(mask, reset=True)
+    assert torch.count_nonzero(kept.B()) == 0 and torch.count_nonzero(kept.lori_B_values) == 0
+    assert torch.equal(kept(x), kept.base_layer(x))
+    assert kept.lori_B_values.requires_grad and not kept.lori_B.requires_grad
 
 
 def test_keep_mask_form_of_dropout_equals_positions(monkeypatch):

@@ -121,3 +121,18 @@ def test_bench_train_toy_size_both_precisions(tmp_path, capsys):
     assert "toy bf16" in table and "bf16 floor / fp32 floor" in table
     peak = bench.rss_child(bench.parse_args(["--precision", "bf16"]), "toy", "lori_s")  # the child's work
     assert peak["peak"] > 0 and "over_base" in peak
+
+
+@pytest.mark.slow
+def test_bench_memory_toy_size(tmp_path):
+    """experiments/bench_memory.py --tiny: every part runs and gives its ratios (slow: fresh processes)."""
+    out = tmp_path / "bench_memory.json"
+    results = load("bench_memory").main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    parts = results["parts"]
+    assert set(parts) == {"base_bytes", "rss", "pipeline", "checkpointing", "llama3"}
+    assert parts["base_bytes"]["nf4_bytes"] < parts["base_bytes"]["fp32_bytes"]
+    assert abs(parts["llama3"]["nf4"]["ratio"] - 1) <= 0.05 and parts["llama3"]["met"]
+    for part, key in (("rss", "nf4_vs_fp32"), ("checkpointing", "peak_vs_plain"), ("checkpointing", "time_vs_plain")):
+        assert parts[part][key] > 0, (part, key)
+    assert 0 < parts["pipeline"]["mask_overlap"] <= 1 and set(parts["pipeline"]["nf4_vs_fp32_relative"])
+    assert json.loads(out.read_text())["parts"]["llama3"]["commit"]

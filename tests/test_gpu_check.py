@@ -80,6 +80,21 @@ def test_tiny_memory_compares_the_dry_run_with_measured_peaks(tiny_run):
     assert (settings["r"], settings["batch"], settings["seq"], settings["base_dtype"]) == (32, 2, 64, "bfloat16")
 
 
+def test_tiny_quantized_compares_nf4_with_checkpointing_to_the_dry_run(tiny_run):
+    section = tiny_run["sections"]["quantized"]
+    assert abs(section["stored_vs_dry_run"] - 1) <= 0.05  # the stored NF4 base vs the dry run's weights term
+    assert section["estimate_fits_12_gib"] is True and _number(section["reference_step_ms"])
+    runs = {r["method"]: r for r in section["runs"]}
+    assert set(runs) == {"lori_d", "lori_s"}
+    for run in runs.values():
+        assert run["quantize"] == "nf4" and run["checkpointing"] is True
+        assert run["estimate_gib"]["dequantized"] >= 0 and run["estimate_gib"]["total"] > 1.0
+        for key in ("peak_live_bytes", "peak_rss_bytes", "step_ms", "ratio", "step_vs_bf16_plain"):
+            assert _number(run[key]) and run[key] > 0, key
+    # LoRI-S trains a tenth of B: less optimizer state in the estimate
+    assert runs["lori_s"]["estimate_gib"]["optimizer"] <= runs["lori_d"]["estimate_gib"]["optimizer"]
+
+
 def test_tiny_fsdp_calibrates_and_saves_through_lightnings_strategy(tiny_run):
     fsdp = tiny_run["sections"]["fsdp"]
     assert fsdp["strategy"]["class_path"] == "fsdp_cpu.CPUFSDPStrategy"

@@ -168,3 +168,50 @@ def test_the_top_level_switch_refuses_contradicting_settings_before_loading(tmp_
     with pytest.raises(ProtocolError, match="model.weight_decay=0.1"):
         pipeline(["--config", str(write_config(tmp_path, cfg))])
     assert not (tmp_path / "run").exists()
+
+
+def test_sections_limit_which_settings_are_applied():
+    config = _config()
+    assert apply_official(config, _config(), sections=("trainer", "data")) == []
+    assert config == _config()  # every fixed setting lives under "model"
+    changed = apply_official(config, _config(), sections=("model",))
+    assert config["model"]["lori"]["dropout"] == 0.0 and config["model"]["gradient_clipping"] == "per_tensor"
+    assert len(changed) == 3  # dropout, loss normalization, clipping
+
+
+def test_a_tuple_official_value_is_set_as_a_list_and_compared_entry_by_entry():
+    config, defaults = _config(betas=[0.9, 0.95]), _config(betas=[0.9, 0.95])
+    assert "model.betas: [0.9, 0.95] -> (0.9, 0.999)" in apply_official(config, defaults)
+    assert config["model"]["betas"] == [0.9, 0.999] and isinstance(config["model"]["betas"], list)
+
+
+@pytest.mark.parametrize(("model", "named"), [
+    ({"weight_decay": [0.0]}, "model.weight_decay=[0.0]"),  # a list is no number
+    ({"loss_normalization": 1}, "model.loss_normalization=1"),  # a number is no name
+])
+def test_values_of_another_kind_are_conflicts(model, named):
+    with pytest.raises(ProtocolError, match=r"^protocol official fixes settings this config sets "
+                       r"otherwise: (.+; )?" + named.replace("[", r"\[").replace("]", r"\]")):
+        apply_official(_config(**model), _config())
+
+
+def test_conflicts_are_joined_and_end_with_the_fix():
+    with pytest.raises(ProtocolError) as err:
+        apply_official(_config(weight_decay=0.01, scheduler="cosine"), _config())
+    message = str(err.value)
+    assert message.startswith("protocol official fixes settings this config sets otherwise: model.")
+    assert message.count("; model.") == 1 and message.endswith(" -- remove them or use protocol: lori")
+
+
+@pytest.mark.parametrize("section", [None, 3])
+def test_a_section_that_is_no_mapping_has_no_keys(section):
+    config = {"model": section, "trainer": {"gradient_clip_val": None}}
+    assert apply_official(config, _config()) == [] and config["model"] == section
+
+
+def test_official_table_lists_every_fixed_setting():
+    from lori.core.protocol import official_table
+
+    assert official_table() == [{"key": f.key, "official": f.value, "source": f.source}
+                                for f in OFFICIAL_SETTINGS]
+    assert {row["key"]: row["official"] for row in official_table()}["model.lori.dropout"] == 0.0

@@ -8,13 +8,14 @@ A kernel-layer test is skipped (never run unprotected) when its layer is missing
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from lori.eval.sandbox import ExecResult, isolation_report, run_many, run_program
+from lori.eval.sandbox import ExecResult, _status, isolation_report, run_many, run_program
 
 CAPS = isolation_report()
 SLACK = 3.0  # seconds allowed beyond the timeout (process start, kill, cleanup)
@@ -74,6 +75,49 @@ def test_infinite_loop_times_out():
     assert res.status == "timeout" and not res.passed
     assert time.monotonic() - start < 1.0 + SLACK
     assert _no_stray_sandbox_processes()
+
+
+def test_sleeping_past_the_wall_clock_is_a_timeout():
+    start = time.monotonic()
+    res = run_program("import time\ntime.sleep(60)", timeout=1.0)
+    assert res.status == "timeout" and not res.passed and res.returncode == -signal.SIGKILL
+    assert time.monotonic() - start < 1.0 + SLACK
+
+
+def test_cpu_limit_is_soft_below_hard():
+    res = run_program("import resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU))",
+                      timeout=2.5)
+    assert res.passed and res.stdout.split() == ["4", "5"]  # soft ceil(2.5) + 1, hard one more
+    res = run_program("import resource\nprint(*resource.getrlimit(resource.RLIMIT_CPU))",
+                      cpu_seconds=7)
+    assert res.stdout.split() == ["7", "8"]
+
+
+@pytest.mark.parametrize(("prelude", "signum"), [
+    ("", signal.SIGXCPU),  # the soft limit ends it
+    ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n", signal.SIGKILL),  # hard
+], ids=["sigxcpu", "sigxcpu-ignored"])
+def test_spinning_past_the_cpu_limit_is_a_timeout(prelude, signum):
+    """The CPU limit (1 s here, long before the 20 s wall clock) stops it: a timeout, not failed."""
+    res = run_program(prelude + "while True:\n    pass", timeout=20.0, cpu_seconds=1)
+    assert res.returncode == -signum  # the CPU limit stopped it, not the wall clock
+    assert res.status == "timeout" and not res.passed
+    assert res.duration_s < 20.0
+
+
+@pytest.mark.parametrize(("rc", "timed_out", "token", "cpu_spent", "expected"), [
+    (0, False, True, False, "passed"),
+    (0, False, False, False, "failed"),  # exited 0 without the token
+    (1, False, True, False, "failed"),
+    (-signal.SIGKILL, False, False, False, "failed"),  # killed, not by a limit (e.g. OOM killer)
+    (-signal.SIGKILL, False, False, True, "timeout"),  # hard CPU limit
+    (-signal.SIGXCPU, False, False, False, "timeout"),  # soft CPU limit
+    (-signal.SIGKILL, True, False, False, "timeout"),  # wall clock
+    (0, True, True, False, "timeout"),  # finished as the wall clock ran out: still a timeout
+    (-signal.SIGSEGV, False, False, True, "failed"),  # crashed after a long computation
+])
+def test_status_names_the_cause(rc, timed_out, token, cpu_spent, expected):
+    assert _status(rc, timed_out, token, cpu_spent) == expected
 
 
 @pytest.mark.parametrize("guard", _guard_modes("pids_cgroup_root" if CAPS["is_root"] else None))
@@ -210,3 +254,165 @@ def test_guard_alone_blocks_fork_and_network(guard_only):
     res = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
     assert res.status == "failed" and "sandbox" in res.stderr
     assert run_program("print('fine')").passed
+
+
+# ---- the confinement steps of lori.eval._isolation, each checked by the calls it makes ----------
+# They run in the forked child (preexec_fn), where a test sees only their end result; here each is
+# called in-process against a recording stand-in for libc / setrlimit, so every argument is checked.
+
+
+class _FakeLibc:
+    """Records unshare/mount/prctl calls; the ``fail_at``-th call (1-based) fails."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.fail_at = fail_at
+
+    def _call(self, name: str, *args) -> int:
+        self.calls.append((name, *args))
+        return -1 if len(self.calls) == self.fail_at else 0
+
+    def unshare(self, flags):
+        return self._call("unshare", flags)
+
+    def mount(self, source, target, fstype, flags, data):
+        return self._call("mount", source, target, fstype, flags, data)
+
+    def prctl(self, option, arg2, arg3, arg4, arg5):
+        return self._call("prctl", option, arg2, arg3, arg4, arg5)
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    from lori.eval import _isolation as iso
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(iso, "_LIBC", libc)
+    monkeypatch.setattr(iso.os, "chdir", lambda path: libc.calls.append(("chdir", path)))
+    return libc
+
+
+def test_check_raises_with_errno_and_what_failed():
+    import ctypes
+    import errno
+
+    from lori.eval._isolation import _check
+
+    assert _check(0, "unshare") is None
+    ctypes.set_errno(errno.EPERM)
+    with pytest.raises(OSError, match="^.*unshare: Operation not permitted") as info:
+        _check(-1, "unshare")
+    assert info.value.errno == errno.EPERM
+
+
+@pytest.mark.parametrize("memory", [None, 1 << 30])
+def test_set_limits_sets_each_rlimit(monkeypatch, memory):
+    import resource
+
+    from lori.eval import _isolation as iso
+
+    set_to = {}
+    monkeypatch.setattr(iso.resource, "setrlimit", lambda which, pair: set_to.__setitem__(which, pair))
+    iso._set_limits(iso.Limits(cpu_seconds=3, memory_bytes=memory, max_procs=9, file_bytes=4096,
+                               open_files=64), nproc=40)
+    want = {resource.RLIMIT_CPU: (3, 3 + iso.CPU_GRACE_S), resource.RLIMIT_CORE: (0, 0),
+            resource.RLIMIT_FSIZE: (4096, 4096), resource.RLIMIT_NPROC: (40, 40),
+            resource.RLIMIT_NOFILE: (64, 64)}
+    if memory is not None:
+        want[resource.RLIMIT_AS] = (memory, memory)
+    assert set_to == want and iso.CPU_GRACE_S >= 1
+
+
+def test_namespaces_untouched_when_not_asked(fake_libc):
+    from lori.eval._isolation import _isolate_namespaces
+
+    _isolate_namespaces("/w", net=False, fs=False, mounts=[("/", 0)])
+    assert fake_libc.calls == []
+
+
+def test_network_namespace_alone_mounts_nothing(fake_libc):
+    from lori.eval._isolation import CLONE_NEWNET, _isolate_namespaces
+
+    _isolate_namespaces("/w", net=True, fs=False, mounts=[("/", 0)])
+    assert fake_libc.calls == [("unshare", CLONE_NEWNET)]
+
+
+def test_mount_namespace_makes_all_read_only_but_the_workdir(fake_libc):
+    from lori.eval import _isolation as iso
+
+    iso._isolate_namespaces("/w d", net=True, fs=True, mounts=[("/", iso.MS_NOSUID),
+                                                              ("/proc", iso.MS_NOEXEC)])
+    ro = iso.MS_REMOUNT | iso.MS_BIND | iso.MS_RDONLY
+    assert fake_libc.calls == [
+        ("unshare", iso.CLONE_NEWNET | iso.CLONE_NEWNS),
+        ("mount", b"none", b"/", None, iso.MS_REC | iso.MS_PRIVATE, None),
+        ("mount", b"/w d", b"/w d", None, iso.MS_BIND, None),
+        ("mount", None, b"/", None, ro | iso.MS_NOSUID, None),
+        ("mount", None, b"/proc", None, ro | iso.MS_NOEXEC, None),
+        ("mount", None, b"/w d", None, iso.MS_REMOUNT | iso.MS_BIND | iso.MS_NOSUID | iso.MS_NODEV,
+         None),
+        ("chdir", "/w d"),
+    ]
+
+
+@pytest.mark.parametrize(("fail_at", "message"), [
+    (1, "unshare"),  # nothing is mounted after a failed unshare
+    (2, "make / private"),
+    (3, "bind the working directory"),
+    (5, "remount /proc read-only"),
+    (7, "remount the working directory writable"),
+])
+def test_a_failed_isolation_step_stops_with_its_name(fake_libc, fail_at, message):
+    from lori.eval._isolation import _isolate_namespaces
+
+    fake_libc.fail_at = fail_at
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] " + message + ": "):
+        _isolate_namespaces("/w", net=False, fs=True, mounts=[("/", 0), ("/proc", 0), ("/sys", 0)])
+    assert len(fake_libc.calls) == fail_at
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_drop_privileges_sets_no_new_privs_and_for_root_empties_the_bounding_set(
+        fake_libc, monkeypatch, euid):
+    from lori.eval import _isolation as iso
+
+    monkeypatch.setattr(iso.os, "geteuid", lambda: euid)
+    iso._drop_privileges(3)
+    drops = [("prctl", iso.PR_CAPBSET_DROP, cap, 0, 0, 0) for cap in range(4)] if euid == 0 else []
+    assert fake_libc.calls == [("prctl", iso.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), *drops]
+    fake_libc.fail_at, fake_libc.calls = 1, []
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] no_new_privs: "):
+        iso._drop_privileges(3)
+    if euid == 0:
+        fake_libc.fail_at, fake_libc.calls = 4, []
+        with pytest.raises(OSError, match=r"^\[Errno \d+\] drop capability 2: "):
+            iso._drop_privileges(3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a process under another uid (needs root)")
+def test_user_task_count_counts_threads_of_the_users_processes():
+    import threading
+
+    from lori.eval._isolation import user_task_count
+
+    uid = 54_321  # a uid nothing else runs under
+    assert user_task_count(uid) == 0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become uid, run three more threads, report, wait to be killed
+        try:
+            os.setuid(uid)
+            for _ in range(3):
+                threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+            os.write(write, b"up")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(read, 2) == b"up"
+        assert user_task_count(uid) == 4  # the main thread and three more
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        os.close(write)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lori.eval.evaluator import EvalSettings
 from lori.training import run_lock
 from lori.training.continual import ContinualConfig, run_continual
 from lori.training.continual import format_results as format_continual
+from lori.training.loggers import RunLoggers
 from lori.training.module import LoRIModule
 from lori.training.pipeline import make_trainer_factory
 
@@ -64,9 +66,13 @@ def continual(argv: list[str]) -> dict[str, Any]:
     task_data = TaskDataModule(**cli.config["task_data"])
     task_data.set_tokenizer(cli.model.tokenizer)
     task_data.validate()  # the task's data is checked before the safety phase trains
-    make = make_trainer_factory({**cli.config_init["trainer"]}, Path(cfg.output_dir), cfg.checkpoint_every)
+    trainer_config = cli.config_init["trainer"]
+    hparams = {"continual": asdict(cfg)}  # logged with the module's and the data's, once per run
+    loggers = RunLoggers(trainer_config.get("logger"), Path(cfg.output_dir), hparams)
+    make = make_trainer_factory({**trainer_config}, Path(cfg.output_dir), cfg.checkpoint_every, loggers)
     config_text = dump_config(cli)
-    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text)
+    summary = run_continual(cli.model, cli.datamodule, task_data, make, cfg, settings, config_text, loggers)
+    loggers.finalize()
     if rank_zero_only.rank == 0:
         print(format_continual(summary))
         print(f"results: {Path(cfg.output_dir) / 'results.json'}   plot: {Path(cfg.output_dir) / 'continual.png'}")

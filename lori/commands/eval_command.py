@@ -6,7 +6,8 @@
 Writes ``<output_dir>/results.json`` (metrics by task, what was evaluated and how many items of
 each set and why, the settings ``eval.protocol: official`` fixed, timing),
 ``<output_dir>/samples.json`` (every generation, for inspection) and tensorboard scalars under
-``<output_dir>/tb``. Settings, evaluation sets and the adapter file are checked before the model
+``<output_dir>/tb``; the results also go into the Results section of the adapter's card (its
+README.md, when lori wrote it: ``lori.training.card_results``). Settings, evaluation sets and the adapter file are checked before the model
 loads (an adapter holding NaN or inf is refused); nothing is written unless the evaluation
 finishes, and then the directory is replaced whole. One run at a time per output_dir
 (``lori.training.run_lock``). Under ``eval.protocol: official`` the model is evaluated in float32 with the
@@ -30,7 +31,9 @@ from lori.core.io import atomic_directory
 from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eval_sets
 from lori.eval.official import check_official_model
 from lori.training import run_lock
+from lori.training.card_results import update_card_results
 from lori.training.module import build_model
+from lori.training.quantize import QuantizeError, check_quantize
 
 
 @dataclass
@@ -43,6 +46,8 @@ class EvalTarget:
         gguf_file: GGUF file name inside ``model`` when it is a directory of GGUF files.
         dtype: weight dtype (``float32``, ``bfloat16``); ``eval.protocol: official`` needs float32.
         cache_dir: where converted GGUF models are cached.
+        quantize: store the base's linear layers in ``nf4``, ``fp4`` or ``int8`` (bitsandbytes, as
+            ``model.quantize`` in training); the adapter is then evaluated unmerged (``merge: false``).
         adapter: an adapter directory (lori's, or a PEFT LoRA directory as released); None = the
             base model alone.
         mask_file: masks for a released adapter (the original code's torch file or lori's).
@@ -56,6 +61,7 @@ class EvalTarget:
     gguf_file: str | None = None
     dtype: str = "float32"
     cache_dir: str | None = None
+    quantize: str | None = None
     adapter: str | None = None
     mask_file: str | None = None
     merge: bool = True
@@ -75,8 +81,8 @@ def build_parser() -> ArgumentParser:
 def load_target(target: EvalTarget) -> tuple[Any, Any, dict[str, Any]]:
     """Model and tokenizer with the adapter applied (and merged); the adapter is read first."""
     adapter = load_adapter(target.adapter, target.mask_file) if target.adapter else None
-    model, tokenizer = build_model(target.model, target.gguf_file, target.dtype, target.cache_dir)
-    info: dict[str, Any] = {"model": target.model, "adapter": target.adapter}
+    model, tokenizer = build_model(target.model, target.gguf_file, target.dtype, target.cache_dir, target.quantize)
+    info: dict[str, Any] = {"model": target.model, "adapter": target.adapter, "quantize": target.quantize}
     if adapter is not None:
         apply_adapter(model, adapter, strict_base=target.strict_base)
         if target.merge:
@@ -85,6 +91,15 @@ def load_target(target: EvalTarget) -> tuple[Any, Any, dict[str, Any]]:
                  "stage": adapter.meta.get("stage")}
     model.eval()
     return model, tokenizer, info
+
+
+def check_quantized_target(target: EvalTarget, settings: EvalSettings) -> None:
+    """Refuse, before anything loads, a ``quantize`` that cannot run, or an adapter to merge into it."""
+    check_quantize(target.quantize, model=target.model, gguf_file=target.gguf_file, protocol=settings.protocol)
+    if target.quantize is not None and target.adapter is not None and target.merge:
+        raise QuantizeError(f"quantize {target.quantize!r} with merge: true: merging into a quantized base would "
+                            "round W0 + ΔW to 4/8 bits again; evaluate the adapter unmerged (--merge false), or "
+                            "merged on the unquantized base (no quantize)")
 
 
 def format_results(results: dict[str, dict[str, float]]) -> str:
@@ -103,6 +118,7 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
     """Evaluate and write the results (holding the output_dir's lock); returns what results.json holds."""
     check_official_model(settings, target.dtype, target.merge or target.adapter is None)
+    check_quantized_target(target, settings)
     items: dict[str, Any] = {}
     eval_sets = load_eval_sets(settings, items)  # bad tasks / data stop here, before the model loads
     model, tokenizer, info = load_target(target)
@@ -122,6 +138,8 @@ def run_eval(target: EvalTarget, settings: EvalSettings) -> dict[str, Any]:
         with SummaryWriter(str(tmp / "tb")) as writer:
             for tag, value in scalars:
                 writer.add_scalar(tag, value, 0)
+    if target.adapter:  # the adapter's card (README.md, written by lori) gets these results in place
+        update_card_results(target.adapter, report, out / "results.json")
     return report
 
 

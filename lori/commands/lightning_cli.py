@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,16 @@ from lori.core import LoRIConfigError
 from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
-from lori.training import console, progress, run_lock
+from lori.training import console, preemption, progress, run_lock
 from lori.training.base_model import _resolve_dtype as resolve_dtype
 from lori.training.callbacks import SaveAdapter
 from lori.training.checkpoint_io import with_atomic_checkpoints
 from lori.training.continual import ContinualConfig
 from lori.training.module import LoRIModule
 from lori.training.pipeline import PipelineConfig
+from lori.training.preemption import PreemptionCheckpoint
+
+FIT_RESUME = "rerun with --ckpt_path {path} to resume"  # lori fit resumes from the checkpoint it is given
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
 PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
@@ -164,6 +168,8 @@ class LoRICLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         kwargs.setdefault("callbacks", callbacks + progress.for_trainer(self.subcommand, trainer, callbacks))
+        if self.subcommand == "fit":  # SIGTERM / SIGUSR1: checkpoint after the step, one line, exit 128 + signal
+            kwargs["callbacks"] = [*kwargs["callbacks"], PreemptionCheckpoint("fit", FIT_RESUME, slurm_checkpoint=True)]
         kwargs.update(console.trainer_overrides(trainer))
         return super().instantiate_trainer(**kwargs)
 
@@ -175,7 +181,27 @@ class LoRICLI(LightningCLI):
         with contextlib.ExitStack() as stack:
             for directory in dict.fromkeys(str(d) for d in directories):
                 stack.enter_context(run_lock.holding(directory))
+            stack.enter_context(preemption.handling())
             self.trainer.fit(**kwargs)
+
+    def validate(self, **kwargs: Any) -> Any:
+        """``lori validate``: Trainer.validate, also of a checkpoint of ``lori pipeline`` / ``fit``."""
+        with _without_callback_advice():
+            return self.trainer.validate(**kwargs)
+
+    def test(self, **kwargs: Any) -> Any:
+        """``lori test``: Trainer.test (a checkpoint as ``validate``)."""
+        with _without_callback_advice():
+            return self.trainer.test(**kwargs)
+
+
+@contextlib.contextmanager
+def _without_callback_advice() -> Any:
+    """Evaluating a checkpoint needs none of the callbacks that trained it (its ModelCheckpoint, RNG
+    state): Lightning's advice to add them (for a resumed fit) is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`", module=r"lightning\.pytorch")
+        yield
 
 
 def add_protocol_argument(parser: LightningArgumentParser) -> None:

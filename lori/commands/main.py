@@ -40,6 +40,7 @@ from lori.core import (
     InjectionError,
     LoRIConfigError,
     NonFiniteError,
+    QuantizedMergeError,
 )
 from lori.core.atomic_files import disk_full_message
 from lori.core.masks import CalibrationError
@@ -76,6 +77,7 @@ USER_ERRORS = (
     LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
     DataError, CheckpointMismatchError, merge_command.MergeConfigError, EvalError,
     ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError, CalibrationError,
+    QuantizedMergeError,
 )
 
 

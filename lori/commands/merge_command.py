@@ -10,7 +10,7 @@ model on every benchmark and writes:
     <output_dir>/results.md                 rows = merge methods, columns = task metrics + average
     <output_dir>/results.json               the same numbers, weights, densities, adapters
     <output_dir>/merge_config.yaml          the resolved config
-    <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged)
+    <output_dir>/<method>/merged_adapter/   the merged adapter (factor-space merges, save_merged), README.md card
     <output_dir>/<method>/delta_stats.json  ||ΔW||_F and nonzero fraction per module
 
 What each method computes (``lori.core.merge``; s_t = alpha_t / r_t, w_t the weights; PEFT's
@@ -66,6 +66,7 @@ from lori.core.merge import (
     merge_factors,
 )
 from lori.training import run_lock
+from lori.training.model_card import facts_from_merge, write_card
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
              "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES"}
@@ -456,6 +457,9 @@ def _merge_row(
     (out / "delta_stats.json").write_text(json.dumps(stats, indent=2))
     if merged is not None and cfg.save_merged:
         save_adapter(merged, out / "merged_adapter")
+        sources = [{"task": n, "path": str(p), "weight": w} for n, p, w in zip(aset.names, cfg.adapters, aset.weights)]
+        write_card(facts_from_merge(out / "merged_adapter", merged, method, sources,
+                                    Path(cfg.output_dir) / out.name / "merged_adapter"))  # its README.md
     scores = evaluate(model, tokenizer, list(cfg.evaluate)) if cfg.evaluate else {}
     return {"method": method, "merging": ROW_NAMES[method], "adaptation": aset.label,
             "combination_type": PEFT_TYPES.get(method), "protocol": cfg.protocol, "weights": aset.weights,

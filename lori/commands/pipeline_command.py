@@ -8,6 +8,7 @@ as chained ``Trainer.fit`` calls (``lori.training.pipeline``), one Trainer each.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lori.commands.lightning_cli import LoRICLI, dump_config
 from lori.data.datamodule import TaskDataModule
 from lori.training import run_lock
+from lori.training.loggers import RunLoggers
 from lori.training.module import LoRIModule
 from lori.training.pipeline import (
     PipelineConfig,
@@ -35,9 +37,12 @@ def pipeline(argv: list[str]) -> dict[str, Any]:
     cfg = PipelineConfig(**cli.config["pipeline"])
     trainer_config = cli.config_init["trainer"]
     out = Path(cfg.output_dir)
-    make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every)
+    hparams = {"pipeline": asdict(cfg)}  # logged with the module's and the data's, once per run
+    loggers = RunLoggers(trainer_config.get("logger"), out, hparams)
+    make = make_trainer_factory({**trainer_config}, out, cfg.checkpoint_every, loggers)
     config_text = dump_config(cli)
     summary = run_pipeline(cli.model, cli.datamodule, make, cfg, config_text)
+    loggers.finalize()
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return summary

@@ -30,7 +30,7 @@ from lori.core.inject import (
     unmerge_lori,
 )
 from lori.core.io import AdapterFileError, load_adapter, load_masks, save_adapter
-from lori.core.layer import LoRILinear, draw_A
+from lori.core.layer import LoRILinear, QuantizedMergeError, draw_A
 from lori.core.masks import calibrate, mask_density, mask_overlap, sparsity_by, sparsity_table
 from lori.core.merge import (
     DeltaMerge,
@@ -44,7 +44,8 @@ from lori.core.sharding import full_parameters, unwrap_fsdp
 
 __all__ = [
     "DEFAULT_TARGETS", "GRANULARITIES", "Adapter", "AdapterFileError", "AdapterMismatchError",
-    "DeltaMerge", "DiskFullError", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "NonFiniteError", "adapter_from_model",
+    "DeltaMerge", "DiskFullError", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "NonFiniteError", "QuantizedMergeError",
+    "adapter_from_model",
     "adapter_listing", "apply_adapter", "atomic_write", "base_fingerprint", "calibrate", "count_trainable", "draw_A",
     "full_parameters", "get_A", "get_B", "get_masks", "inject_lori", "load_adapter", "load_masks",
     "lori_layers",

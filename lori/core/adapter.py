@@ -76,11 +76,16 @@ class Adapter:
         return self.config.scale * (self.B[path].float() @ self.A[path].float())
 
 
+FINGERPRINT_HEAD = "lori_weight_head"  # a quantized layer's first 64 original weight entries (a plain attribute)
+
+
 def base_fingerprint(model: nn.Module, paths: list[str]) -> str:
     """A short digest of the first 64 base-weight entries of up to 4 adapted modules.
 
     Rounded to bf16 first, so the same base loaded in fp32 or bf16 gives the same digest.
-    Computed from unmerged weights only.
+    Computed from unmerged weights only. A layer stored quantized (``lori.training.quantize``)
+    digests the entries it kept from before quantization (its ``FINGERPRINT_HEAD`` attribute),
+    so a quantized base has the digest of the unquantized one.
     """
     h = hashlib.sha256()
     for path in sorted(paths)[:4]:
@@ -89,7 +94,8 @@ def base_fingerprint(model: nn.Module, paths: list[str]) -> str:
             if module.merged:
                 raise AdapterMismatchError(f"{path} is merged; unmerge before fingerprinting the base")
             module = module.base_layer
-        w = module.weight.detach()
+        w = getattr(module, FINGERPRINT_HEAD, None)
+        w = module.weight.detach() if w is None else w
         if w.device.type == "meta":
             return "meta"
         head = w.reshape(-1)[:64].to(torch.bfloat16).float().cpu()
@@ -148,11 +154,11 @@ def check_fits(model: nn.Module, adapter: Adapter, strict_base: bool = True) -> 
                 f"adapter module {path!r} does not exist in {type(model).__name__}: "
                 "the adapter was trained on another base model"
             ) from None
-        weight = module.weight
-        if tuple(weight.shape) != (d_out, d_in):
+        shape = (module.out_features, module.in_features) if hasattr(module, "in_features") else module.weight.shape
+        if tuple(shape) != (d_out, d_in):  # (a quantized weight's own shape is its packed storage's)
             raise AdapterMismatchError(
                 f"{path}: adapter expects a ({d_out} x {d_in}) weight, the model has "
-                f"{tuple(weight.shape)}: the adapter was trained on another base model"
+                f"{tuple(shape)}: the adapter was trained on another base model"
             )
     _check_saved_embeddings(model, adapter)
     if strict_base and adapter.base_fingerprint not in (None, "meta"):

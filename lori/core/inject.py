@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lori.core.config import LoRIConfig
 from lori.core.finite import NonFiniteError, describe_non_finite
-from lori.core.layer import LoRILinear
+from lori.core.layer import LoRILinear, check_float_weight
 
 
 class InjectionError(ValueError):
@@ -147,8 +147,10 @@ def check_merge_finite(layers: Mapping[str, LoRILinear]) -> None:
 
     Raises:
         NonFiniteError: naming the first module whose merge is not finite; nothing was merged.
+        QuantizedMergeError: a base weight is stored quantized; nothing was merged.
     """
     for path, layer in layers.items():
+        check_float_weight(layer.base_layer.weight, path)
         if layer.merged:
             continue
         delta = layer.delta_weight()

@@ -47,6 +47,28 @@ from torch.nn.modules import module as _module
 ADAPTER_DTYPE = torch.float32  # A, B and (so) B's optimizer state, whatever the base's dtype
 
 
+class QuantizedMergeError(ValueError):
+    """A merge into a base weight stored quantized (``model.quantize``: 4- or 8-bit): refused."""
+
+
+def check_float_weight(weight: Tensor, path: str) -> None:
+    """Refuse to merge into ``weight`` when it is stored quantized (not floating point).
+
+    W0 + ΔW would have to be dequantized, summed and quantized again: the sum rounded to 4 or 8
+    bits, every entry of W0 moved by up to a quantization step that training never saw. The
+    adapter is the same file on the unquantized base, where the merge is exact to one rounding.
+
+    Raises:
+        QuantizedMergeError: naming the module and what to do instead.
+    """
+    if not weight.is_floating_point():
+        raise QuantizedMergeError(
+            f"refusing to merge into {path}: its base weight is stored quantized ({weight.dtype}, model.quantize), "
+            "where W0 + ΔW would be rounded to 4/8 bits again; evaluate with the adapter unmerged (merge: false) "
+            "or merge into the unquantized base (model.quantize: null): the adapter file is the same"
+        )
+
+
 def module_seed(seed: int, path: str) -> int:
     """A 63-bit generator seed derived from the adapter seed and the module path."""
     digest = hashlib.sha256(f"lori:{seed}:{path}".encode()).digest()
@@ -142,14 +164,21 @@ class LoRILinear(nn.Module):
         self.lori_B_values = nn.Parameter(dense.reshape(-1)[index].clone() if values is None else values)
 
     def delta_weight(self) -> Tensor:
-        """scale * B_eff A (d_out x d_in), computed in fp32 and cast to the weight's dtype."""
-        return self._delta_fp32().to(self.base_layer.weight.dtype)
+        """scale * B_eff A (d_out x d_in), computed in fp32 and cast to the weight's dtype (fp32 kept
+        for a weight stored quantized)."""
+        weight = self.base_layer.weight
+        return self._delta_fp32().to(weight.dtype if weight.is_floating_point() else ADAPTER_DTYPE)
 
     def _delta_fp32(self) -> Tensor:
         return self.scale * (self.B().detach().float() @ self.lori_A.float())
 
     def merge(self) -> None:
-        """Add the update into the base weight. Merging a merged layer changes nothing."""
+        """Add the update into the base weight. Merging a merged layer changes nothing.
+
+        Raises:
+            QuantizedMergeError: the base weight is stored quantized (``check_float_weight``).
+        """
+        check_float_weight(self.base_layer.weight, self.path)
         if not self.merged:
             self._add_delta(1.0)
             self.merged = True
@@ -213,8 +242,9 @@ class LoRILinear(nn.Module):
         result = self.base_layer(x)
         h = F.linear(self.lori_dropout(x), _as(self.lori_A, x.dtype))  # (..., r)
         B = _as(self.B(), h.dtype)  # (d_out, r)
-        if result.dtype == h.dtype and result.is_contiguous():
-            # fused result += scale * h B^T on the base output, which autograd does not keep
+        if result.dtype == h.dtype and result.is_contiguous() and self.base_layer.weight.is_floating_point():
+            # fused result += scale * h B^T on the base output, which autograd does not keep (a quantized
+            # base's output comes from the quantization library's own autograd node: added out of place)
             flat = result.view(-1, result.shape[-1])
             flat.addmm_(h.reshape(-1, self.r), B.t(), alpha=self.scale)
             return result

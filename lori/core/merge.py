@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from lori.core.adapter import Adapter, AdapterMismatchError
 from lori.core.config import LoRIConfig
 from lori.core.finite import NonFiniteError, describe_non_finite
+from lori.core.layer import check_float_weight
 
 METHODS = ("concat", "linear", "linear_eq8", "magnitude", "ties", "dare", "dare_ties")
 PRUNING = ("magnitude", "ties", "dare", "dare_ties")  # the methods that take a density
@@ -310,6 +311,7 @@ class DeltaMerge:
         self.model, self.deltas, self.merged = model, deltas, False
         for path, delta in deltas.items():
             weight = self._weight(path)
+            check_float_weight(weight, path)
             if tuple(weight.shape) != tuple(delta.shape):
                 raise AdapterMismatchError(f"{path}: ΔW {tuple(delta.shape)} vs weight {tuple(weight.shape)}")
 

@@ -6,7 +6,9 @@ Everything here runs in the parent or in ``preexec_fn`` (the forked child before
 
 Mechanisms, each used when :func:`capabilities` finds it working on this machine:
 
-* ``RLIMIT_CPU``/``AS``/``FSIZE``/``CORE``/``NOFILE``/``NPROC`` (always).  ``RLIMIT_NPROC`` counts
+* ``RLIMIT_CPU``/``AS``/``FSIZE``/``CORE``/``NOFILE``/``NPROC`` (always).  ``RLIMIT_CPU`` has its
+  soft limit :data:`CPU_GRACE_S` below the hard one, so the kernel first sends ``SIGXCPU`` (and
+  only a program that ignores it meets ``SIGKILL`` at the hard limit).  ``RLIMIT_NPROC`` counts
   every process of the user and the kernel ignores it for root (uid 0 is exempt), hence:
 * a pids cgroup (v1 ``pids`` hierarchy or a v2 folder with ``pids.max``) per run: a hard cap on
   processes/threads that also holds for root, and a reliable way to kill every descendant;
@@ -42,11 +44,15 @@ PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
 _KEEP_MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
                      "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 _LIBC = ctypes.CDLL(None, use_errno=True)
+CPU_GRACE_S = 1  # hard RLIMIT_CPU - soft: SIGXCPU at the soft limit, SIGKILL at the hard one
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits of one run (``None`` = leave unlimited)."""
+    """Resource limits of one run (``None`` = leave unlimited).
+
+    ``cpu_seconds`` is the soft ``RLIMIT_CPU`` (``SIGXCPU``); the hard one is ``CPU_GRACE_S`` more.
+    """
 
     cpu_seconds: int
     memory_bytes: int | None
@@ -105,9 +111,9 @@ def user_task_count(uid: int) -> int:
 
 
 def _set_limits(limits: Limits, nproc: int) -> None:
-    pairs = [(resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_CORE, 0),
-             (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, nproc),
-             (resource.RLIMIT_NOFILE, limits.open_files)]
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + CPU_GRACE_S))
+    pairs = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, limits.file_bytes),
+             (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_NOFILE, limits.open_files)]
     if limits.memory_bytes is not None:
         pairs.append((resource.RLIMIT_AS, limits.memory_bytes))
     for which, value in pairs:

@@ -30,8 +30,16 @@ Protocols (``EvalSettings.protocol``):
 Judged text (``judge_text``): the official code reads the decoded PROMPT + generation, so numbers,
 label words and keywords of the prompt count (17 of the 330 HEx-PHI prompts contain a keyword and
 are "safe" whatever the model writes; a GSM8K generation without a number scores the question's
-last number). lori reads the generated text only, under both protocols; ``judge_text:
-prompt_and_generated`` (official protocol only) reproduces the official reading exactly.
+last number). Under ``protocol: official`` that reading is the default (``prompt_and_generated``) and
+lori's reading of the generated text only is reported beside it, named: ``accuracy`` and
+``accuracy_generated_only`` (GSM8K), ``accuracy_generate`` and ``accuracy_generate_generated_only``
+(NLU), ``safety_score`` and ``safety_score_generated_only`` (safety sets); with ``judge_text:
+generated`` the two swap (``..._prompt_and_generated`` beside). ``protocol: lori`` reads the
+generated text only.
+
+Held-out items (``held_out``): under ``protocol: official`` GSM8K is scored on its whole test split
+in order (the official item set, 1,280 of 1,319 after ``items: official``) unless ``held_out`` is
+given; under ``lori`` (and for MBPP, which the official code lacks) a held-out split of 200.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ CODE_TASKS = ("humaneval", "mbpp")
 EVAL_TASKS = ("gsm8k", *CODE_TASKS, *REFUSAL_SOURCES, "over_refusal", "nlu", *sources.NLU_TASKS)
 NLU_MODES = ("loglik", "generate", "both")
 ITEMS = ("all", "official")
+LORI_HELD_OUT = 200  # held-out items of gsm8k / mbpp when ``held_out`` is not given (lori's default)
 JUDGE_TEXTS = ("generated", "prompt_and_generated")
 # the tasks src/eval_model.py batches (item selection) and the tasks run the official way
 BATCHED_TASKS = ("gsm8k", *REFUSAL_SOURCES, *sources.NLU_TASKS)
@@ -87,7 +96,8 @@ class EvalSettings:
         max_examples: evaluate the first N items of each set (None = all of them); applied after
             the ``items`` rule.
         held_out: for tasks evaluated on a held-out split of their training pool (gsm8k, mbpp):
-            the held-out size, as in the training config's ``data.held_out``.
+            the held-out size, as in the training config's ``data.held_out``. None = 200, except
+            GSM8K under ``protocol: official``: its whole test split, in order (the official set).
         split_seed: the seed of that split (``data.split_seed``).
         template: prompt template: ``alpaca``, ``chat`` or ``plain`` (as in training).
         protocol: ``lori`` or ``official`` (the official LoRI code's evaluation; see the module
@@ -116,13 +126,15 @@ class EvalSettings:
             GSM8K 1,319 -> 1,280, HEx-PHI 330 -> 320; for gsm8k, the NLU sets and the safety
             sets). None = ``official`` under ``protocol: official``, ``all`` under ``lori``.
         judge_text: what the answer rules and judges read: ``generated`` (the generated text only,
-            lori's fix, both protocols) or ``prompt_and_generated`` (the decoded prompt +
-            generation, exactly as the official code; ``protocol: official`` only).
+            lori's fix) or ``prompt_and_generated`` (the decoded prompt + generation, exactly as the
+            official code; ``protocol: official`` only). None = ``prompt_and_generated`` under
+            ``official`` (the other reading reported beside it, see the module docstring),
+            ``generated`` under ``lori``.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["gsm8k"])
     max_examples: int | None = None
-    held_out: int | float = 200
+    held_out: int | float | None = None
     split_seed: int = 0
     template: str = "alpaca"
     protocol: Literal["lori", "official"] = "lori"
@@ -140,12 +152,18 @@ class EvalSettings:
     sandbox_workers: int = 2
     progress: bool = True
     items: Literal["all", "official"] | None = None
-    judge_text: Literal["generated", "prompt_and_generated"] = "generated"
+    judge_text: Literal["generated", "prompt_and_generated"] | None = None
 
     def __post_init__(self) -> None:
-        if self.items is None:
-            self.items = "official" if self.protocol == "official" else "all"
         self.protocol_changes: list[str] = apply_official_eval(self) if self.protocol == "official" else []
+        self.items = self.items or "all"
+        self.judge_text = self.judge_text or "generated"
+
+    def held_out_of(self, task: str, pool: int) -> int | float:
+        """The held-out size of ``task`` (gsm8k, mbpp) in a pool of ``pool`` items (see ``held_out``)."""
+        if self.held_out is not None:
+            return self.held_out
+        return pool if self.protocol == "official" and task == "gsm8k" else LORI_HELD_OUT
 
     def check(self) -> None:
         """Raise EvalError for settings that cannot work, before any model is loaded."""
@@ -193,7 +211,7 @@ def _load_set(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
     official = settings.protocol == "official"
     if task in ("gsm8k", "mbpp"):
         pool = sources.load_gsm8k() if task == "gsm8k" else sources.load_mbpp()
-        records = sources.split_records(pool, settings.held_out, settings.split_seed)[1]
+        records = sources.split_records(pool, settings.held_out_of(task, len(pool)), settings.split_seed)[1]
         if official and task == "gsm8k":  # the official code reads the test split in its order
             position = {id(r): i for i, r in enumerate(pool)}
             records.sort(key=lambda r: position[id(r)])
@@ -445,9 +463,9 @@ def evaluate_model(
             results[task] = evaluator.run(task, records)
     nlu = [t for t in results if t in sources.NLU_TASKS]
     if len(nlu) > 1:
-        results["nlu_average"] = {
+        results["nlu_average"] = {  # (every accuracy: both readings of the generated answer under official)
             key: sum(results[t][key] for t in nlu) / len(nlu)
-            for key in ("accuracy_loglik", "accuracy_generate") if key in results[nlu[0]]
+            for key in results[nlu[0]] if key.startswith("accuracy") and all(key in results[t] for t in nlu)
         }
     if logger is not None:
         for task, metrics in results.items():

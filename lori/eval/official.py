@@ -62,6 +62,21 @@ OFFICIAL_EVAL_SETTINGS: tuple[Fixed, ...] = (
 )
 
 
+# The EvalSettings fields whose default (None) the official protocol reads the official way; any value
+# may be given instead (lori's own reading, another item count). Keys are EvalSettings field names.
+OFFICIAL_EVAL_DEFAULTS: tuple[Fixed, ...] = (
+    Fixed("items", "official",
+          "src/get_datasets.py:34-38, 433-443 (duplicate prompts merged, the incomplete last batch of 64 dropped)"),
+    Fixed("judge_text", "prompt_and_generated",
+          "src/eval_model.py:325-328 (batch_decode of prompt + new tokens is what the rules and the judge read)"),
+    Fixed("held_out", "the whole GSM8K test split, in order",
+          "src/eval_model.py:300 (split='test'), src/get_datasets.py:42-47 (load_dataset('gsm8k', 'main', split): "
+          "all 1,319 problems, in order)"),
+)
+# lori's default of the same fields, as the change line names it
+_LORI_DEFAULTS = {"items": "all", "judge_text": "generated", "held_out": 200}
+
+
 def _equal(a: Any, b: Any) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
@@ -75,6 +90,9 @@ def apply_official_eval(settings: Any) -> list[str]:
 
     Args:
         settings: a ``lori.eval.evaluator.EvalSettings`` (any dataclass with those fields).
+
+    Fields of :data:`OFFICIAL_EVAL_DEFAULTS` left at None take the official value too (``held_out``
+    stays None: ``EvalSettings.held_out_of`` resolves it per task), and any value is accepted there.
 
     Returns:
         One ``eval.<field>: old -> new`` line per field changed.
@@ -96,6 +114,15 @@ def apply_official_eval(settings: Any) -> list[str]:
     if conflicts:
         raise EvalError("protocol official fixes evaluation settings set otherwise here: " + "; ".join(conflicts)
                         + " -- remove them or use protocol: lori")
+    for default in OFFICIAL_EVAL_DEFAULTS:
+        if getattr(settings, default.key) is not None:
+            continue
+        if default.key == "held_out":  # per task, see EvalSettings.held_out_of; only GSM8K has an official set
+            if "gsm8k" in getattr(settings, "tasks", ()):
+                changed.append(f"eval.held_out: 200 -> {default.value}")
+            continue
+        setattr(settings, default.key, default.value)
+        changed.append(f"eval.{default.key}: {_LORI_DEFAULTS[default.key]!r} -> {default.value!r}")
     return changed
 
 

@@ -11,9 +11,11 @@ Per task (github.com/juzhengz/LoRI at 9183468):
   special tokens), generated from those ids (``lori.eval.generate.generate_from_ids``);
 * GSM8K, NLU, safety: greedy, ``max_new_tokens`` (512) new tokens (src/eval_model.py:307-317);
   the official answer rules (``lori.eval.answers.official_*``) and keyword judge
-  (``lori.eval.judge.OfficialKeywordJudge``) read the generated text (``judge_text: generated``,
-  lori's fix) or the decoded prompt + generation (``prompt_and_generated``, the official reading,
-  l.325-328: ``batch_decode(prompt + new tokens, skip_special_tokens=True)``);
+  (``lori.eval.judge.OfficialKeywordJudge``) read the decoded prompt + generation
+  (``judge_text: prompt_and_generated``, the official reading and the default, l.325-328:
+  ``batch_decode(prompt + new tokens, skip_special_tokens=True)``) or the generated text only
+  (``generated``, lori's fix); the score of the other reading is reported beside, its name ending
+  in ``_generated_only`` or ``_prompt_and_generated`` (``other_reading``);
 * HumanEval: bigcode's sampling (temperature, top-p, top-k 0, ``n_samples`` per problem, seed)
   with at most 512 tokens of prompt + generation, its stop words and program assembly
   (``lori.eval.official.bigcode_candidate`` / ``bigcode_program``), pass@1/5/10.
@@ -39,6 +41,7 @@ from lori.eval.passk import HUMANEVAL_STOP_OFFICIAL
 from lori.eval.sandbox import run_many
 
 Records = list[dict[str, Any]]
+READING_SUFFIX = {"generated": "_generated_only", "prompt_and_generated": "_prompt_and_generated"}
 SAFETY_SOURCES = ("harmbench", "strongreject", "donotanswer", "hexphi")
 
 
@@ -88,51 +91,65 @@ class OfficialTasks:
         return generate_from_ids(self.model, self.tokenizer, prompt_ids, batch_size=s.batch_size,
                                  progress=s.progress, seed=s.seed, **kwargs)
 
-    def texts(self, task: str, records: Records) -> tuple[list[str], list[str]]:
-        """``(generated text, the text the rules read)`` per record (one greedy generation)."""
+    def texts(self, task: str, records: Records) -> tuple[list[str], list[str], list[str]]:
+        """``(generated text, the text the rules read, the text the other reading reads)`` per record
+        (one greedy generation; ``judge_text`` picks the reading)."""
         ids = self.token_ids(task, records)
         new = [seqs[0] for seqs in self.generate(ids)]
         decode = self.tokenizer.decode
         generated = [decode(seq, skip_special_tokens=True) for seq in new]
+        with_prompt = [decode(p + seq, skip_special_tokens=True) for p, seq in zip(ids, new)]
         if self.s.judge_text == "prompt_and_generated":
-            return generated, [decode(p + seq, skip_special_tokens=True) for p, seq in zip(ids, new)]
-        return generated, generated
+            return generated, with_prompt, generated
+        return generated, generated, with_prompt
+
+    def other_reading(self, metric: str) -> str:
+        """The name of ``metric`` as the reading ``judge_text`` did not pick scores it."""
+        other = "generated" if self.s.judge_text == "prompt_and_generated" else "prompt_and_generated"
+        return metric + READING_SUFFIX[other]
 
     def gsm8k(self, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
         targets = [t for _, t in self.formatted("gsm8k", records)]
-        generated, read = self.texts("gsm8k", records)
-        metric = ExactMatch(official_gsm8k_correct)
+        generated, read, other = self.texts("gsm8k", records)
+        metric, other_metric = ExactMatch(official_gsm8k_correct), ExactMatch(official_gsm8k_correct)
         metric.update(read, targets)
+        other_metric.update(other, targets)
         samples = [{"id": r["id"], "output": g, "pred": official_gsm8k_answer(x),
                     "gold": official_gsm8k_answer(t)}
                    for r, g, x, t in zip(records, generated, read, targets)]
-        return {"accuracy": float(metric.compute()), "n": len(records)}, samples
+        return {"accuracy": float(metric.compute()), self.other_reading("accuracy"): float(other_metric.compute()),
+                "n": len(records)}, samples
 
     def nlu(self, task: str, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
         targets = [t for _, t in self.formatted(task, records)]
-        generated, read = self.texts(task, records)
+        generated, read, other = self.texts(task, records)
         preds = [official_nlu_answer(task, x) for x in read]
-        golds = [official_nlu_answer(task, t) for t in targets]
-        metric = MultipleChoiceAccuracy([task])
-        metric.update([official_nlu_index(task, p) for p in preds],
-                      [official_nlu_index(task, g) for g in golds], task)
-        samples = [{"id": r["id"], "output": o, "pred": p, "gold": g}
-                   for r, o, p, g in zip(records, generated, preds, golds)]
-        return {"accuracy_generate": float(metric.compute()["average"]), "n": len(records)}, samples
+        golds = [official_nlu_index(task, official_nlu_answer(task, t)) for t in targets]
+        scores = {}
+        for name, answers in (("accuracy_generate", preds), (self.other_reading("accuracy_generate"),
+                                                             [official_nlu_answer(task, x) for x in other])):
+            metric = MultipleChoiceAccuracy([task])
+            metric.update([official_nlu_index(task, p) for p in answers], golds, task)
+            scores[name] = float(metric.compute()["average"])
+        samples = [{"id": r["id"], "output": o, "pred": p, "gold": official_nlu_answer(task, t)}
+                   for r, o, p, t in zip(records, generated, preds, targets)]
+        return scores | {"n": len(records)}, samples
 
     def refusal(self, task: str, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        generated, read = self.texts(task, records)
+        generated, read, other = self.texts(task, records)
         prompts = [r["prompt"] for r in records]
-        safe_judge = OfficialKeywordJudge()  # reads ``read``: the generation, or prompt + generation
-        safety, refusal = RefusalRate(safe_judge), RefusalRate()
+        safe_judge = OfficialKeywordJudge()  # reads ``read``: prompt + generation, or the generation
+        safety, other_safety, refusal = RefusalRate(safe_judge), RefusalRate(safe_judge), RefusalRate()
         safety.update(prompts, read)
+        other_safety.update(prompts, other)
         refusal.update(prompts, generated)  # lori's judge, on the generated text
         verdicts = safe_judge(prompts, read)
         refused = refusal.judge(prompts, generated)
         samples = [{"id": r["id"], "output": o, "safe": bool(v), "refused": bool(f)}
                    for r, o, v, f in zip(records, generated, verdicts, refused)]
-        return {"safety_score": float(safety.compute()), "refusal_rate": float(refusal.compute()),
-                "n": len(records)}, samples
+        return {"safety_score": float(safety.compute()),
+                self.other_reading("safety_score"): float(other_safety.compute()),
+                "refusal_rate": float(refusal.compute()), "n": len(records)}, samples
 
     def humaneval(self, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
         n = self.s.n_samples

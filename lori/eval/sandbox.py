@@ -4,7 +4,8 @@ Each program runs in its own ``python -I -B`` process, in its own session (proce
 fresh temporary working directory (deleted afterwards) and a cleared environment.  Layers:
 
 1. Wall-clock timeout: on expiry the whole process group (and the pids cgroup) is SIGKILLed.
-2. rlimits set in ``preexec_fn``: ``RLIMIT_CPU`` (timeout + 1 s), ``RLIMIT_AS`` (memory),
+2. rlimits set in ``preexec_fn``: ``RLIMIT_CPU`` (soft timeout + 1 s: ``SIGXCPU``; hard one second
+   later: ``SIGKILL``), ``RLIMIT_AS`` (memory),
    ``RLIMIT_FSIZE`` (file size, also bounds captured output), ``RLIMIT_CORE=0``,
    ``RLIMIT_NOFILE`` and ``RLIMIT_NPROC`` (ignored by the kernel for root, see below).
 3. Kernel isolation when available (probed once, see :func:`isolation_report`): a pids cgroup
@@ -16,7 +17,9 @@ fresh temporary working directory (deleted afterwards) and a cleared environment
    are disabled; deletes, renames, chmods and writes are confined to the working directory.
 
 A pass needs BOTH exit status 0 and a random per-run token that the launcher prints only after the
-program returned normally, so ``os._exit(0)``/``sys.exit(0)`` mid-test is judged ``failed``.
+program returned normally, so ``os._exit(0)``/``sys.exit(0)`` mid-test is judged ``failed``.  A
+program stopped by the wall clock, by ``SIGXCPU`` or by ``SIGKILL`` after using its CPU allowance
+(the child is reaped with ``wait4``, which reports its CPU time) is judged ``timeout``.
 """
 
 from __future__ import annotations
@@ -99,8 +102,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _status(returncode: int | None, timed_out: bool, token_seen: bool) -> Status:
-    if timed_out or returncode == -signal.SIGXCPU:
+def _status(returncode: int | None, timed_out: bool, token_seen: bool, cpu_spent: bool) -> Status:
+    """Classify a finished run; ``cpu_spent``: the child used at least its soft CPU limit.
+
+    A kill is a ``timeout`` when its cause was a limit: the wall clock (``timed_out``), the soft
+    CPU limit (``SIGXCPU``) or the hard one (``SIGKILL`` once the CPU allowance is spent).
+    """
+    if timed_out or returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and cpu_spent):
         return "timeout"
     return "passed" if returncode == 0 and token_seen else "failed"
 
@@ -113,20 +121,36 @@ def _launch(cmd: list[str], work: Path, env: dict[str, str], preexec, out, err) 
     )
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for the child; on timeout kill its group. Returns whether it timed out."""
-    try:
-        proc.wait(timeout=timeout)
-        return False
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.wait()
-        return True
+def _reap(proc: subprocess.Popen, block: bool) -> float | None:
+    """Reap the child with ``wait4``; its CPU seconds (user + system), ``None`` if still running."""
+    pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[bool, float]:
+    """Wait for the child; on timeout kill its group. Returns (timed out, CPU seconds used)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while (cpu := _reap(proc, block=False)) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _kill_group(proc)
+            return True, _reap(proc, block=True) or 0.0
+        time.sleep(min(delay, left))
+        delay = min(2 * delay, 0.05)
+    return False, cpu
 
 
 def _execute(harness: Path, token: str, limits: Limits, caps: Capabilities, timeout: float,
-             options: dict[str, bool]) -> tuple[int | None, bool, str]:
-    """Start the launcher, wait, and clean up every descendant. Returns (rc, timed_out, error)."""
+             options: dict[str, bool]) -> tuple[int | None, bool, float, str]:
+    """Start the launcher, wait, and clean up every descendant.
+
+    Returns:
+        (returncode, timed out, CPU seconds used, error message or ``""``).
+    """
     work = harness / "work"
     cmd = [sys.executable, "-I", "-B", str(harness / "launcher.py"), str(harness / "program.py")]
     env = _environment(str(work), token, options["guard"])
@@ -140,10 +164,10 @@ def _execute(harness: Path, token: str, limits: Limits, caps: Capabilities, time
     try:
         with open(harness / "stdout", "wb") as out, open(harness / "stderr", "wb") as err:
             proc = _launch(cmd, work, env, preexec, out, err)
-        timed_out = _wait(proc, timeout)
-        return proc.returncode, timed_out, ""
+        timed_out, cpu = _wait(proc, timeout)
+        return proc.returncode, timed_out, cpu, ""
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, False, f"sandbox could not start the program: {exc!r}"
+        return None, False, 0.0, f"sandbox could not start the program: {exc!r}"
     finally:
         if proc is not None:
             _kill_group(proc)  # stray members of the group (e.g. daemonised children)
@@ -157,6 +181,7 @@ def run_program(
     memory_mb: int | None = 512,
     *,
     max_procs: int = 32,
+    cpu_seconds: int | None = None,
     max_file_mb: int = 16,
     max_output_bytes: int = 1 << 16,
     guard: bool = True,
@@ -167,10 +192,12 @@ def run_program(
 
     Args:
         code: the complete program (e.g. prompt + completion + tests + ``check(entry_point)``).
-        timeout: wall-clock seconds; the CPU limit is ``ceil(timeout) + 1``.
+        timeout: wall-clock seconds.
         memory_mb: address-space limit in MiB (``None``: unlimited).
         max_procs: cap on processes/threads (pids cgroup; ``RLIMIT_NPROC`` above the user's
             current count when not root).
+        cpu_seconds: soft CPU limit in seconds (``SIGXCPU``; ``SIGKILL`` one second later);
+            ``None``: ``ceil(timeout) + 1``. Either way, reaching it is a ``"timeout"``.
         max_file_mb: largest file (and captured stdout/stderr) the program may write, in MiB.
         max_output_bytes: how much of stdout/stderr is returned.
         guard: install the in-process prelude guard (disable only to test the kernel layers).
@@ -182,7 +209,7 @@ def run_program(
     """
     caps = capabilities()
     limits = Limits(
-        cpu_seconds=math.ceil(timeout) + 1,
+        cpu_seconds=math.ceil(timeout) + 1 if cpu_seconds is None else int(cpu_seconds),
         memory_bytes=None if memory_mb is None else int(memory_mb) << 20,
         max_procs=max_procs, file_bytes=int(max_file_mb) << 20,
     )
@@ -194,13 +221,15 @@ def run_program(
         (harness / "work").mkdir()
         (harness / "launcher.py").write_text(_LAUNCHER_SOURCE, encoding="utf-8")
         (harness / "program.py").write_text(code, encoding="utf-8")
-        returncode, timed_out, error = _execute(harness, token, limits, caps, timeout, options)
+        returncode, timed_out, cpu, error = _execute(harness, token, limits, caps, timeout,
+                                                     options)
         seen = error == "" and _token_seen(harness / "stdout", token)
         stdout = _read(harness / "stdout", max_output_bytes).replace(f"\n{token}\n", "")
         stderr = _read(harness / "stderr", max_output_bytes) + error
     finally:
         shutil.rmtree(harness, ignore_errors=True)
-    status = "error" if error else _status(returncode, timed_out, seen)
+    cpu_spent = cpu >= limits.cpu_seconds
+    status = "error" if error else _status(returncode, timed_out, seen, cpu_spent)
     return ExecResult(status == "passed", status, stdout, stderr, returncode,
                       round(time.monotonic() - start, 4))
 

@@ -35,6 +35,7 @@ from lori.core.adapter import a_digest
 from lori.core.atomic_files import atomic_write, write_bytes_atomic
 from lori.core.io import MaskRecord, read_mask_record
 from lori.core.layer import ADAPTER_DTYPE
+from lori.training.model_card import write_module_card
 
 
 def broadcast_masks(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,6 +70,11 @@ class MaskCalibration(Callback):
         self.masks: dict[str, torch.Tensor] | None = None
         self.record: MaskRecord | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
+            self.calibrate(trainer, pl_module)  # resumed from a checkpoint of step at_step: no step more
+            trainer.should_stop = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.at_step is not None and trainer.global_step >= self.at_step and self.masks is None:
             self.calibrate(trainer, pl_module)
@@ -97,8 +103,9 @@ class MaskCalibration(Callback):
         stats = {"calibration/density": mask_density(self.masks), "calibration/step": trainer.global_step}
         stats.update({f"sparsity/layer/{k}": v for k, v in sparsity_by(self.masks, "layer").items()})
         stats.update({f"sparsity/projection/{k}": v for k, v in sparsity_by(self.masks, "projection").items()})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(stats, step=trainer.global_step)
+        for logger in trainer.loggers:  # every logger the user named (trainer.logger: a list)
+            logger.log_metrics(stats, step=trainer.global_step)
+        if trainer.loggers:
             _log_heatmap(trainer, self.masks)
         if self.output_dir is not None and trainer.is_global_zero:
             from safetensors.torch import save
@@ -173,6 +180,7 @@ class SaveAdapter(Callback):
         with full_parameters(trainer.strategy.model or pl_module):  # every rank gathers, rank 0 writes
             if trainer.is_global_zero:
                 pl_module.save_adapter(self.directory, self.stage)
+                write_module_card(self.directory, pl_module, self.stage, trainer.datamodule)
 
 
 class Unshard(Callback):

@@ -62,6 +62,7 @@ def configure(verbose: bool = False) -> None:
     for module, message, category in DEPENDENCY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     _quiet_progress_bars()
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner and run summary (trainer.logger: WandbLogger)
 
 
 def _quiet_progress_bars() -> None:

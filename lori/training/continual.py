@@ -58,7 +58,9 @@ from lori.eval.evaluator import EvalSettings, evaluate_model, headline, load_eva
 from lori.eval.official import check_float32, evaluation_weights
 from lori.training import run_lock
 from lori.training.callbacks import SparsePhase
+from lori.training.loggers import RunLoggers, scoped
 from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
+from lori.training.preemption import handles_signals
 
 PHASES = ("base", "safety", "task")
 
@@ -212,9 +214,10 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
                           sparse_steps=max(cfg.safety_sparse_steps, 1), sparse_lr=cfg.safety_sparse_lr,
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     if cfg.safety_sparse_steps > 0:
-        summary["safety"] = run_pipeline(module, datamodule, make_trainer, pipe, config_text)
+        summary["safety"] = run_pipeline(module, datamodule, scoped(make_trainer, "safety"), pipe, config_text)
     else:
-        run_dense(module, datamodule, make_trainer, pipe, summary.setdefault("safety", {}), config_text)
+        run_dense(module, datamodule, scoped(make_trainer, "safety"), pipe, summary.setdefault("safety", {}),
+                  config_text)
     # the adapter the module now holds (what rank 0 saved), read on every rank without waiting for the file
     return adapter_from_model(module.model, module.lori_config, module.hparams.model, fingerprint=module.fingerprint)
 
@@ -228,17 +231,23 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
                           checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
     set_masks(module.model, None, reset=True)  # a fresh LoRI-D on the task: B = 0, dense
     module.phase = "dense"
-    masks = run_dense(module, task_data, make_trainer, pipe, summary.setdefault("task_mask", {}), None)
+    masks = run_dense(module, task_data, scoped(make_trainer, "task_mask"), pipe, summary.setdefault("task_mask", {}),
+                      None)
     apply_adapter(module.model, safety)  # back to the safety adapter
     return masks
 
 
+@handles_signals  # SIGTERM / SIGUSR1: checkpoint at the next step, one line, exit 128 + signal (preemption.py)
 @run_lock.locks_output_dir("cfg")
 def run_continual(
     module: Any, safety_data: TaskDataModule, task_data: TaskDataModule, make_trainer: Any,
-    cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None,
+    cfg: ContinualConfig, settings: EvalSettings, config_text: str | None = None, loggers: RunLoggers | None = None,
 ) -> dict[str, Any]:
-    """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked)."""
+    """Safety adapter -> task t under M_t, evaluating after every phase (``cfg.output_dir`` locked).
+
+    The evaluations go to ``loggers`` (the command's ``trainer.logger``; default TensorBoard in
+    <output_dir>/tb/continual) as ``continual/<task>/<metric>`` at the phase's index.
+    """
     cfg.check()
     if settings.protocol == "official":  # before any training
         check_float32(module.model, "set model.dtype: float32")
@@ -256,9 +265,7 @@ def run_continual(
     results: dict[str, Any] = {}
     writer = None
     if rank_zero_only.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb" / "continual"))
+        writer = (loggers if loggers is not None else RunLoggers(None, out)).evaluation_writer("continual")
     if cfg.evaluate_base:
         _evaluate(module, settings, eval_sets, "base", results, writer)
 
@@ -296,7 +303,8 @@ def run_continual(
     if rank_zero_only.rank == 0:
         write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
         plot_phases(results, out / "continual.png")
-        writer.close()
+        if writer is not None:
+            writer.close()
     return summary
 
 

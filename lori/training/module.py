@@ -20,6 +20,7 @@ response token are gathered, and the LM head + cross-entropy run on them chunk b
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -37,12 +38,19 @@ from lori.core import (
     adapter_from_model,
     base_fingerprint,
     count_trainable,
+    lori_layers,
     save_adapter,
 )
 from lori.core.layer import ADAPTER_DTYPE
 from lori.core.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 from lori.training import baselines
+from lori.training.activation_checkpointing import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    strategy_checkpoints,
+)
 from lori.training.base_model import load_base_model, resolve_base_dtype, tiny_llama, tiny_tokenizer
+from lori.training.quantize import QuantizeError, check_quantize, quantize_base, storage_line
 
 TINY = "tiny-llama"  # random-init 2-layer Llama with the default model's tokenizer: for tests
 TRUE_HALF = ("bf16-true", "16-true")  # Lightning precisions that cast the whole module
@@ -56,18 +64,28 @@ class CheckpointMismatchError(ValueError):
 
 
 def build_model(
-    name: str | None, gguf_file: str | None, dtype: str | torch.dtype, cache_dir: str | None
+    name: str | None, gguf_file: str | None, dtype: str | torch.dtype, cache_dir: str | None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Base model and tokenizer: ``tiny-llama``, the embedded default (None), a path or hub id.
 
-    ``dtype`` as ``model.dtype`` (``auto`` follows the hardware, see ``resolve_base_dtype``).
+    ``dtype`` as ``model.dtype`` (``auto`` follows the hardware, see ``resolve_base_dtype``);
+    ``quantize`` as ``model.quantize`` (``lori.training.quantize``: every linear layer but the LM
+    head stored in nf4, fp4 or int8, the rest in ``dtype``).
     """
     dtype = resolve_base_dtype(dtype)
+    check_quantize(quantize, model=name, gguf_file=gguf_file)  # before loading: name, bitsandbytes, source
     if name == TINY:
         tokenizer = tiny_tokenizer(cache_dir)
         vocab = len(tokenizer)
-        return tiny_llama(vocab_size=vocab, max_position_embeddings=1024).to(dtype), tokenizer
-    return load_base_model(name, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir)
+        model = tiny_llama(vocab_size=vocab, max_position_embeddings=1024).to(dtype)
+    else:
+        model, tokenizer = load_base_model(name, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir)
+    if quantize is not None:
+        if getattr(model.config, "quantization_config", None):  # a hub model stored quantized
+            raise QuantizeError(f"model {name!r} is already stored quantized; drop model.quantize {quantize!r}")
+        quantize_base(model, quantize, dtype)
+    return model, tokenizer
 
 
 def check_precision(precision: Any) -> None:
@@ -94,6 +112,12 @@ class LoRIModule(L.LightningModule):
             ``auto`` gives float32 there and a 16-bit dtype is refused. The resolved dtype is
             ``self.compute_dtype``.
         cache_dir: where converted GGUF models are cached (default ``~/.cache/lori/models``).
+        quantize: storage of the frozen base's linear layers (all but the LM head): ``null`` (``dtype``),
+            ``nf4``, ``fp4`` or ``int8`` through bitsandbytes (``lori.training.quantize``); the LoRI layers
+            wrap the quantized ones, A, B and the optimizer state stay fp32, compute is in ``dtype``.
+            Refused with a method that trains the base (``full``, ``pissa``), FSDP or ZeRO-3.
+        gradient_checkpointing: keep only each decoder layer's input between forward and backward and
+            recompute the rest (non-reentrant; ``lori.training.activation_checkpointing``), on any strategy.
         method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
             0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
             ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``) or ``full`` (every base weight
@@ -124,6 +148,8 @@ class LoRIModule(L.LightningModule):
         gguf_file: str | None = None,
         dtype: str = "float32",
         cache_dir: str | None = None,
+        quantize: str | None = None,
+        gradient_checkpointing: bool = False,
         method: Literal["lori", "lora_frozen_a", "lora", "dora", "lora_fa", "vera", "ia3", "adalora", "rslora",
                         "pissa", "loraplus", "full"] = "lori",
         lori: LoRIConfig = LoRIConfig(),  # noqa: B008 - a frozen-by-convention default
@@ -145,7 +171,7 @@ class LoRIModule(L.LightningModule):
         self.check_options(dict(self.hparams) | {"lori": self.lori_config, "baseline": self.baseline})
         self.compute_dtype = resolve_base_dtype(dtype, trains_base=method == "full")
         self.trainer_precision: str | None = None  # set by ``setup`` (the last Trainer's)
-        self.model, self.tokenizer = build_model(model, gguf_file, self.compute_dtype, cache_dir)
+        self.model, self.tokenizer = build_model(model, gguf_file, self.compute_dtype, cache_dir, quantize)
         targets = baselines.target_paths(self.model, self.lori_config.target_modules)
         self.fingerprint = base_fingerprint(self.model, targets)  # before any weight is wrapped or trained
         self.lori_config = baselines.attach(self.model, method, self.lori_config, self.baseline)
@@ -153,6 +179,8 @@ class LoRIModule(L.LightningModule):
         self.hparams["baseline"] = self.baseline.given()
         self.method_options = baselines.resolved_options(method, self.lori_config, self.baseline)
         self.model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
+        if gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.phase = "dense"  # "dense" (LoRI-D) or "sparse" (LoRI-S); set by the callbacks
         self.strict_loading = method == "full"  # adapter checkpoints hold only the adapter, not the frozen base
 
@@ -168,6 +196,9 @@ class LoRIModule(L.LightningModule):
         baselines.check_method_options(options.get("method", "lori"), lori or LoRIConfig(),
                                        baselines.BaselineOptions.from_value(baseline))
         resolve_base_dtype(options.get("dtype", "float32"), trains_base=options.get("method", "lori") == "full")
+        check_quantize(options.get("quantize"), options.get("method", "lori"), options.get("model"),
+                       options.get("gguf_file"), options.get("protocol", "lori"),
+                       trainer.get("strategy") if hasattr(trainer, "get") else None)
         if trainer is not None and hasattr(trainer, "get"):
             check_precision(trainer.get("precision"))
         if options.get("gradient_clipping", "global") not in ("global", "per_tensor"):
@@ -190,6 +221,10 @@ class LoRIModule(L.LightningModule):
         ``trainer.precision: bf16-mixed`` (FSDP MixedPrecision), the official recipe."""
         from lightning.pytorch.strategies import FSDPStrategy
 
+        if self._trainer is None:  # ``LoRIModule.load_from_checkpoint`` outside a Trainer: no strategy to fit
+            return
+        if self.hparams.get("gradient_checkpointing") and strategy_checkpoints(self.trainer.strategy):
+            disable_activation_checkpointing(self.model)  # an older FSDP config's policy checkpoints the layers
         if not isinstance(self.trainer.strategy, FSDPStrategy):
             return
         if any(p.dtype != ADAPTER_DTYPE for p in self.model.parameters() if p.is_floating_point()):
@@ -197,6 +232,14 @@ class LoRIModule(L.LightningModule):
                            "(trainer.precision bf16-mixed computes in bf16)")
             self.model.to(ADAPTER_DTYPE)
             self.compute_dtype = ADAPTER_DTYPE
+
+    @property
+    def hparams_initial(self) -> Any:
+        """The init arguments as loggers record them (``trainer.logger``), ``lori`` and ``baseline``
+        included (saved as plain values after ``save_hyperparameters``)."""
+        initial = super().hparams_initial
+        initial.update(lori=self.hparams["lori"], baseline=self.hparams["baseline"])
+        return initial
 
     def precision_info(self) -> dict[str, Any]:
         """What ran: dtypes of the frozen base, of the trained tensors and of the compute."""
@@ -208,7 +251,9 @@ class LoRIModule(L.LightningModule):
         if precision is not None and precision.endswith("-mixed"):
             compute = torch.bfloat16 if precision.startswith("bf16") else torch.float16
         return {"base": _name(base), "adapter": "/".join(trained) or "none", "compute": _name(compute),
-                "auto": self.hparams.dtype == "auto", "trainer_precision": precision}
+                "auto": self.hparams.dtype == "auto", "trainer_precision": precision,
+                "storage": storage_line(self.model, self.compute_dtype),
+                "gradient_checkpointing": bool(self.hparams.get("gradient_checkpointing"))}
 
     # ---- forward / loss -------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -285,9 +330,9 @@ class LoRIModule(L.LightningModule):
         clip_per_tensor(params, float(gradient_clip_val), _shard_sum(self.trainer))
 
     def on_train_start(self) -> None:
-        if self.logger is not None:
+        for logger in self.loggers:
             n = count_trainable(self.model)
-            self.logger.log_metrics({f"params/trainable_{self.phase}": float(n)}, step=self.global_step)
+            logger.log_metrics({f"params/trainable_{self.phase}": float(n)}, step=self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -320,11 +365,40 @@ class LoRIModule(L.LightningModule):
         keep = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lori"] = {"phase": self.phase, "fingerprint": self.fingerprint, "model": self.hparams.model,
-                              "method": self.hparams.method}
+                              "method": self.hparams.method, "alpha": self.lori_config.alpha}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint(checkpoint, self)
         self.phase = checkpoint.get("lori", {}).get("phase", "dense")
+        alpha = checkpoint.get("lori", {}).get("alpha")  # LoRI-S may train with its own (pipeline.sparse_alpha)
+        if alpha is not None and alpha != self.lori_config.alpha:
+            self.set_alpha(alpha)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Give every LoRI layer (and the config saved with the adapter) a new alpha."""
+        self.lori_config = replace(self.lori_config, alpha=alpha)
+        for layer in lori_layers(self.model).values():
+            layer.alpha, layer.scale = float(alpha), self.lori_config.scale
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint's tensors: all of them for ``method: full``; else the adapter's, strictly.
+
+        An adapter checkpoint holds only what trained (``checkpoint_keys``; the base is rebuilt
+        from ``model``), so the frozen base's keys are not reported missing (no warning from
+        ``load_from_checkpoint``); a key this model lacks, or an adapter key the checkpoint lacks,
+        raises CheckpointMismatchError, and a shape mismatch RuntimeError, whatever ``strict``.
+        """
+        if self.hparams.get("method", "lori") == "full":
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        adapter = self.checkpoint_keys()  # (LoRI layers have taken the checkpoint's layout, dense or masked)
+        missing = [key for key in result.missing_keys if key in adapter]
+        if missing or result.unexpected_keys:
+            raise CheckpointMismatchError(
+                f"checkpoint does not hold this model's adapter: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
+        return type(result)([], [])
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:

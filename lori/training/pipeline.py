@@ -1,11 +1,12 @@
 """LoRI-D -> mask calibration -> LoRI-S as chained ``Trainer.fit`` calls (paper Alg. 1).
 
-    <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml
+    <output_dir>/lori_d/           dense adapter (core format) + resolved_config.yaml + README.md (its card)
     <output_dir>/calibration/      masks.safetensors, sparsity_heatmap.png
-    <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml
+    <output_dir>/lori_s/           sparse adapter with its masks + resolved_config.yaml + README.md
     <output_dir>/<stage>_ckpt/     Lightning checkpoints (last.ckpt and the one before it, last.prev.ckpt):
                                    adapter state, masks, phase, optimizer (lori.training.checkpoint_io)
-    <output_dir>/tb/<stage>/       tensorboard logs
+    <output_dir>/tb/<stage>/       tensorboard logs (the default; ``trainer.logger`` names any Lightning
+                                   logger instead: one run, metrics under the stage's name, lori.training.loggers)
     <output_dir>/summary.json      held-out losses, trainable counts, sparsity, paths
     <parent>/.<output_dir>.lock    held while the run lasts (lori.training.run_lock): one run per directory
 
@@ -23,14 +24,13 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.core import (
@@ -40,7 +40,6 @@ from lori.core import (
     get_masks,
     load_adapter,
     load_masks,
-    lori_layers,
     mask_density,
     save_adapter,
     set_masks,
@@ -52,7 +51,11 @@ from lori.training import console, progress, run_lock
 from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, module_adapter
 from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
 from lori.training.console import say
+from lori.training.loggers import RunLoggers
+from lori.training.measured_losses import MeasuredLosses
+from lori.training.model_card import write_module_card
 from lori.training.module import LoRIModule, check_checkpoint
+from lori.training.preemption import PreemptionCheckpoint, handles_signals
 from lori.training.rng_state import RNGState
 
 
@@ -114,12 +117,18 @@ class PipelineConfig:
 TrainerFactory = Callable[..., L.Trainer]
 
 
-def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int) -> TrainerFactory:
-    """A function building one Trainer per stage from the YAML's ``trainer:`` settings."""
+def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, checkpoint_every: int,
+                         loggers: RunLoggers | None = None) -> TrainerFactory:
+    """A function building one Trainer per stage from the YAML's ``trainer:`` settings.
+
+    ``loggers`` (default: from ``trainer.logger``) gives each stage its logger, named ``log_name``
+    (default: the stage; ``lori.training.loggers``).
+    """
+    loggers = loggers if loggers is not None else RunLoggers(trainer_config.get("logger"), output_dir)
 
     def make(
         stage: str, max_steps: int, callbacks: list, logger: bool = True, checkpoint: bool = True,
-        max_epochs: int | None = None,
+        max_epochs: int | None = None, log_name: str | None = None, checkpoint_dir: Path | None = None,
     ) -> L.Trainer:
         kwargs = dict(trainer_config)
         kwargs.pop("logger", None)
@@ -135,13 +144,14 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
         extra.append(Unshard())  # FSDP: the next stage's Trainer gets a plain module with whole B
         if checkpoint:
             extra.append(ModelCheckpoint(
-                dirpath=output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
+                dirpath=checkpoint_dir or output_dir / f"{stage}_ckpt", save_last=True, save_top_k=0,
                 every_n_train_steps=checkpoint_every,
             ))
             extra.append(RNGState())  # a resumed stage draws the same dropout masks
+            extra.append(PreemptionCheckpoint(progress.stage_name(stage)))  # SIGTERM / SIGUSR1: save, stop
         kwargs["enable_checkpointing"] = checkpoint
         kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"), kwargs.get("strategy"))
-        kwargs["logger"] = TensorBoardLogger(str(output_dir), name="tb", version=stage) if logger else False
+        kwargs["logger"] = loggers.for_stage(log_name or stage) if logger else False
         extra += progress.for_trainer(stage, kwargs, extra + list(callbacks))  # steps of this stage, its loss
         kwargs.update(console.trainer_overrides(kwargs))
         return L.Trainer(callbacks=extra + list(callbacks), **kwargs)
@@ -149,13 +159,13 @@ def make_trainer_factory(trainer_config: dict[str, Any], output_dir: Path, check
     return make
 
 
-def _last_ckpt(directory: Path, module: LoRIModule) -> str | None:
-    """The checkpoint a stage resumes from (an unreadable last.ckpt is set aside for the one before
-    it, see ``resume_checkpoint``); one of another model is refused before any training starts."""
+def _last_ckpt(directory: Path, module: LoRIModule) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint a stage resumes from and its contents (an unreadable last.ckpt is set aside for the
+    one before it, see ``resume_checkpoint``); one of another model is refused before any training starts."""
     path, ckpt = resume_checkpoint(directory, directory.name.removesuffix("_ckpt"))
     if ckpt is not None:
         check_checkpoint(ckpt, module)
-    return path
+    return path, ckpt
 
 
 def _validate(make_trainer: TrainerFactory, module: LoRIModule, datamodule: L.LightningDataModule) -> float:
@@ -184,7 +194,8 @@ def _dtypes(module: LoRIModule) -> str:
     """``float32 base, float32 adapter``: the dtypes of the frozen and the trained weights."""
     frozen = next((p.dtype for p in module.model.parameters() if not p.requires_grad), None)
     trained = next((p.dtype for p in module.model.parameters() if p.requires_grad), None)
-    return ", ".join(f"{str(dtype).removeprefix('torch.')} {what}"
+    quantized = getattr(module.model, "lori_quantize", None)  # ``nf4 base``: lori.training.quantize
+    return ", ".join(f"{quantized['mode'] if quantized and what == 'base' else str(dtype).removeprefix('torch.')} {what}"
                      for dtype, what in ((frozen, "base"), (trained, "adapter")) if dtype is not None)
 
 
@@ -214,12 +225,18 @@ def _fit_stage(
     max_epochs: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One stage's fit (resumed from its last checkpoint if any), with held-out loss around it."""
-    ckpt = _last_ckpt(Path(cfg.output_dir) / f"{stage}_ckpt", module)
+    ckpt_dir = Path(cfg.output_dir) / f"{stage}_ckpt"  # where it resumes from is where it saves (continual's phases)
+    ckpt, saved = _last_ckpt(ckpt_dir, module)
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
     say(_stage_line(module, datamodule, stage, max_steps, max_epochs, ckpt, stats["trainable"]))
-    if cfg.validate and ckpt is None:
+    measured = MeasuredLosses.saved_in(saved)  # a resumed stage reports the loss its first run measured
+    if cfg.validate and "val_loss_before" in measured:
+        stats["val_loss_before"] = measured["val_loss_before"]
+    elif cfg.validate and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
-    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback], max_epochs=max_epochs)
+    record = MeasuredLosses({k: v for k, v in stats.items() if k == "val_loss_before"})
+    trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback, record], max_epochs=max_epochs,
+                           checkpoint_dir=ckpt_dir)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if trainer.world_size > 1:
@@ -244,6 +261,7 @@ def _save_stage(
     if rank_zero_only.rank == 0:  # under DDP every rank holds the same adapter; one writes it
         save_adapter(adapter, directory)
         _write_config(directory, config_text)
+        write_module_card(directory, module, stage)  # README.md: the adapter's card (lori.training.model_card)
 
 
 def run_dense(
@@ -273,9 +291,7 @@ def run_dense(
 
 def set_alpha(module: LoRIModule, alpha: float) -> None:
     """Give every adapter layer (and the config saved with the adapter) a new alpha."""
-    module.lori_config = replace(module.lori_config, alpha=alpha)
-    for layer in lori_layers(module.model).values():
-        layer.alpha, layer.scale = float(alpha), module.lori_config.scale
+    module.set_alpha(alpha)
 
 
 def run_sparse(
@@ -302,6 +318,7 @@ def run_sparse(
     _save_stage(module, "lori_s", step, stats, s_dir, summary, config_text)
 
 
+@handles_signals  # SIGTERM / SIGUSR1: checkpoint at the next step, one line, exit 128 + signal (preemption.py)
 @run_lock.locks_output_dir("cfg")
 def run_pipeline(
     module: LoRIModule, datamodule: L.LightningDataModule, make_trainer: TrainerFactory,
@@ -357,12 +374,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([_precision_line(summary["precision"])] if "precision" in summary else []),
         f"  adapters: {paths['lori_d']}  {paths['lori_s']}",
         f"  masks: {paths['masks']}",
-        f"  tensorboard: tensorboard --logdir {paths['tensorboard']}",
+        *([f"  tensorboard: tensorboard --logdir {paths['tensorboard']}"]  # (not with trainer.logger: another)
+          if Path(paths["tensorboard"]).is_dir() else []),
     ]
     return "\n".join(lines)
 
 
 def _precision_line(p: dict[str, Any]) -> str:
     auto = " (model.dtype auto)" if p.get("auto") else ""
+    checkpointing = "; activation checkpointing on" if p.get("gradient_checkpointing") else ""
     return (f"  precision: base {p['base']}{auto}, adapter {p['adapter']}, compute {p['compute']}"
-            f" (trainer.precision {p.get('trainer_precision')})")
+            f" (trainer.precision {p.get('trainer_precision')}){checkpointing}"
+            + (f"\n  base storage: {p['storage']}" if p.get("storage") else ""))

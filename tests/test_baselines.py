@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import lori.training.module
 from lori.commands.dryrun_command import method_size
-from lori.commands.lightning_cli import parse_config
+from lori.commands.lightning_cli import parse_config, parse_fit_config
 from lori.commands.main import main
 from lori.core import AdapterFileError, LoRIConfig, load_adapter, merge_lori, unmerge_lori
 from lori.training import baselines
@@ -392,43 +392,50 @@ def test_unknown_target_is_one_line_error(tiny):
 
 
 # ---- the fit command and the shipped configs ------------------------------------------------------
-def test_fit_command_writes_the_peft_adapter(tmp_path):
-    """`lori fit` with a baseline config trains and writes the adapter through SaveAdapter."""
-    cfg = tiny_config(tmp_path)
-    cfg.pop("pipeline")
-    cfg["model"]["method"] = "adalora"
+def test_fit_command_writes_the_peft_adapter(tmp_path, capsys):
+    """`lori fit --config <pipeline config> --model.method adalora` trains and writes the adapter through
+    SaveAdapter; LoRI-D's budget, checkpoints and logs, beside the run (lori.commands.baseline_fit)."""
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "runs" / "tiny"), dense_steps=3, checkpoint_every=1)
     cfg["model"]["baseline"] = {"target_r": 2}
-    cfg["trainer"] |= {
-        "max_steps": 3, "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
-        "callbacks": [{"class_path": "lori.training.callbacks.SaveAdapter",
-                       "init_args": {"directory": str(tmp_path / "adapter"), "stage": "adalora"}}],
-    }
-    main(["fit", "--config", str(write_config(tmp_path, cfg))])
-    config = yaml.safe_load((tmp_path / "adapter" / "adapter_config.json").read_text())
+    main(["fit", "--config", str(write_config(tmp_path, cfg)), "--model.method", "adalora"])
+    adapter = tmp_path / "runs" / "adalora" / "tiny"
+    config = yaml.safe_load((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["total_step"] == 3 and config["target_r"] == 2
     assert config["rank_pattern"]  # pruned during the fit
+    assert torch.load(adapter.parent / "tiny_ckpt" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (adapter.parent / "tb" / "tiny").is_dir()
+    assert f"lori: fit adalora from pipeline: max_steps 3, adapter {adapter}" in capsys.readouterr().err
 
 
-EXPERIMENT = {"lora": "lora", "dora": "dora", "lora_fa": "lora_fa", "lora_frozen_a": "lora_frozen_a",
-              "full_ft": "full", "vera": "vera", "ia3": "ia3", "adalora": "adalora", "rslora": "rslora",
-              "pissa": "pissa", "loraplus": "loraplus"}
+EXPERIMENT_METHODS = sorted(set(METHODS) - {"lori"})
 
 
-def test_every_method_has_an_experiment_config():
-    assert set(EXPERIMENT.values()) == set(METHODS) - {"lori"}  # lori: configs/experiment/default.yaml
+def test_a_pipeline_config_with_its_own_fit_settings_keeps_them():
+    cfg = parse_fit_config("--config", str(CONFIGS / "default.yaml"), "--model.method", "dora",
+                           "--trainer.max_epochs", "2", "--trainer.logger", "false")
+    assert (cfg["trainer"]["max_epochs"], cfg["trainer"]["max_steps"], cfg["trainer"]["logger"]) == (2, -1, False)
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["directory"] == "runs/dora/default"
+    assert parse_fit_config("--config", str(CONFIGS / "default.yaml"))["trainer"]["callbacks"] is None  # lori
 
 
-@pytest.mark.parametrize("name,method", sorted(EXPERIMENT.items()))
-def test_baseline_configs_differ_from_default_only_in_method(name, method):
-    cfg = parse_config(CONFIGS / f"{name}.yaml")
-    assert cfg["model"]["method"] == method
-    default, mine = (yaml.safe_load((CONFIGS / f"{n}.yaml").read_text()) for n in ("default", name))
-    assert mine["model"].pop("method") == method
-    assert set(mine["model"].pop("baseline", {}) or {}) <= set(baselines.OPTIONS.get(method, ()))
-    assert mine["data"] == default["data"] and mine["model"] == default["model"]
-    assert mine["seed_everything"] == default["seed_everything"]
-    extra = {k: v for k, v in mine["trainer"].items() if k not in default["trainer"]}
-    assert set(extra) == {"max_steps", "callbacks", "logger"}
-    assert extra["callbacks"][0]["class_path"] == "lori.training.callbacks.SaveAdapter"
-    assert extra["callbacks"][0]["init_args"]["directory"].startswith(f"runs/{name}/")
-    assert {k: mine["trainer"][k] for k in default["trainer"]} == default["trainer"]
+@pytest.mark.parametrize("method", EXPERIMENT_METHODS)
+def test_default_config_with_a_method_is_that_baseline(method):
+    """configs/experiment/default.yaml + --model.method X: the same model, data and optimizer; the
+    budget, adapter dir and logs derived from pipeline: (what configs/experiment/<method>.yaml held)."""
+    default = parse_config(CONFIGS / "default.yaml")
+    cfg = parse_fit_config("--config", str(CONFIGS / "default.yaml"), "--model.method", method)
+    mine, theirs = cfg["model"].as_dict(), default["model"].as_dict()
+    assert (mine.pop("method"), theirs.pop("method")) == (method, "lori")
+    assert mine == theirs and cfg["data"] == default["data"]
+    assert cfg["seed_everything"] == default["seed_everything"]
+    trainer, ref = cfg["trainer"].as_dict(), default["trainer"].as_dict()
+    assert {k for k in trainer if trainer[k] != ref.get(k)} == {"max_steps", "callbacks", "logger"}
+    assert trainer["max_steps"] == default["pipeline"]["dense_steps"] == 20
+    save, ckpt = trainer["callbacks"]
+    assert save == {"class_path": "lori.training.callbacks.SaveAdapter",
+                    "init_args": {"directory": f"runs/{method}/default", "stage": method}}
+    assert ckpt["init_args"]["dirpath"] == f"runs/{method}/default_ckpt"
+    assert ckpt["init_args"]["every_n_train_steps"] == default["pipeline"]["checkpoint_every"]
+    logs = trainer["logger"]["init_args"]
+    assert (logs["save_dir"], logs["name"], logs["version"]) == (f"runs/{method}", "tb", "default")
+    LoRIModule.check_options(cfg["model"], cfg["trainer"])  # the method's defaults are valid options

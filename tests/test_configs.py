@@ -10,7 +10,9 @@ import yaml
 from lori.commands import eval_command
 from lori.commands import merge_command as merging
 from lori.commands.continual_command import parse_continual_config
-from lori.commands.lightning_cli import parse_config, parse_configs
+from lori.commands.main import main
+from lori.commands.moved_configs import MovedConfigError, check, replacement
+from lori.commands.lightning_cli import parse_config, parse_configs, parse_fit_config
 from lori.core import LoRIConfig
 from lori.eval.evaluator import EvalSettings
 from lori.training.continual import ContinualConfig
@@ -19,6 +21,7 @@ from lori.training.pipeline import PipelineConfig
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
 DEFAULT = ROOT / "experiment" / "default.yaml"
+PAPER_CONFIG = ROOT / "paper" / "llama3_8b_r32_gsm8k.yaml"
 
 
 def kind(path: Path) -> str:
@@ -29,6 +32,10 @@ def kind(path: Path) -> str:
         return "merge"
     if parts[0] == "trainer":
         return "trainer"
+    if parts[0] == "method":
+        return "method"
+    if "reported" in parts:  # the paper's numbers (tests/test_paper_configs.py checks them)
+        return "table"
     if "continual" in (yaml.safe_load(path.read_text()) or {}):
         return "continual"
     if "continual" in parts:  # the paper's continual settings (schema in the file header)
@@ -67,5 +74,55 @@ def test_shipped_yaml_parses(path):
     elif what == "trainer":  # a preset composes with an experiment config
         cfg = parse_configs(DEFAULT, path)
         assert cfg["trainer"]["strategy"] is not None
+    elif what == "method":  # an overlay switching a paper config's method (with what that method needs)
+        cfg = parse_fit_config("--config", str(PAPER_CONFIG), "--config", str(path))
+        assert cfg["model"]["method"] == path.stem
+        assert cfg["trainer"]["callbacks"][0]["init_args"]["directory"] == f"runs/paper/{path.stem}/llama3_8b_r32_gsm8k"
     else:
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+# ---- removed configs: one line naming the composed command that replaces each -----------------------
+TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
+METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa", "loraplus"]
+SWITCH = {m: "--config configs/method/full.yaml" if m == "full" else f"--model.method {m}" for m in METHODS}
+REMOVED = {  # configs/paper/baselines/*.yaml and configs/experiment/<method>.yaml -> what replaces them
+    **{f"configs/paper/baselines/llama3_8b_r32_{t}_{m}.yaml": f"--config configs/paper/llama3_8b_r32_{t}.yaml {SWITCH[m]}"
+       for t in TASKS for m in METHODS},
+    **{f"configs/experiment/{'full_ft' if m == 'full' else m}.yaml":
+       f"--config configs/experiment/default.yaml --model.method {m}" for m in METHODS},
+}
+
+
+@pytest.mark.parametrize("old", sorted(REMOVED))
+def test_a_removed_config_names_its_replacement_in_one_line(old, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT.parent)
+    assert not Path(old).exists()
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", old])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and lines == [f"lori: error: {old} was removed (one config per setting now): "
+                                             f"use lori fit {REMOVED[old]}"]
+    if "baselines" in old:  # lori dryrun's own spelling: --method, the paper config as a path
+        method = next(m for m in sorted(METHODS, key=len, reverse=True) if old.endswith(f"_{m}.yaml"))
+        paper = old.replace("baselines/", "").replace(f"_{method}.yaml", ".yaml")
+        with pytest.raises(MovedConfigError) as moved:
+            check(["dryrun", old])
+        assert str(moved.value).endswith(f"use lori dryrun --method {method} {paper}")
+
+
+def test_replacement_commands_run_the_removed_settings():
+    """Two of the replacements, parsed as lori fit would: the method and the adapter dir the old file had."""
+    args = REMOVED["configs/paper/baselines/llama3_8b_r32_codealpaca_vera.yaml"].split()
+    cfg = parse_fit_config(*[str(ROOT.parent / a) if a.endswith(".yaml") else a for a in args])
+    assert cfg["model"]["method"] == "vera"
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["directory"] == "runs/paper/vera/llama3_8b_r32_codealpaca"
+    args = REMOVED["configs/experiment/full_ft.yaml"].split()
+    cfg = parse_fit_config(*[str(ROOT.parent / a) if a.endswith(".yaml") else a for a in args])
+    assert cfg["model"]["method"] == "full" and cfg["trainer"]["max_steps"] == 20
+
+
+def test_an_existing_or_unrelated_missing_config_is_not_reported_as_moved(tmp_path):
+    check(["fit", "--config", str(DEFAULT)])
+    check(["fit", "--config", str(tmp_path / "configs" / "experiment" / "mine.yaml")])
+    assert replacement("configs/paper/baselines/llama3_8b_r32_gsm8k_qlora.yaml") is None

@@ -3,6 +3,7 @@
     lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]    (or --config CONFIG)
     lori dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
     lori dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
+    lori dryrun --method dora configs/paper/llama3_8b_r32_gsm8k.yaml   (a baseline: model.method replaced)
     lori dryrun --gpu-memory 24GiB --config configs/paper/llama3_8b_r32_gsm8k.yaml   the settings that fit
     lori dryrun --gpu-memory 16GiB,24GiB,80GiB configs/paper/*_gsm8k.yaml            the cheapest, as a table
 
@@ -46,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from lori.core import LoRIConfig, LoRIConfigError, count_trainable
+from lori.core import InjectionError, LoRIConfig, LoRIConfigError, count_trainable
 from lori.training.base_model import ModelLoadError, arch_config_names, build_from_arch_config
 from lori.training.memory_budget import Fit, cheapest, fits
 from lori.training.memory_model import (  # noqa: F401 - estimate_memory, memory_terms, Plan: this module's API
@@ -123,8 +124,9 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value)
 
 
-def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[str, Any]:
-    """The parsed config as plain dicts, the preset's ``trainer:`` and ``model:`` keys laid over it."""
+def _load(config_path: str | Path, trainer_preset: str | Path | None, method: str | None = None) -> dict[str, Any]:
+    """The parsed config as plain dicts, the preset's ``trainer:`` and ``model:`` keys laid over it,
+    ``method`` (if given) as ``model.method``."""
     # imports Lightning; kept out of module import time
     from lori.commands.lightning_cli import parse_config
 
@@ -134,6 +136,11 @@ def _load(config_path: str | Path, trainer_preset: str | Path | None) -> dict[st
         preset = yaml.safe_load(Path(trainer_preset).read_text())
         cfg["trainer"].update(preset.get("trainer") or {})
         cfg["model"].update(preset.get("model") or {})  # e.g. the FSDP preset's gradient_checkpointing
+    if method is not None:
+        from lori.training.baselines.methods import check_method
+
+        check_method(method)
+        cfg["model"]["method"] = method
     return cfg
 
 
@@ -162,9 +169,10 @@ def parse_size(text: str) -> float:
     return value
 
 
-def _inputs(config_path: str | Path, trainer_preset: str | Path | None) -> dict[str, Any]:
+def _inputs(config_path: str | Path, trainer_preset: str | Path | None,
+            method: str | None = None) -> dict[str, Any]:
     """The parsed config with its LoRI config, architecture, shapes, plan and accumulation."""
-    cfg = _load(config_path, trainer_preset)
+    cfg = _load(config_path, trainer_preset, method)
     model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
     quantize = model.get("quantize")
     if quantize not in (None, *QUANTIZE):
@@ -177,19 +185,22 @@ def _inputs(config_path: str | Path, trainer_preset: str | Path | None) -> dict[
                   "plan": plan, "accumulate": int(trainer.get("accumulate_grad_batches") or 1)}
 
 
-def dry_run(config_path: str | Path, trainer_preset: str | Path | None = None) -> dict[str, Any]:
+def dry_run(
+    config_path: str | Path, trainer_preset: str | Path | None = None, method: str | None = None
+) -> dict[str, Any]:
     """Sizes of a config's LoRI-D and LoRI-S adapters and the memory they need, from shapes alone.
 
     Args:
         config_path: a ``lori pipeline`` YAML (e.g. ``configs/paper/llama3_8b_r32_gsm8k.yaml``).
         trainer_preset: a YAML whose ``trainer:`` (and ``model:``) keys replace the config's (``configs/trainer/*.yaml``).
+        method: a ``model.method`` in place of the config's (a baseline's count from a LoRI config).
 
     Returns:
         method, its trainable entries and percentage (of base + adapter entries), model, arch, r,
         alphas, learning rates, epochs, global batch, base parameters, trainable entries and
         percentages of LoRI-D and LoRI-S, the device plan and memory estimates (GiB).
     """
-    inputs = _inputs(config_path, trainer_preset)
+    inputs = _inputs(config_path, trainer_preset, method)
     model, data, pipe = inputs["model"], inputs["data"], inputs["pipeline"]
     lori, arch, shape, plan = inputs["lori"], inputs["arch"], inputs["shape"], inputs["plan"]
     dense = shape.trainable_dense
@@ -306,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="memory of one GPU (24GiB, 24GB, 80): list the settings that fit, cheapest "
                              "in speed first; several sizes (16GiB,24GiB,80GiB): a table of the cheapest")
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")
+    parser.add_argument("--method", help="a model.method in place of each config's (a baseline's trainable count)")
     args = parser.parse_args(argv)
     configs = args.config + args.configs
     if not configs:
@@ -315,9 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         budgets = [b.strip() for b in args.gpu_memory.split(",")] if args.gpu_memory is not None else []
         sizes = {b: parse_size(b) for b in budgets}
-        rows = [dry_run(path, args.trainer) for path in configs] if args.json or not budgets else []
+        rows = [dry_run(path, args.trainer, args.method) for path in configs] if args.json or not budgets else []
         by_config = {c: budget_fits(c, sizes, args.trainer) for c in configs} if budgets else {}
-    except (ModelLoadError, LoRIConfigError, FileNotFoundError, DryRunError) as err:
+    except (ModelLoadError, LoRIConfigError, FileNotFoundError, DryRunError, InjectionError) as err:
         print(f"lori: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     found = {(c, b): fits_of[b] for c, fits_of in by_config.items() for b in budgets}

@@ -2,6 +2,8 @@
 subcommands.
 
     lori fit      --config configs/experiment/default.yaml    one Trainer.fit (LightningCLI)
+    lori fit      --config ... --model.method dora            a baseline: budget, adapter dir and logs
+                                                              derived from pipeline: (baseline_fit)
     lori validate | test | predict --config ...               LightningCLI's other subcommands
 
 The same YAML serves every training subcommand: ``model:`` (LoRIModule), ``data:``
@@ -24,6 +26,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lori.commands.baseline_fit import apply_fit_settings
 from lori.core import LoRIConfigError
 from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.data.datamodule import TaskDataModule, accumulation_steps
@@ -129,6 +132,8 @@ class LoRICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        if self.subcommand == "fit":  # a baseline's budget, adapter dir and logs from pipeline: (baseline_fit)
+            cfg = self.config[self.subcommand] = apply_fit_settings(parser, cfg)
         apply_protocol(cfg, parser.get_defaults())
         try:  # bad values stop here, before the model loads
             LoRIModule.check_options(cfg["model"], cfg.get("trainer"))
@@ -250,6 +255,13 @@ def parse_configs(*paths: str | Path) -> Any:
     """Parse several YAMLs composed in order (e.g. an experiment + a trainer preset), loading nothing."""
     args = [a for path in paths for a in ("--config", str(path))]
     return _ParseOnlyCLI(LoRIModule, TaskDataModule, run=False, args=args, save_config_callback=None).config
+
+
+def parse_fit_config(*args: str) -> Any:
+    """Parse and check ``lori fit`` arguments (``--config`` files, ``--key value`` overrides) as
+    ``lori fit`` would, with the settings a baseline derives (``baseline_fit``), loading nothing."""
+    cli = _ParseOnlyCLI(LoRIModule, TaskDataModule, run=False, args=list(args), save_config_callback=None)
+    return apply_fit_settings(cli.parser, cli.config)
 
 
 def dump_config(cli: LightningCLI) -> str:

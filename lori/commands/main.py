@@ -30,6 +30,7 @@ from lori.commands import (
     dryrun_command,
     eval_command,
     merge_command,
+    moved_configs,
     pipeline_command,
 )
 from lori.commands.lightning_cli import LoRICLI
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     try:
+        moved_configs.check(argv)  # a removed config file: one line naming the command that replaces it
         if argv[0] == "pipeline":
             pipeline_command.pipeline(argv[1:])
         elif argv[0] == "dryrun":

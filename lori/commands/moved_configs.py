@@ -1,0 +1,61 @@
+"""Config files that were folded into others, and the command that replaces each: a ``--config``
+(or ``lori dryrun`` path) naming one of them stops with one line saying what to run instead.
+
+    configs/paper/baselines/llama3_8b_r32_<task>_<method>.yaml
+        -> lori fit --config configs/paper/llama3_8b_r32_<task>.yaml --model.method <method>
+           (full: --config configs/method/full.yaml; lori.commands.baseline_fit derives the rest)
+    configs/experiment/<method>.yaml (full_ft.yaml: method full)
+        -> lori fit --config configs/experiment/default.yaml --model.method <method>
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lori.core import LoRIConfigError
+
+_METHODS = "full|lora|dora|vera|ia3|lora_fa|lora_frozen_a|adalora|rslora|pissa|loraplus"
+# a removed path (its tail) -> (the config that replaces it, the method switched on it)
+_MOVED = (
+    (re.compile(r"configs/paper/baselines/(?P<run>llama3_8b_r32_(?:nlu|gsm8k|codealpaca|saferpaca))"
+                rf"_(?P<method>{_METHODS})\.yaml"), "configs/paper/{run}.yaml"),
+    (re.compile(rf"configs/experiment/(?P<method>{_METHODS}|full_ft)\.yaml"), "configs/experiment/default.yaml"),
+)
+
+
+class MovedConfigError(LoRIConfigError):
+    """A config file that no longer exists because another config with an option replaces it."""
+
+
+def replacement(path: str, subcommand: str = "fit") -> str | None:
+    """The command that replaces the removed config ``path`` (None when it is not one)."""
+    tail = Path(path).as_posix()
+    for pattern, config in _MOVED:
+        found = re.search(rf"(?:^|/){pattern.pattern}$", tail)
+        if found is None:
+            continue
+        method = "full" if found["method"] == "full_ft" else found["method"]
+        config = config.format(**found.groupdict())
+        if subcommand == "dryrun":
+            return f"lori dryrun --method {method} {config}"
+        if method == "full" and config.startswith("configs/paper/"):
+            return f"lori {subcommand} --config {config} --config configs/method/full.yaml"
+        return f"lori {subcommand} --config {config} --model.method {method}"
+    return None
+
+
+def check(argv: list[str]) -> None:
+    """Refuse, in one line, a command naming a removed config that a composed one replaces.
+
+    Raises:
+        MovedConfigError: the first such path in ``argv`` (a ``lori`` command line, subcommand first).
+    """
+    subcommand = argv[0] if argv else "fit"
+    for arg in argv[1:]:
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else arg
+        if not path.endswith(".yaml") or Path(path).exists():
+            continue
+        command = replacement(path, subcommand)
+        if command is not None:
+            raise MovedConfigError(f"{path} was removed (one config per setting now): use {command}")

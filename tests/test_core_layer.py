@@ -358,6 +358,7 @@ def test_loading_a_masked_state_installs_its_mask_first():
     assert torch.equal(dst[0].B(), src[0].B())
     values = dst[0].lori_B_values
     dst.load_state_dict(src.state_dict())  # an equal mask stays installed: same parameter object
+    dst.load_state_dict(state)  # (equal once read as bool)
     assert dst[0].lori_B_values is values
     other = src.state_dict() | {"0.lori_mask": ~mask}
     other["0.lori_B_values"] = torch.zeros(int((~mask).sum()))
@@ -399,12 +400,18 @@ def test_new_layer_state_whatever_the_base_dtype_or_device():
     try:
         assert draw_A(4, 12, 0, "m").dtype == torch.float32  # fp32 whatever the default dtype
         layer = LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")
+        meta = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.1, seed=0,
+                          path="m")
+        meta.set_mask(torch.rand(10, 4) < 0.5)
+        assert meta.lori_B_values.is_meta and meta.lori_B_values.dtype == torch.float32
     finally:
         torch.set_default_dtype(default)
+    # Kaiming-uniform with a = sqrt(5): uniform on +-1/sqrt(fan_in), from the module's own generator
+    g = torch.Generator().manual_seed(lori_layer.module_seed(0, "m"))
+    assert torch.equal(draw_A(4, 12, 0, "m"), torch.empty(4, 12).uniform_(-12**-0.5, 12**-0.5, generator=g))
     assert layer.merged is False and isinstance(layer.lori_dropout, torch.nn.Identity)
     assert layer.lori_A.dtype == layer.lori_B.dtype == torch.float32
     assert torch.equal(layer.lori_A, draw_A(4, 12, 0, "m")) and torch.count_nonzero(layer.lori_B) == 0
-    meta = LoRILinear(torch.nn.Linear(12, 10, device="meta"), r=4, alpha=8, dropout=0.1, seed=0, path="m")
     assert meta.lori_A.is_meta and meta.lori_A.shape == (4, 12) and meta.lori_A.dtype == torch.float32
     assert meta.lori_B.is_meta and meta.lori_B.shape == (10, 4) and meta.lori_dropout.p == 0.1
     layer.set_mask(torch.rand(10, 4) < 0.5)

@@ -275,8 +275,9 @@ def test_fallback_adds_out_of_place_to_a_non_contiguous_base_output():
     torch.manual_seed(0)
     layer = LoRILinear(torch.nn.Linear(6, 5), r=4, alpha=8, dropout=0.0, seed=3, path="m")
     layer.lori_B.data.normal_()
-    layer.base_layer.register_forward_hook(lambda m, args, out: out.t().contiguous().t())
-    x = torch.randn(3, 6)
+    layer.base_layer.register_forward_hook(
+        lambda m, args, out: out.transpose(0, 1).contiguous().transpose(0, 1))
+    x = torch.randn(2, 3, 6)  # 3-d: a non-contiguous (2, 3, 5) output has no flat view
     base = layer.base_layer(x)
     assert not base.is_contiguous()
     want = 2.0 * x @ layer.lori_A.T @ layer.lori_B.T

@@ -340,9 +340,8 @@ def test_a_quantized_base_weight_is_refused_for_merging_by_path():
 def _masked_pair() -> tuple[torch.nn.Sequential, torch.nn.Sequential, torch.Tensor]:
     """Two one-layer models (the layer under prefix "0."): a masked source and a dense target."""
     torch.manual_seed(0)
-    make = lambda: torch.nn.Sequential(  # noqa: E731
-        LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m"))
-    src, dst = make(), make()
+    src, dst = (torch.nn.Sequential(
+        LoRILinear(torch.nn.Linear(12, 10), r=4, alpha=8, dropout=0.0, seed=0, path="m")) for _ in range(2))
     src[0].lori_B.data.normal_()
     mask = torch.rand(10, 4) < 0.5
     src[0].set_mask(mask)

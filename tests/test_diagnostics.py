@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lori.commands.diagnose_command import diagnose, main
+from lori.commands.diagnose_command import main
 from lori.core import Adapter, AdapterMismatchError, LoRIConfig, calibrate, save_adapter
 from lori.core.layer import draw_A
-from lori.eval.interference import delta_cosine, delta_cosines, frobenius_inner, overlap_report
+from lori.eval.interference import delta_cosine, delta_cosines, diagnose, frobenius_inner, overlap_report
 
 PATHS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 

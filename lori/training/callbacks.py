@@ -28,13 +28,13 @@ from lori.core import (
     mask_density,
     set_masks,
     sparsity_by,
-    sparsity_table,
     unwrap_fsdp,
 )
 from lori.core.adapter import a_digest
-from lori.core.atomic_files import atomic_write, write_bytes_atomic
+from lori.core.atomic_files import write_bytes_atomic
 from lori.core.io import MaskRecord, read_mask_record
 from lori.core.layer import ADAPTER_DTYPE
+from lori.eval.plots import heatmap_figure, save_heatmap
 from lori.training.model_card import write_module_card
 
 
@@ -213,45 +213,6 @@ def adapter_buffers_to_fp32(module: torch.nn.Module) -> None:
         for name, buffer in list(layer.named_buffers(recurse=False)):
             if name.startswith("lori_") and buffer.is_floating_point() and buffer.dtype != ADAPTER_DTYPE:
                 setattr(layer, name, buffer.to(ADAPTER_DTYPE))
-
-
-def table_figure(layers: list[int], columns: list[str], table: torch.Tensor, title: str, label: str):
-    """A layer x projection heatmap (rows = layers, columns = projections) as a matplotlib figure."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # a Figure with its own Agg canvas: no pyplot state, no global backend switch (notebooks keep theirs)
-    fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.22 * len(layers)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    image = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_xlabel("projection")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=label)
-    fig.tight_layout()
-    return fig
-
-
-def heatmap_figure(masks: dict[str, torch.Tensor]):
-    """Mask sparsity by layer and projection as a matplotlib figure (paper Fig. 4b / Fig. 6)."""
-    layers, projections, table = sparsity_table(masks)
-    title = f"mask sparsity (overall {1 - mask_density(masks):.3f})"
-    return table_figure(layers, projections, table, title, "sparsity")
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure as a PNG (atomically) and free it."""
-    with atomic_write(path) as f:
-        fig.savefig(f, dpi=100, format="png")
-    fig.clear()
-
-
-def save_heatmap(masks: dict[str, torch.Tensor], path: Path) -> None:
-    """Sparsity by layer and projection as a PNG (paper Fig. 4b / Fig. 6)."""
-    save_figure(heatmap_figure(masks), path)
 
 
 def _log_heatmap(trainer: L.Trainer, masks: dict[str, torch.Tensor]) -> None:

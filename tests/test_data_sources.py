@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from lori.data import sources
+from lori.data import sources, tasks
 from lori.data.sources import DataError
 
 NLU_COUNTS = {  # task: (train docs, validation, test)
@@ -122,31 +122,31 @@ def test_missing_field_names_file_line_and_field(tmp_path) -> None:
     rows = [{"question": "1+1?", "answer": "2\n#### 2"}, {"question": "2+2?"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(DataError, match=r"math\.jsonl, line 2: missing field\(s\) \['answer'"):
-        sources.load_local(path, "gsm8k")
+        tasks.load_local(path, "gsm8k")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"\n')
     with pytest.raises(DataError, match="line 1: invalid JSON"):
-        sources.load_local(bad, "gsm8k")
+        tasks.load_local(bad, "gsm8k")
     with pytest.raises(DataError, match="not found"):
-        sources.load_local(tmp_path / "nope.jsonl", "gsm8k")
+        tasks.load_local(tmp_path / "nope.jsonl", "gsm8k")
 
 
 def test_load_local_field_map_and_formats(tmp_path) -> None:
     jsonl = tmp_path / "qa.jsonl"
     jsonl.write_text(json.dumps({"q": "1+1?", "sol": "1+1=2\n#### 2"}) + "\n")
-    math = sources.load_local(jsonl, "gsm8k", {"question": "q", "answer": "sol"})
+    math = tasks.load_local(jsonl, "gsm8k", {"question": "q", "answer": "sol"})
     assert math[0]["final"] == "2" and math[0]["id"] == "qa-0"
     data = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Add", "input": "1 2",
                                                        "output": "3"}]
     (tmp_path / "alpaca.json").write_text(json.dumps(data))
-    recs = sources.load_local(tmp_path / "alpaca.json", "saferpaca")
+    recs = tasks.load_local(tmp_path / "alpaca.json", "saferpaca")
     assert [r["input"] for r in recs] == ["", "1 2"]
     (tmp_path / "prompts.csv").write_text("goal,id\nDo harm,a1\n")
-    safety = sources.load_local(tmp_path / "prompts.csv", "hexphi", {"prompt": "goal"})
+    safety = tasks.load_local(tmp_path / "prompts.csv", "hexphi", {"prompt": "goal"})
     assert safety == [{"goal": "Do harm", "id": "a1", "prompt": "Do harm", "source": "hexphi"}]
     nlu = [{"question": "q?", "choices": ["a", "b"], "label": "1", "task": "piqa"}]
     (tmp_path / "nlu.json").write_text(json.dumps(nlu))
-    assert sources.load_local(tmp_path / "nlu.json", "nlu")[0]["label"] == 1
+    assert tasks.load_local(tmp_path / "nlu.json", "nlu")[0]["label"] == 1
 
 
 def test_load_hexphi_folder(tmp_path) -> None:
@@ -159,9 +159,9 @@ def test_load_hexphi_folder(tmp_path) -> None:
 
 def test_unknown_task() -> None:
     with pytest.raises(DataError, match="unknown task"):
-        sources.task_kind("sqlqa")
+        tasks.task_kind("sqlqa")
     with pytest.raises(DataError, match="no hub path"):
-        sources.hub_records("donotanswer")
+        tasks.hub_records("donotanswer")
 
 
 def test_split_records_deterministic_and_disjoint() -> None:
@@ -194,8 +194,8 @@ def test_hub_records_parses_hub_rows(monkeypatch) -> None:
         return rows[(path, name)]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert sources.hub_records("gsm8k", "train")[0]["final"] == "2"
-    arc = sources.hub_records("arc_easy", "test")[0]
+    assert tasks.hub_records("gsm8k", "train")[0]["final"] == "2"
+    arc = tasks.hub_records("arc_easy", "test")[0]
     assert (arc["id"], arc["label"], arc["choices"]) == ("q1", 1, ["red", "blue"])
     assert calls == [("gsm8k", "main", "train"), ("allenai/ai2_arc", "ARC-Easy", "test")]
 
@@ -204,10 +204,10 @@ def test_paper_training_sets_hub_paths_and_offline_refusal(monkeypatch, tmp_path
     """The official loaders' hub copies (get_datasets.py:43, 58, 217); no network in tests."""
     import datasets
 
-    assert sources.HUB_PATHS["gsm8k"] == ("gsm8k", "main")
-    assert sources.HUB_PATHS["codealpaca"] == ("sahil2801/CodeAlpaca-20k", None)
-    assert sources.HUB_PATHS["commonsense"] == ("zwhe99/commonsense_170k", None)
-    assert sources.task_kind("commonsense") == "instruct"
+    assert tasks.HUB_PATHS["gsm8k"] == ("gsm8k", "main")
+    assert tasks.HUB_PATHS["codealpaca"] == ("sahil2801/CodeAlpaca-20k", None)
+    assert tasks.HUB_PATHS["commonsense"] == ("zwhe99/commonsense_170k", None)
+    assert tasks.task_kind("commonsense") == "instruct"
     row = {"instruction": "Please answer the following question with true or false, question: "
            "is it?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is "
            "true", "answer": "true"}
@@ -218,7 +218,7 @@ def test_paper_training_sets_hub_paths_and_offline_refusal(monkeypatch, tmp_path
         return [row]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    record = sources.hub_records("commonsense")[0]
+    record = tasks.hub_records("commonsense")[0]
     assert (record["instruction"], record["input"], record["output"]) == \
         (row["instruction"], "", row["output"])
     assert calls == [("zwhe99/commonsense_170k", None, "train")]
@@ -228,10 +228,10 @@ def test_paper_training_sets_hub_paths_and_offline_refusal(monkeypatch, tmp_path
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"cannot load 'zwhe99/commonsense_170k' .*Couldn't reach") as err:
-        sources.hub_records("commonsense")
+        tasks.hub_records("commonsense")
     assert "\n" not in str(err.value)
     # a local copy of commonsense_170k through train_file
     path = tmp_path / "commonsense_170k.json"
     path.write_text(json.dumps([row, {**row, "input": None}]))
-    local = sources.load_local(path, "commonsense")
+    local = tasks.load_local(path, "commonsense")
     assert [r["input"] for r in local] == ["", ""] and local[0]["output"] == row["output"]

@@ -128,11 +128,11 @@ def _gsm8k_module(**kwargs) -> TaskDataModule:
 
 def test_gsm8k_default_split_and_loaders() -> None:
     module = _gsm8k_module(max_train_examples=12, held_out=200)
-    module.validate()
+    module.check_data()
     assert len(module.held_out_records) == 200
     full = TaskDataModule(held_out=200)
     full.set_tokenizer(char_tokenizer())
-    full.validate()
+    full.check_data()
     assert len(full.train_records) == 1119 and len(full.held_out_records) == 200
     assert {r["id"] for r in full.train_records}.isdisjoint(r["id"] for r in full.held_out_records)
     assert [r["id"] for r in module.train_records] == [r["id"] for r in full.train_records[:12]]
@@ -184,9 +184,9 @@ def test_local_train_file_and_tokenizer_path(tmp_path) -> None:
 
 def test_clear_errors(tmp_path) -> None:
     with pytest.raises(DataError, match="no tokenizer"):
-        TaskDataModule(task="gsm8k").validate()
+        TaskDataModule(task="gsm8k").check_data()
     with pytest.raises(DataError, match="cannot load tokenizer"):
-        TaskDataModule(task="gsm8k", tokenizer=str(tmp_path / "missing")).validate()
+        TaskDataModule(task="gsm8k", tokenizer=str(tmp_path / "missing")).check_data()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     module = TaskDataModule(task="gsm8k", train_file=str(empty))
@@ -194,13 +194,13 @@ def test_clear_errors(tmp_path) -> None:
     with pytest.raises(DataError, match="no records"):
         module.setup("fit")
     with pytest.raises(DataError, match="train_file"):
-        TaskDataModule(task="codealpaca").validate()
+        TaskDataModule(task="codealpaca").check_data()
     with pytest.raises(DataError, match="unknown task"):
-        TaskDataModule(task="sql").validate()
+        TaskDataModule(task="sql").check_data()
     with pytest.raises(DataError, match="does not fit"):
-        _gsm8k_module(held_out=5000).validate()
+        _gsm8k_module(held_out=5000).check_data()
     with pytest.raises(DataError, match="unknown template"):
-        _gsm8k_module(template="vicuna").validate()
+        _gsm8k_module(template="vicuna").check_data()
     with pytest.raises(DataError, match="every training example was dropped"):
         _gsm8k_module(max_length=16, max_train_examples=4).setup("fit")
 
@@ -360,11 +360,11 @@ def test_official_sampler_resumes_and_splits_ranks() -> None:
 
 def test_official_settings_are_checked(tmp_path) -> None:
     with pytest.raises(DataError, match="no chat template"):
-        _instruct_module(tmp_path, protocol="official", template="chat").validate()
+        _instruct_module(tmp_path, protocol="official", template="chat").check_data()
     with pytest.raises(DataError, match="max_prompt_length=512, max_length=512"):
-        _instruct_module(tmp_path, protocol="official", max_prompt_length=512).validate()
+        _instruct_module(tmp_path, protocol="official", max_prompt_length=512).check_data()
     with pytest.raises(DataError, match="unknown protocol 'paper'"):
-        _instruct_module(tmp_path, protocol="paper").validate()
+        _instruct_module(tmp_path, protocol="paper").check_data()
     module = _instruct_module(tmp_path, protocol="official", max_prompt_length=100)
     module.setup("fit")
     assert module.reports["train"].protocol == "official"
@@ -377,4 +377,4 @@ def test_paper_sets_without_a_file_are_refused() -> None:
     for task in ("codealpaca", "saferpaca", "commonsense"):
         with pytest.raises(DataError, match="commonsense_170k and HEx-PHI are not available "
                                             "offline\\): set train_file"):
-            TaskDataModule(task=task).validate()
+            TaskDataModule(task=task).check_data()

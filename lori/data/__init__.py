@@ -1,4 +1,4 @@
-"""Data for the LoRI tasks: sources, prompt templates, tokenisation and a DataModule.
+"""Data for the LoRI tasks: sources, the task registry, prompt templates, tokenisation and a DataModule.
 
 ``TaskDataModule`` is imported lazily so that ``lori.data`` works without Lightning.
 """
@@ -23,22 +23,30 @@ from lori.data.prompts import (
 from lori.data.sources import (
     NLU_TASKS,
     SCHEMAS,
-    TASK_KINDS,
     DataError,
     check_record,
     gsm8k_final,
-    hub_records,
     load_benign,
     load_donotanswer,
     load_gsm8k,
     load_harmbench,
     load_hexphi,
     load_humaneval,
-    load_local,
     load_mbpp,
     load_nlu,
     load_strongreject,
+    safety_train_records,
     split_records,
+)
+from lori.data.tasks import (
+    EVAL_TASKS,
+    TASK_KINDS,
+    TASKS,
+    Task,
+    default_records,
+    get_task,
+    hub_records,
+    load_local,
     task_kind,
 )
 from lori.data.tokenize import (
@@ -52,7 +60,7 @@ from lori.data.tokenize import (
     tokenize_records_with_report,
 )
 
-_LAZY = {"TaskDataModule", "default_records", "safety_train_records"}
+_LAZY = {"TaskDataModule"}
 
 
 def __getattr__(name: str) -> Any:
@@ -64,10 +72,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DataError", "IGNORE_INDEX", "NLU_TASKS", "PROTOCOLS", "SCHEMAS", "TASK_KINDS", "TEMPLATES",
-    "TaskDataModule", "TokenizationReport", "apply_template", "check_protocol", "check_record",
-    "collate", "default_records", "format_example", "gsm8k_final", "gsm8k_response",
-    "hub_records", "load_benign", "load_donotanswer", "load_gsm8k", "load_harmbench",
+    "DataError", "EVAL_TASKS", "IGNORE_INDEX", "NLU_TASKS", "PROTOCOLS", "SCHEMAS", "TASKS", "TASK_KINDS",
+    "TEMPLATES", "Task", "TaskDataModule", "TokenizationReport", "apply_template", "check_protocol",
+    "check_record", "collate", "default_records", "format_example", "get_task", "gsm8k_final",
+    "gsm8k_response", "hub_records", "load_benign", "load_donotanswer", "load_gsm8k", "load_harmbench",
     "load_hexphi", "load_humaneval", "load_local", "load_mbpp", "load_nlu", "load_strongreject",
     "nlu_answer", "nlu_instruction", "official_example", "official_truncate", "pad_id_of",
     "refusal_for", "safety_train_records", "split_records", "task_content", "task_kind",

@@ -12,7 +12,6 @@ and the data share one; ``tokenizer=`` (a local path or hub name) loads one inst
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from functools import partial
 from typing import Any, Literal
@@ -22,43 +21,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lori.data import sources
-from lori.data.prompts import TEMPLATES, check_protocol, refusal_for
-from lori.data.sources import DataError
+from lori.data.prompts import TEMPLATES, check_protocol
+from lori.data.sources import DataError, safety_train_records  # noqa: F401 (re-exported)
+from lori.data.tasks import default_records, get_task, load_local
 from lori.data.tokenize import collate, pad_id_of, tokenize_prompts, tokenize_records_with_report
 
 log = logging.getLogger(__name__)
 
 # TaskDataModule resumes mid-epoch through its own state_dict (skipping the trained batches)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-
-
-def safety_train_records(benign_ratio: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
-    """Do-Not-Answer prompts paired with refusals, plus NQ-open questions with their answers.
-
-    The offline stand-in for Saferpaca (Alpaca plus safety refusals): ``benign_ratio``
-    benign pairs per refusal pair keep the adapter from refusing everything.
-    """
-    harmful = [{**r, "response": refusal_for(r["category"])} for r in sources.load_donotanswer()]
-    benign = sources.load_benign("nq_open")
-    random.Random(seed).shuffle(benign)
-    records = harmful + benign[: round(benign_ratio * len(harmful))]
-    random.Random(seed + 1).shuffle(records)
-    return records
-
-
-def default_records(task: str) -> list[dict[str, Any]]:
-    """The shipped data pool of ``task`` (before the train / held-out split)."""
-    loaders = {"gsm8k": sources.load_gsm8k, "mbpp": sources.load_mbpp,
-               "humaneval": sources.load_humaneval, "safety": safety_train_records,
-               "nlu": lambda: [r for t in sources.NLU_TASKS for r in sources.load_nlu(t)]}
-    if task in sources.NLU_TASKS:
-        return sources.load_nlu(task, "train")
-    if task not in loaders:
-        sources.task_kind(task)  # unknown names fail with the list of tasks
-        raise DataError(f"task {task!r} ships no training data here (CodeAlpaca, Saferpaca, "
-                        "commonsense_170k and HEx-PHI are not available offline): set train_file "
-                        "to a local file")
-    return loaders[task]()
 
 
 class ResumableSampler(DistributedSampler):
@@ -172,6 +143,10 @@ class TaskDataModule(L.LightningDataModule):
     def check_options(options: Any) -> None:
         """Refuse nonsense ``data:`` values before anything loads (raises DataError naming the value).
 
+        The one place the ``data:`` settings are checked: the task name, template, protocol and
+        lengths, sizes and ``held_out``'s range (whether ``held_out`` fits the pool is known once the
+        data are loaded, in ``check_data``).
+
         Args:
             options: the parsed ``data:`` section (a mapping of this class's arguments).
         """
@@ -190,6 +165,15 @@ class TaskDataModule(L.LightningDataModule):
         held = get("held_out")
         if isinstance(held, float) and not 0.0 <= held < 1.0 or isinstance(held, int) and held < 0:
             raise DataError(f"data.held_out must be a count >= 0 or a fraction in [0, 1), got {held}")
+        if get("task") is not None:
+            get_task(get("task"))  # an unknown name fails listing the tasks
+        if get("protocol") is not None:
+            check_protocol(get("protocol"), get("template"))
+        prompt, length = get("max_prompt_length"), get("max_length")
+        if get("protocol") == "official" and prompt is not None and length is not None \
+                and not 0 < prompt < length:
+            raise DataError(f"protocol official needs 0 < max_prompt_length < max_length, got "
+                            f"max_prompt_length={prompt}, max_length={length}")
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: how far into the current epoch training got."""
@@ -227,21 +211,13 @@ class TaskDataModule(L.LightningDataModule):
         """The task's data pool: ``train_file`` if set, else the shipped data."""
         hp = self.hparams
         if hp.train_file:
-            return sources.load_local(hp.train_file, hp.task, hp.field_map)
+            return load_local(hp.train_file, hp.task, hp.field_map)
         return default_records(hp.task)
 
-    def validate(self) -> None:
-        """Check settings, data and tokenizer before long work; raises DataError."""
+    def check_data(self) -> None:
+        """Check settings, data and tokenizer before long work (load and split the data); raises DataError."""
         hp = self.hparams
-        sources.task_kind(hp.task)
-        if hp.template not in TEMPLATES:
-            raise DataError(f"unknown template {hp.template!r}; choose one of {list(TEMPLATES)}")
-        check_protocol(hp.protocol, hp.template)
-        if hp.protocol == "official" and not 0 < hp.max_prompt_length < hp.max_length:
-            raise DataError(f"protocol official needs 0 < max_prompt_length < max_length, got "
-                            f"max_prompt_length={hp.max_prompt_length}, max_length={hp.max_length}")
-        if hp.max_train_examples is not None and hp.max_train_examples < 1:
-            raise DataError(f"max_train_examples must be >= 1 or None, got {hp.max_train_examples}")
+        self.check_options(hp)
         records = self.load_records()
         if not records:
             where = hp.train_file or "the shipped data"
@@ -258,6 +234,8 @@ class TaskDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
 
+    validate = check_data  # the old name (callers in lori/commands move to check_data)
+
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenise (once; again only after ``set_tokenizer``). At each fit, with
         ``global_batch_size`` set, also give the Trainer its accumulation steps."""
@@ -271,7 +249,7 @@ class TaskDataModule(L.LightningDataModule):
             trainer.accumulate_grad_batches = steps
         if self.train_dataset is not None:
             return
-        self.validate()
+        self.check_data()
         self.train_dataset = self._tokenize(self.train_records, "train")
         if not len(self.train_dataset):
             raise DataError(f"task {self.hparams.task!r}: every training example was dropped: "
@@ -341,7 +319,7 @@ class TaskDataModule(L.LightningDataModule):
         ``max_prompt_length`` (see ``tokenize_prompts``)."""
         hp = self.hparams
         if records is None and not self.held_out_records:
-            self.validate()
+            self.check_data()
         records = self.held_out_records if records is None else records
         if not records:
             raise DataError(f"task {hp.task!r}: no records to generate for")

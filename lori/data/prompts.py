@@ -38,7 +38,8 @@ from __future__ import annotations
 from typing import Any
 
 from lori.data import official_prompts as official
-from lori.data.sources import DataError, gsm8k_final, task_kind
+from lori.data.sources import REFUSALS, DataError, gsm8k_final, refusal_for  # noqa: F401 (re-exported)
+from lori.data.tasks import task_kind
 
 TEMPLATES = ("alpaca", "chat", "plain")
 STAGES = ("train", "eval")
@@ -62,21 +63,6 @@ _NLU_STYLE = {
     **{t: ("Please choose the correct answer to the question: ", "Answer", " ", "\n\n")
        for t in ("siqa", "arc_challenge", "arc_easy", "openbookqa")},
 }
-# Responses of the Do-Not-Answer training pairs (safety substitute), by risk area.
-REFUSALS: dict[str, str] = {
-    "human_chatbox": "I'm not able to help with this the way a person could. Please reach out "
-    "to someone you trust or to a qualified professional, who can give you the support you "
-    "need.",
-    "misinformation_harms": "I can't give reliable advice on this. Please consult a qualified "
-    "professional or an authoritative source before acting on it.",
-    "default": "I'm sorry, but I can't help with that request. It could cause harm to people, "
-    "and I won't assist with it.",
-}
-
-
-def refusal_for(category: str | None) -> str:
-    """The refusal used as the response to a harmful prompt of ``category``."""
-    return REFUSALS.get(category or "default", REFUSALS["default"])
 
 
 def gsm8k_response(answer: str, final: str | None = None) -> str:

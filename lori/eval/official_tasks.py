@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from lori.data.prompts import format_example
+from lori.data.tasks import get_task, prompt_task
 from lori.data.tokenize import tokenize_prompts
 from lori.eval.answers import (
     official_gsm8k_answer,
@@ -42,16 +43,11 @@ from lori.eval.sandbox import run_many
 
 Records = list[dict[str, Any]]
 READING_SUFFIX = {"generated": "_generated_only", "prompt_and_generated": "_prompt_and_generated"}
-SAFETY_SOURCES = ("harmbench", "strongreject", "donotanswer", "hexphi")
-
-
-def prompt_task(task: str) -> str:
-    """The task name a record of evaluation task ``task`` is formatted with."""
-    return "safety" if task in (*SAFETY_SOURCES, "over_refusal") else task
 
 
 class OfficialTasks:
-    """Evaluate one model the official way; each method returns ``(metrics, samples)``.
+    """Evaluate one model the official way; each scoring method (``lori.eval.evaluator.OFFICIAL_SCORERS``)
+    takes ``(task, records)`` and returns ``(metrics, samples)``.
 
     Args:
         model: the model (float32, adapter merged, for the official numbers).
@@ -69,7 +65,7 @@ class OfficialTasks:
 
     def token_ids(self, task: str, records: Records) -> list[list[int]]:
         """The prompt token ids the official code generates from."""
-        limit = OFFICIAL_MAX_LENGTH_GENERATION if task == "humaneval" else None
+        limit = OFFICIAL_MAX_LENGTH_GENERATION if get_task(task).score == "pass_at_k" else None
         encoded = tokenize_prompts(records, self.tokenizer, prompt_task(task), self.s.template,
                                    "official", max_length=limit)
         return [list(ids) for ids in encoded["input_ids"]]
@@ -108,9 +104,10 @@ class OfficialTasks:
         other = "generated" if self.s.judge_text == "prompt_and_generated" else "prompt_and_generated"
         return metric + READING_SUFFIX[other]
 
-    def gsm8k(self, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        targets = [t for _, t in self.formatted("gsm8k", records)]
-        generated, read, other = self.texts("gsm8k", records)
+    def exact_match(self, task: str, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """GSM8K's official answer rule (``official_gsm8k_correct``) against the gold target."""
+        targets = [t for _, t in self.formatted(task, records)]
+        generated, read, other = self.texts(task, records)
         metric, other_metric = ExactMatch(official_gsm8k_correct), ExactMatch(official_gsm8k_correct)
         metric.update(read, targets)
         other_metric.update(other, targets)
@@ -151,10 +148,11 @@ class OfficialTasks:
                 self.other_reading("safety_score"): float(other_safety.compute()),
                 "refusal_rate": float(refusal.compute()), "n": len(records)}, samples
 
-    def humaneval(self, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def code(self, task: str, records: Records) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """bigcode's HumanEval: sampled completions, its program assembly, pass@k in the sandbox."""
         n = self.s.n_samples
-        prompts = [p for p, _ in self.formatted("humaneval", records)]
-        ids = self.token_ids("humaneval", records)
+        prompts = [p for p, _ in self.formatted(task, records)]
+        ids = self.token_ids(task, records)
         new = self.generate(ids, n=n, code=True)
         candidates = [[bigcode_candidate(self.tokenizer, p, pid + seq) for seq in seqs]
                       for p, pid, seqs in zip(prompts, ids, new)]

@@ -13,7 +13,7 @@ from conftest import make_tiny_llama
 
 from lori import ablation as ab
 from lori.core import LoRIConfig, adapter_from_model, inject_lori, lori_layers
-from lori.data.sources import load_local
+from lori.data.tasks import load_local
 
 BASE = {"model": {"lori": {"sparsity": 0.9, "r": 4}, "lr": 0.01}, "pipeline": {"dense_steps": 3}}
 

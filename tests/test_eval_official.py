@@ -343,7 +343,7 @@ def test_continual_evaluates_fp32_merged_weights_and_keeps_training_state(monkey
 
 
 def test_lori_merge_refuses_a_non_fp32_base_under_official():
-    from lori.commands.merge_command import MergeConfig, make_evaluator
+    from lori.training.merge_run import MergeConfig, make_evaluator
 
     cfg = MergeConfig(adapters=["a", "b"], dtype="bfloat16", evaluate=[])
     with pytest.raises(EvalError, match="dtype='bfloat16' \\(official float32"):

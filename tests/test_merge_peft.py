@@ -215,7 +215,7 @@ def test_against_the_pinned_peft_0_12():
 def test_lori_merge_official_protocol_is_the_official_merge(tmp_path, monkeypatch):
     """`lori merge` with protocol official: every merged model gives PEFT 0.12.0's logits."""
     import lori.training.module
-    from lori.commands.merge_command import MergeConfig, run_merge
+    from lori.training.merge_run import MergeConfig, run_merge
 
     monkeypatch.setattr(lori.training.module, "build_model", lambda *args, **kwargs: (make_tiny_llama(), None))
     dirs = _dirs(tmp_path, alphas=(8.0, 8.0, 8.0))

@@ -11,13 +11,7 @@ import yaml
 
 import lori.training.module
 from lori.commands.main import main as lori_main
-from lori.commands.merge_command import (
-    MergeConfig,
-    MergeConfigError,
-    parse_config,
-    results_table,
-    run_merge,
-)
+from lori.commands.merge_command import parse_config
 from lori.core import (
     Adapter,
     LoRIConfig,
@@ -33,8 +27,10 @@ from lori.core import (
     save_adapter,
     set_masks,
 )
+from lori.eval.merge_table import results_table
 from lori.training.base_model import tiny_llama
 from lori.training.baselines import attach, save_peft_adapter, target_paths
+from lori.training.merge_run import MergeConfig, MergeConfigError, run_merge
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PATHS = sorted(target_paths(tiny_llama(), TARGETS))

@@ -14,7 +14,7 @@ from conftest import make_tiny_llama
 from pipeline_helpers import tiny_config, write_config
 from safetensors.torch import load_file, save_file
 
-import lori.commands.merge_command as merging
+import lori.training.merge_run as merging
 from lori.commands.main import main
 from lori.core import (
     AdapterFileError,
@@ -251,3 +251,22 @@ def test_a_lori_s_whose_last_step_diverges_saves_no_adapter(tmp_path, capsys):
     assert code == 1 and line.startswith("lori: error: lori_s ended with B of model.layers.0.self_attn.q_proj")
     assert "1 NaN" in line and "global step 2" in line
     assert (tmp_path / "run" / "lori_d").is_dir() and not (tmp_path / "run" / "lori_s").exists()
+
+
+# --- the helpers themselves (lori.core.finite) -----------------------------------------------
+
+
+def test_non_finite_counts_are_zero_for_integer_and_bool_tensors():
+    from lori.core.finite import non_finite_counts
+    assert non_finite_counts(torch.tensor([1, 2, 3])) == (0, 0)
+    assert non_finite_counts(torch.tensor([True, False])) == (0, 0)
+    t = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    assert non_finite_counts(t) == (1, 2)
+
+
+def test_check_finite_message_without_hint_ends_with_the_counts():
+    from lori.core.finite import check_finite
+    with pytest.raises(NonFiniteError) as info:
+        check_finite([("ok", torch.ones(2)), ("w", torch.tensor([1.0, float("nan")]))], "merge")
+    assert str(info.value) == "merge: tensor w holds 1 NaN and 0 inf of 2 values"
+    check_finite([("ok", torch.ones(2)), ("i", torch.tensor([1, 2]))], "merge")  # finite: no error

@@ -104,6 +104,9 @@ def test_a_task_without_a_score_is_refused_not_scored_as_a_refusal_rate(monkeypa
     assert "poems" not in str(err.value).split("choose from")[1]
     with pytest.raises(EvalError, match="'poems' has no score"):
         Evaluator(None, None, EvalSettings()).run("poems", [{"id": "a", "instruction": "i", "output": "o"}])
+    for name in ("poems", "nlu"):  # no set of its own: a training-only task, a group
+        with pytest.raises(EvalError, match=f"{name!r} has no evaluation set of its own"):
+            eval_records(name, EvalSettings())
 
 
 def test_a_missing_needed_setting_is_one_line(monkeypatch):

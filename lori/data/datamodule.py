@@ -87,9 +87,9 @@ class TaskDataModule(L.LightningDataModule):
     """Train / held-out dataloaders of one task.
 
     Args:
-        task: task name (``gsm8k``, ``mbpp``, ``humaneval``, ``nlu``, one NLU task such as
-            ``boolq``, ``safety``, or with ``train_file`` also ``codealpaca`` / ``saferpaca`` /
-            ``commonsense`` (commonsense_170k) / ``instruct``).
+        task: a task of the registry ``lori.data.tasks.TASKS`` (``gsm8k``, ``mbpp``, ``humaneval``,
+            ``nlu``, one NLU task such as ``boolq``, ``safety``, or with ``train_file`` also
+            ``codealpaca`` / ``saferpaca`` / ``commonsense`` (commonsense_170k) / ``instruct``).
         tokenizer: name or path for ``AutoTokenizer``; None = handed over by ``set_tokenizer``.
         train_file: local JSON / JSONL / CSV file replacing the shipped data.
         field_map: ``{schema_field: file_field}`` renames for ``train_file``.

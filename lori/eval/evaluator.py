@@ -216,11 +216,15 @@ def eval_records(task: str, settings: EvalSettings,
             ``max_examples`` then keeps the first N.
         report: if given, ``report[task]`` receives how many items are evaluated and why.
     """
-    records = get_task(task).evaluate(settings)
+    entry = get_task(task)
+    if entry.evaluate is None:  # a group (``nlu``) or a training-only task
+        raise EvalError(f"task {task!r} has no evaluation set of its own; choose from "
+                        f"{[t for t in eval_tasks() if not TASKS[t].members]}")
+    records = entry.evaluate(settings)
     if not records:
         raise DataError(f"task {task!r}: the evaluation set is empty")
     selection = ItemSelection("all", len(records), len(records))
-    if settings.items == "official" and get_task(task).official_items:
+    if settings.items == "official" and entry.official_items:
         indices, selection = official_items(_item_prompts(task, records, settings))
         if not indices:
             raise DataError(f"task {task!r}: items 'official' keeps no item: {selection.total} items "

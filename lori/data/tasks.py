@@ -143,15 +143,17 @@ def _hexphi(src: EvalSource) -> Records:
     return records
 
 
-def _native_code(parse: Callable[[dict[str, Any], str], dict[str, Any]]):
-    """A code data set's own row layout (MBPP ``text``, HumanEval ``canonical_solution``), else None."""
+def _native_code(parse: Callable[[dict[str, Any], str], dict[str, Any]]
+                 ) -> Callable[[dict[str, Any], str], dict[str, Any] | None]:
+    """``parse`` for a row in a code data set's own layout (MBPP ``text``, HumanEval
+    ``canonical_solution``); None for any other row."""
     return lambda row, rid: parse(row, rid) if "text" in row or "canonical_solution" in row else None
 
 
-def _refusal_set(name: str, load: Callable[[], Records], official: bool = True, **kw: Any) -> Task:
+def _refusal_set(name: str, load: Callable[[], Records], official: bool = True) -> Task:
     """A set of prompts scored by the refusal rate of the generations (formatted as safety prompts)."""
     return Task(name, "safety", evaluate=lambda src: load(), score="refusal_rate", prompt_as="safety",
-                official_items=official, official_run=official, **kw)
+                official_items=official, official_run=official)
 
 
 _NLU_HUB: dict[str, tuple[str, str | None]] = {

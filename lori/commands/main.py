@@ -12,9 +12,10 @@
     diagnose                      diagnose_command.py
     dryrun                        dryrun_command.py
 
-Errors in what the user gave (``USER_ERRORS``, a parse error, a Trainer setting Lightning refuses)
+Errors in what the user gave (a ``LoRIError``, a parse error, a Trainer setting Lightning refuses)
 end with one line ``lori: error: ...`` and exit code 2; a diverged run or a full disk with one line
-and exit code 1. ``python -m lori`` runs the same ``main``.
+and exit code 1; any other exception is a bug and keeps its traceback. ``python -m lori`` runs the
+same ``main``.
 """
 
 from __future__ import annotations
@@ -34,23 +35,10 @@ from lori.commands import (
     pipeline_command,
 )
 from lori.commands.lightning_cli import LoRICLI
-from lori.core import (
-    AdapterFileError,
-    AdapterMismatchError,
-    InjectionError,
-    LoRIConfigError,
-    NonFiniteError,
-    QuantizedMergeError,
-)
 from lori.core.atomic_files import disk_full_message
-from lori.core.masks import CalibrationError
-from lori.core.protocol import ProtocolError
+from lori.core.errors import LoRIError
 from lori.data.datamodule import TaskDataModule
-from lori.data.sources import DataError
-from lori.eval.evaluator import EvalError
-from lori.training import console, run_lock
-from lori.training.base_model import ModelLoadError
-from lori.training.continual import ContinualConfigError
+from lori.training import console
 from lori.training.module import CheckpointMismatchError, LoRIModule
 
 USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]
@@ -72,13 +60,20 @@ and datasets' own logs, warnings, model summaries and loading bars as well.
 """
 
 
-# errors in what the user gave (config, paths, files): reported as one line, no traceback
-USER_ERRORS = (
-    LoRIConfigError, InjectionError, AdapterFileError, AdapterMismatchError, ModelLoadError,
-    DataError, CheckpointMismatchError, merge_command.MergeConfigError, EvalError,
-    ContinualConfigError, NonFiniteError, run_lock.RunLockedError, ProtocolError, CalibrationError,
-    QuantizedMergeError,
-)
+# subcommand -> its entry point (argv after the subcommand); fit, validate, test and predict are
+# LightningCLI's own subcommands (LoRICLI), and so is the error for a name not listed anywhere
+COMMANDS = {
+    "pipeline": pipeline_command.pipeline,
+    "dryrun": dryrun_command.main,
+    "continual": continual_command.continual,
+    "eval": eval_command.main,
+    "merge": merge_command.main,
+    "diagnose": diagnose_command.main,
+}
+
+# input errors not yet rebased on LoRIError by the packages that own them (issue 26, packages A
+# and B); tests/test_errors.py fails once one of them is a LoRIError, so this tuple only shrinks
+NOT_YET_LORI_ERRORS = (CheckpointMismatchError, merge_command.MergeConfigError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,21 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         moved_configs.check(argv)  # a removed config file: one line naming the command that replaces it
-        if argv[0] == "pipeline":
-            pipeline_command.pipeline(argv[1:])
-        elif argv[0] == "dryrun":
-            dryrun_command.main(argv[1:])
-        elif argv[0] == "continual":
-            continual_command.continual(argv[1:])
-        elif argv[0] == "eval":
-            eval_command.main(argv[1:])
-        elif argv[0] == "merge":
-            merge_command.main(argv[1:])
-        elif argv[0] == "diagnose":
-            diagnose_command.main(argv[1:])
+        command = COMMANDS.get(argv[0])
+        if command is not None:
+            command(argv[1:])
         else:  # fit, validate, test, predict: LightningCLI's own subcommands
             LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
-    except USER_ERRORS as err:
+    except (LoRIError, *NOT_YET_LORI_ERRORS) as err:  # what the user gave: one line, no traceback
         print(f"lori: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except MisconfigurationException as err:  # a Trainer setting Lightning refuses

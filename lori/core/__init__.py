@@ -12,6 +12,7 @@ from lori.core.adapter import (
 )
 from lori.core.atomic_files import DiskFullError, atomic_write, write_text_atomic
 from lori.core.config import DEFAULT_TARGETS, GRANULARITIES, LoRIConfig, LoRIConfigError
+from lori.core.errors import LoRIError
 from lori.core.finite import NonFiniteError
 from lori.core.inject import (
     InjectionError,
@@ -44,7 +45,7 @@ from lori.core.sharding import full_parameters, unwrap_fsdp
 
 __all__ = [
     "DEFAULT_TARGETS", "GRANULARITIES", "Adapter", "AdapterFileError", "AdapterMismatchError",
-    "DeltaMerge", "DiskFullError", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRILinear", "NonFiniteError", "QuantizedMergeError",
+    "DeltaMerge", "DiskFullError", "InjectionError", "LoRIConfig", "LoRIConfigError", "LoRIError", "LoRILinear", "NonFiniteError", "QuantizedMergeError",
     "adapter_from_model",
     "adapter_listing", "apply_adapter", "atomic_write", "base_fingerprint", "calibrate", "count_trainable", "draw_A",
     "full_parameters", "get_A", "get_B", "get_masks", "inject_lori", "load_adapter", "load_masks",

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from lori.core.config import LoRIConfig
+from lori.core.errors import LoRIError
 from lori.core.inject import get_A, get_B, get_masks, inject_lori, lori_layers, set_masks
 from lori.core.layer import LoRILinear
 
 SAVED_EMBEDDINGS = "peft_saved_embeddings"  # Adapter.meta key: embedding weights a PEFT file held, not loaded
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(LoRIError, ValueError):
     """An adapter that does not fit a model or another adapter (shapes, ranks, targets, base)."""
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lori.core.errors import LoRIError
+
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -26,7 +28,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 GRANULARITIES: tuple[str, ...] = ("model", "module", "projection", "layer", "matrix")
 
 
-class LoRIConfigError(ValueError):
+class LoRIConfigError(LoRIError, ValueError):
     """A LoRI hyperparameter outside its allowed range."""
 
 

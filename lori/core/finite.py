@@ -15,8 +15,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from lori.core.errors import LoRIError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(LoRIError, ValueError):
     """A tensor holding NaN or inf where only finite values make sense (the message names it)."""
 
 

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from lori.core.config import LoRIConfig
+from lori.core.errors import LoRIError
 from lori.core.finite import NonFiniteError, describe_non_finite
 from lori.core.layer import LoRILinear, check_float_weight
 
 
-class InjectionError(ValueError):
+class InjectionError(LoRIError, ValueError):
     """Target modules that do not exist in the model, or a model injected twice."""
 
 

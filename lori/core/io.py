@@ -38,6 +38,7 @@ from torch import Tensor
 from lori.core.adapter import A_DIGEST_MODULES, SAVED_EMBEDDINGS, Adapter, a_digest
 from lori.core.atomic_files import disk_full_error, fsync_directory, is_disk_full
 from lori.core.config import LoRIConfig
+from lori.core.errors import LoRIError
 from lori.core.finite import check_finite
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,7 +55,7 @@ OFFICIAL_MASK_DIRS = {"model": "masks", "module": "modulewise_masks", "projectio
                       "layer": "layerwise_masks", "matrix": "matrixwise_masks"}
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LoRIError, ValueError):
     """An adapter directory or mask file that is missing, corrupt or inconsistent."""
 
 

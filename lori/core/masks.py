@@ -29,13 +29,14 @@ import torch
 from torch import Tensor
 
 from lori.core.config import GRANULARITIES
+from lori.core.errors import LoRIError
 from lori.core.finite import NonFiniteError, describe_non_finite
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LoRIError, ValueError):
     """B that no mask can be calibrated from: a group that is all zero (NaN / inf: NonFiniteError)."""
 
 

@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lori.core.config import LoRIConfigError
+
 PROTOCOLS: tuple[str, ...] = ("lori", "official")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(LoRIConfigError):
     """A protocol name that does not exist, or settings that contradict the chosen protocol."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lori.core.errors import LoRIError
 
-class EvalError(ValueError):
+
+class EvalError(LoRIError, ValueError):
     """Evaluation settings that cannot work (unknown task, bad sample counts, ...)."""

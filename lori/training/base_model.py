@@ -37,6 +37,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lori.core.errors import LoRIError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -48,7 +50,7 @@ CACHE_MARKER = "lori_cache.json"  # written last: a cache folder without it is n
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LoRIError, ValueError):
     """A model name, path or option that cannot be loaded; the message names the bad value."""
 
 

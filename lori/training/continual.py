@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.core import (
     LoRIConfig,
+    LoRIConfigError,
     adapter_from_model,
     apply_adapter,
     get_A,
@@ -65,7 +66,7 @@ from lori.training.preemption import handles_signals
 PHASES = ("base", "safety", "task")
 
 
-class ContinualConfigError(ValueError):
+class ContinualConfigError(LoRIConfigError):
     """A continual-learning config that cannot run (missing adapter or mask file, ...)."""
 
 

@@ -37,10 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lori.core.errors import LoRIError
+
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-class RunLockedError(ValueError):
+class RunLockedError(LoRIError, ValueError):
     """The output directory is in use by another live run (the message names it)."""
 
 

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from lori.core.protocol import PROTOCOLS, ProtocolError  # noqa: F401 (PROTOCOLS re-exported)
+from lori.core.protocol import check_protocol as check_protocol_name
 from lori.data import official_prompts as official
 from lori.data.sources import REFUSALS, DataError, gsm8k_final, refusal_for  # noqa: F401 (re-exported)
 from lori.data.tasks import task_kind
 
 TEMPLATES = ("alpaca", "chat", "plain")
 STAGES = ("train", "eval")
-PROTOCOLS = ("lori", "official")
 ALPACA_HEADER = ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.")
 ALPACA_HEADER_INPUT = ("Below is an instruction that describes a task, paired with an input "
@@ -126,13 +127,22 @@ def _alpaca(instruction: str, input_text: str) -> str:
     return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def check_protocol(protocol: str, template: str | None = None) -> None:
-    """Raise DataError for an unknown protocol, or for ``template="chat"`` with ``"official"``."""
-    if protocol not in PROTOCOLS:
-        raise DataError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+def check_template(protocol: str, template: str | None = None) -> None:
+    """Raise DataError for an unknown protocol, or for ``template="chat"`` with ``"official"``.
+
+    The protocol name is checked by ``lori.core.protocol.check_protocol`` (the one list,
+    ``PROTOCOLS``); its ProtocolError becomes a DataError with the same message.
+    """
+    try:
+        check_protocol_name(protocol)
+    except ProtocolError as err:
+        raise DataError(str(err)) from None
     if protocol == "official" and template == "chat":
         raise DataError("template 'chat' cannot be used with protocol 'official': the official "
                         "LoRI code has no chat template (use template 'alpaca' or 'plain')")
+
+
+check_protocol = check_template  # the old name, until lori.data / datamodule / evaluator switch (issue 26)
 
 
 def _chat(user: str, response: str, tokenizer: Any) -> tuple[str, str]:
@@ -162,7 +172,7 @@ def apply_template(instruction: str, response: str = "", *, input_text: str = ""
     Returns:
         ``(prompt, response)``; the model is trained on ``response`` given ``prompt``.
     """
-    check_protocol(protocol, template)
+    check_template(protocol, template)
     if protocol == "official":
         return official.instruct_prompt(instruction, input_text), response
     if template == "alpaca":
@@ -238,7 +248,7 @@ def format_example(record: dict[str, Any], task: str, template: str = "alpaca",
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
-    check_protocol(protocol, template)
+    check_template(protocol, template)
     if protocol == "official":
         pair = official_example(record, task, stage)
         if pair is not None:

@@ -40,7 +40,7 @@ import datasets
 import torch
 
 from lori.data.official_prompts import unique_prompts
-from lori.data.prompts import check_protocol, format_example
+from lori.data.prompts import check_template, format_example
 from lori.data.sources import DataError
 
 IGNORE_INDEX = -100
@@ -196,7 +196,7 @@ def tokenize_records_with_report(records: list[dict[str, Any]], tokenizer: Any, 
                                  max_prompt_length: int = 256,
                                  ) -> tuple[datasets.Dataset, TokenizationReport]:
     """Like ``tokenize_records`` and also returns the drop / truncation counts."""
-    check_protocol(protocol, template)
+    check_template(protocol, template)
     _check_lengths(max_length, max_prompt_length, protocol)
     pairs = [format_example(r, task, template, protocol, stage=stage, tokenizer=tokenizer)
              for r in records]
@@ -275,7 +275,7 @@ def tokenize_prompts(records: list[dict[str, Any]], tokenizer: Any, task: str,
       512``): the tokenizer's default special tokens (e.g. BOS) and ``truncation=True`` at
       ``max_length`` (default 512; bigcode counts prompt plus generation in that budget).
     """
-    check_protocol(protocol, template)
+    check_template(protocol, template)
     official = protocol == "official"
     humaneval = official and task == "humaneval"
     if official:

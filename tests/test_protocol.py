@@ -208,10 +208,3 @@ def test_a_section_that_is_no_mapping_has_no_keys(section):
     config = {"model": section, "trainer": {"gradient_clip_val": None}}
     assert apply_official(config, _config()) == [] and config["model"] == section
 
-
-def test_official_table_lists_every_fixed_setting():
-    from lori.core.protocol import official_table
-
-    assert official_table() == [{"key": f.key, "official": f.value, "source": f.source}
-                                for f in OFFICIAL_SETTINGS]
-    assert {row["key"]: row["official"] for row in official_table()}["model.lori.dropout"] == 0.0

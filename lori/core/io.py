@@ -179,18 +179,6 @@ def _unexpected_key(key: str) -> AdapterFileError:
     )
 
 
-def split_peft_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """A and B by module path from PEFT-named keys (with or without an adapter name)."""
-    A: dict[str, Tensor] = {}
-    B: dict[str, Tensor] = {}
-    for key, value in state.items():
-        match = _PEFT_KEY.match(key)
-        if match is None:
-            raise _unexpected_key(key)
-        (A if match["ab"] == "A" else B)[match["path"]] = value
-    return A, B
-
-
 def _open(path: Path) -> Any:
     try:
         return safe_open(str(path), "pt")

@@ -18,7 +18,6 @@ applies them to a parsed config:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +130,3 @@ def apply_official(config: Any, defaults: Any, sections: tuple[str, ...] | None 
             + " -- remove them or use protocol: lori"
         )
     return changed
-
-
-def official_table() -> list[Mapping[str, Any]]:
-    """The fixed settings as rows (key, official value, source), e.g. for documentation."""
-    return [{"key": f.key, "official": f.value, "source": f.source} for f in OFFICIAL_SETTINGS]

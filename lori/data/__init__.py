@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lori.core.protocol import PROTOCOLS
 from lori.data.prompts import (
-    PROTOCOLS,
     TEMPLATES,
     apply_template,
-    check_protocol,
+    check_template,
     format_example,
     gsm8k_response,
     nlu_answer,
@@ -73,8 +73,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DataError", "EVAL_TASKS", "IGNORE_INDEX", "NLU_TASKS", "PROTOCOLS", "SCHEMAS", "TASKS", "TASK_KINDS",
-    "TEMPLATES", "Task", "TaskDataModule", "TokenizationReport", "apply_template", "check_protocol",
-    "check_record", "collate", "default_records", "format_example", "get_task", "gsm8k_final",
+    "TEMPLATES", "Task", "TaskDataModule", "TokenizationReport", "apply_template", "check_record",
+    "check_template", "collate", "default_records", "format_example", "get_task", "gsm8k_final",
     "gsm8k_response", "hub_records", "load_benign", "load_donotanswer", "load_gsm8k", "load_harmbench",
     "load_hexphi", "load_humaneval", "load_local", "load_mbpp", "load_nlu", "load_strongreject",
     "nlu_answer", "nlu_instruction", "official_example", "official_truncate", "pad_id_of",

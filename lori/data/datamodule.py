@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lori.data import sources
-from lori.data.prompts import TEMPLATES, check_protocol
+from lori.data.prompts import TEMPLATES, check_template
 from lori.data.sources import DataError, safety_train_records  # noqa: F401 (re-exported)
 from lori.data.tasks import default_records, get_task, load_local
 from lori.data.tokenize import collate, pad_id_of, tokenize_prompts, tokenize_records_with_report
@@ -168,7 +168,7 @@ class TaskDataModule(L.LightningDataModule):
         if get("task") is not None:
             get_task(get("task"))  # an unknown name fails listing the tasks
         if get("protocol") is not None:
-            check_protocol(get("protocol"), get("template"))
+            check_template(get("protocol"), get("template"))
         prompt, length = get("max_prompt_length"), get("max_length")
         if get("protocol") == "official" and prompt is not None and length is not None \
                 and not 0 < prompt < length:

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import torch
 
 from lori.data.official_prompts import HEXPHI_SOURCES
-from lori.data.prompts import NLU_ANSWER_PREFIX, check_protocol, format_example, nlu_answer
+from lori.data.prompts import NLU_ANSWER_PREFIX, check_template, format_example, nlu_answer
 from lori.data.sources import DataError
 from lori.data.tasks import EVAL_TASKS, TASKS, eval_tasks, expand, get_task, prompt_task  # noqa: F401 (EVAL_TASKS)
 from lori.eval.answers import extract_nlu_answer
@@ -178,7 +178,7 @@ class EvalSettings:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise EvalError("batch_size and max_new_tokens must be >= 1")
         try:
-            check_protocol(self.protocol, self.template)
+            check_template(self.protocol, self.template)
         except DataError as err:
             raise EvalError(str(err)) from None
         if self.items not in ITEMS:

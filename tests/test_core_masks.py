@@ -278,3 +278,86 @@ def test_masked_state_dict_round_trip(tokens):
     fresh.load_state_dict(state)
     assert torch.equal(fresh(tokens).logits, model(tokens).logits)
     assert count_trainable(fresh) == count_trainable(model)
+
+
+# --- path helpers and mask statistics, exact values on hand-made masks ------------------------
+
+
+def test_path_helpers_name_layer_projection_and_kind():
+    from lori.core.masks import layer_index, module_kind, projection_name
+    assert layer_index("model.layers.3.mlp.up_proj") == 3 and layer_index("transformer.h.11.attn.c_attn") == 11
+    assert layer_index("model.embed_tokens") is None and layer_index("lm_head") is None
+    assert projection_name("model.layers.3.mlp.up_proj") == "up_proj" and projection_name("lm_head") == "lm_head"
+    kinds = {
+        "model.layers.0.self_attn.c_proj": "attention",  # by a parent named *attn*
+        "bert.encoder.layer.0.attention.output.dense": "attention",  # by a parent named *attention*
+        "model.layers.0.mlp.q_proj": "attention",  # by the projection name
+        "q_proj": "attention",
+        "model.layers.0.mlp.up_proj": "mlp",
+        "model.layers.0.mlp.attn_gate": "mlp",  # the module's own name is not a parent
+        "lm_head": "mlp",
+    }
+    assert {p: module_kind(p) for p in kinds} == kinds
+
+
+def _hand_masks() -> dict[str, torch.Tensor]:
+    t, f = True, False
+    return {
+        "model.layers.0.self_attn.q_proj": torch.tensor([[t, f], [f, f]]),
+        "model.layers.0.cross_attn.q_proj": torch.tensor([t, t, t, f]),  # same (layer, projection)
+        "model.layers.0.mlp.up_proj": torch.tensor([t, t, f, f]),
+        "model.layers.1.mlp.up_proj": torch.tensor([t]),
+        "lm_head": torch.tensor([f, f]),  # no layer index
+    }
+
+
+def test_sparsity_by_each_grouping_exactly():
+    from lori.core.masks import mask_density
+    masks = _hand_masks()
+    assert sparsity_by(masks, "layer") == {"layer0": 1 - 6 / 12, "layer1": 0.0, "layerNone": 1.0}
+    assert sparsity_by(masks, "projection") == {"q_proj": 1 - 4 / 8, "up_proj": 1 - 3 / 5, "lm_head": 1.0}
+    assert sparsity_by(masks, "module") == {"attention": 0.5, "mlp": 1 - 3 / 7}
+    assert sparsity_by(masks, "matrix")["model.layers.0.self_attn.q_proj"] == 0.75
+    assert sparsity_by(masks) == sparsity_by(masks, "layer")
+    with pytest.raises(ValueError, match="unknown grouping 'model'"):
+        sparsity_by(masks, "model")
+    assert mask_density(masks) == 7 / 15 and mask_density({}) == 0.0
+
+
+def test_sparsity_table_sums_modules_of_one_cell_and_skips_unlayered():
+    layers, projections, table = sparsity_table(_hand_masks())
+    assert layers == [0, 1] and projections == ["lm_head", "q_proj", "up_proj"]
+    assert table.dtype == torch.float64
+    # lm_head has no layer: its column is empty (sparsity 1); (0, q_proj) sums two modules: 4 of 8
+    assert table.tolist() == [[1.0, 0.5, 0.5], [1.0, 1.0, 0.0]]
+
+
+def test_mask_overlap_exact_values_and_refusals():
+    a = {"x": torch.tensor([True, True, False, False])}
+    b = {"x": torch.tensor([True, False, True, False])}
+    assert mask_overlap(a, b) == {"intersection": 0.25, "jaccard": 1 / 3, "of_a": 0.5}
+    a2 = {**a, "y": torch.tensor([True, False])}
+    b2 = {**b, "y": torch.tensor([True, True])}
+    assert mask_overlap(a2, b2) == {"intersection": 2 / 6, "jaccard": 2 / 5, "of_a": 2 / 3}
+    one = {"x": torch.tensor([True])}
+    assert mask_overlap(one, one) == {"intersection": 1.0, "jaccard": 1.0, "of_a": 1.0}
+    none = {"x": torch.tensor([False, False])}
+    assert mask_overlap(none, none) == {"intersection": 0.0, "jaccard": 0.0, "of_a": 0.0}
+    extra = {f"m{i}": torch.tensor([True]) for i in range(7)}
+    with pytest.raises(ValueError) as info:
+        mask_overlap({**one, **extra}, one)
+    assert str(info.value) == "mask sets cover different modules: ['m0', 'm1', 'm2', 'm3', 'm4']"
+    with pytest.raises(ValueError) as info:
+        mask_overlap(one, {"x": torch.tensor([True, False])})
+    assert str(info.value) == "mask shapes differ at 'x': torch.Size([1]) vs torch.Size([2])"
+
+
+def test_select_digit_counts_entries_above_the_chosen_digit():
+    from lori.core.masks import _select_digit
+    hist = torch.tensor([4, 2, 3])  # digit 2 holds 3 entries, digit 1 two, digit 0 four
+    assert _select_digit(hist, 1) == (2, 0) and _select_digit(hist, 3) == (2, 0)
+    assert _select_digit(hist, 4) == (1, 3) and _select_digit(hist, 5) == (1, 3)
+    assert _select_digit(hist, 6) == (0, 5)
+    # every entry tied in the top bucket: exactly k kept, the first in row-major order
+    mask = calibrate({"w": torch.ones(4, 4)}, 0.5)["w"]
+    assert mask.reshape(-1).tolist() == [True] * 8 + [False] * 8

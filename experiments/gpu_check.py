@@ -217,7 +217,7 @@ def section_env(ctx: Context) -> dict:
                 "capability": f"{props.major}.{props.minor}", "cudnn": torch.backends.cudnn.version(),
                 "bf16_supported": torch.cuda.is_bf16_supported()}
     imports = {}
-    for module in ("lori.core", "lori.commands.dryrun_command", "lori.data.tokenize", "lori.commands.main", "peft", "deepspeed"):
+    for module in ("lori.core", "lori.training.dry_run", "lori.data.tokenize", "lori.commands.main", "peft", "deepspeed"):
         try:
             __import__(module)
             imports[module] = "ok"
@@ -308,27 +308,29 @@ def dryrun_config(ctx: Context) -> Path:
 
 def dry_run_inputs(ctx: Context) -> tuple:
     """(config path, its YAML, LoRIConfig, dry-run row, Plan, arch, AdapterShape) of ``dryrun_config``."""
-    from lori.commands import dryrun_command as dryrun
+    from lori.commands.dryrun_command import dry_run
     from lori.core import LoRIConfig
+    from lori.training.dry_run import arch_for
+    from lori.training.memory_model import Plan, adapter_shape
 
     path = dryrun_config(ctx)
     cfg = yaml.safe_load(path.read_text())
     lori = LoRIConfig.from_dict(cfg["model"]["lori"])
-    row = dryrun.dry_run(path)
-    arch = dryrun.arch_for(cfg["model"]["model"])
-    return (path, cfg, lori, row, dryrun.Plan(**row["plan"]), arch,
-            dryrun.adapter_shape(arch, lori.r, tuple(lori.target_modules)))
+    row = dry_run(path)
+    arch = arch_for(cfg["model"]["model"])
+    return (path, cfg, lori, row, Plan(**row["plan"]), arch,
+            adapter_shape(arch, lori.r, tuple(lori.target_modules)))
 
 
 def section_memory(ctx: Context) -> dict:
     """Peak memory of LoRI-D / LoRI-S steps with and without checkpointing, against the dry run."""
-    from lori.commands import dryrun_command as dryrun
     from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
+    from lori.training.memory_model import memory_terms
 
     path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
     trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
-    estimates = {(m, ck): dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s",
-                                              dataclasses.replace(plan, checkpointing=ck))
+    estimates = {(m, ck): memory_terms(shape, lori, trainable[m], m == "lori_s",
+                                       dataclasses.replace(plan, checkpointing=ck))
                  for m in trainable for ck in (False, True)}
     reproduces = all({k: round(v / GIB, 2) for k, v in estimates[m, plan.checkpointing].items()}
                      == row[f"memory_gib_{m}"] for m in trainable)
@@ -368,15 +370,14 @@ def section_quantized(ctx: Context) -> dict:
     the dry run, step time against the bf16 base without checkpointing."""
     from bench_memory import stored_bytes  # experiments/ is on sys.path (main)
 
-    from lori.commands import dryrun_command as dryrun
     from lori.core import calibrate, get_B, inject_lori, lori_layers, set_masks
-    from lori.training.memory_model import base_weight_bytes
+    from lori.training.memory_model import base_weight_bytes, memory_terms
     from lori.training.quantize import quantize_base
 
     path, cfg, lori, row, plan, arch, shape = dry_run_inputs(ctx)
     setting = dataclasses.replace(plan, quantize="nf4", checkpointing=True)
     trainable = {"lori_d": row["trainable_lori_d"], "lori_s": row["trainable_lori_s"]}
-    estimates = {m: dryrun.memory_terms(shape, lori, trainable[m], m == "lori_s", setting) for m in trainable}
+    estimates = {m: memory_terms(shape, lori, trainable[m], m == "lori_s", setting) for m in trainable}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape.vocab, (plan.micro_batch, plan.seq_len), generator=g).to(ctx.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -20,13 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
 from lori.commands.continual_command import parse_continual_config
-from lori.commands.dryrun_command import (
-    adapter_shape,
-    dry_run,
-    format_table,
-    main,
-    sparse_trainable,
-)
+from lori.commands.dryrun_command import dry_run, format_table, main
 from lori.commands.lightning_cli import parse_config, parse_fit_config
 from lori.core import LoRIConfig, LoRIConfigError, calibrate, get_B, inject_lori
 from lori.core.io import CONFIG_FILE, AdapterFileError
@@ -36,6 +30,7 @@ from lori.training.base_model import tiny_llama
 from lori.training.baselines import OPTIONS, BaselineOptions
 from lori.training.baselines.methods import resolved_options
 from lori.training.continual import ContinualConfig, ContinualConfigError
+from lori.training.memory_model import adapter_shape, sparse_trainable
 from lori.training.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ Templates (``template=``):
 * ``"chat"``: ``tokenizer.apply_chat_template`` with the instruction as the user turn and the
   response as the assistant turn (for instruct models; needs ``tokenizer=``).
 
-Protocols (``protocol=``, see ``PROTOCOLS``):
+Protocols (``protocol=``, see ``lori.core.protocol.PROTOCOLS``):
 
 * ``"lori"`` (default): the layouts above.
 * ``"official"``: the strings of the official LoRI code (``lori.data.official_prompts``), byte
@@ -37,8 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lori.core.protocol import PROTOCOLS, ProtocolError  # noqa: F401 (PROTOCOLS re-exported)
-from lori.core.protocol import check_protocol as check_protocol_name
+from lori.core.protocol import ProtocolError, check_protocol
 from lori.data import official_prompts as official
 from lori.data.sources import REFUSALS, DataError, gsm8k_final, refusal_for  # noqa: F401 (re-exported)
 from lori.data.tasks import task_kind
@@ -134,15 +133,12 @@ def check_template(protocol: str, template: str | None = None) -> None:
     ``PROTOCOLS``); its ProtocolError becomes a DataError with the same message.
     """
     try:
-        check_protocol_name(protocol)
+        check_protocol(protocol)
     except ProtocolError as err:
         raise DataError(str(err)) from None
     if protocol == "official" and template == "chat":
         raise DataError("template 'chat' cannot be used with protocol 'official': the official "
                         "LoRI code has no chat template (use template 'alpaca' or 'plain')")
-
-
-check_protocol = check_template  # the old name, until lori.data / datamodule / evaluator switch (issue 26)
 
 
 def _chat(user: str, response: str, tokenizer: Any) -> tuple[str, str]:

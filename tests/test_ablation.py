@@ -218,3 +218,16 @@ def test_full_size_overrides_give_valid_default_configs(tmp_path, overrides):
     parsed = parse_config(path)
     for key, value in overrides.items():
         assert ab.get_key(parsed.as_dict(), key) == value
+
+
+def test_lori_ablation_is_the_sweep_api_with_lori_pipeline_as_the_default_runner(tmp_path):
+    from lori.training import sweeps
+
+    assert ab.__all__ == sweeps.__all__
+    assert all(getattr(ab, n) is getattr(sweeps, n) for n in sweeps.__all__ if n not in ("run_point", "run_sweep"))
+    assert sweeps.REPO_ROOT == ab.REPO_ROOT and ab.DEFAULT_CONFIG.is_file()
+    with pytest.raises(TypeError):  # the library runs nothing by itself: a runner is required
+        sweeps.run_point(BASE, {}, tmp_path)
+    run = FakeRunner()
+    assert sweeps.run_sweep(BASE, [{}], tmp_path, run) == ab.run_sweep(BASE, [{}], tmp_path)  # read back
+    assert run.calls == [str(tmp_path / "base")]

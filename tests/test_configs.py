@@ -11,11 +11,11 @@ from lori.commands import eval_command
 from lori.commands import merge_command as merging
 from lori.commands.continual_command import parse_continual_config
 from lori.commands.main import main
-from lori.commands.moved_configs import MovedConfigError, check, replacement
 from lori.commands.lightning_cli import parse_config, parse_configs, parse_fit_config
 from lori.core import LoRIConfig
 from lori.eval.evaluator import EvalSettings
 from lori.training.continual import ContinualConfig
+from lori.training.moved_configs import MovedConfigError, check, replacement
 from lori.training.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"

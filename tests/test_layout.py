@@ -5,9 +5,11 @@ Layers, lowest first (README "Layout"):
     lori.core       the method in plain torch (no Lightning)
     lori.data       task sources, prompts, tokenisation, the DataModule
     lori.eval       sandbox, pass@k, answers, judges, metrics, generation, the evaluation tasks
-    lori.training   Lightning glue: module, callbacks, pipeline stages, continual phases, baselines
-    lori.commands   one module per ``lori`` subcommand, the LightningCLI they share, the dispatcher
-    lori.ablation   sweeps for the notebooks and experiments/ (on top of ``lori pipeline``)
+    lori.training   Lightning glue: module, callbacks, pipeline stages, continual phases, baselines,
+                    and what a command runs (merge_run, eval_run, dry_run, sweeps, fit_settings)
+    lori.commands   one module per ``lori`` subcommand, the LightningCLI they share, the dispatcher:
+                    each parses its arguments, calls the library and prints (no library code)
+    lori.ablation   lori.training.sweeps with ``lori pipeline`` as its default runner (notebooks)
 
 Imports are read with ``ast`` (nothing is imported), at the top of a file and inside functions.
 """
@@ -30,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("eval", ("lori.eval",)),
     ("training", ("lori.training",)),
     ("commands", ("lori.commands", "lori.__main__")),
-    ("ablation", ("lori.ablation",)),
+    ("ablation", ("lori.ablation",)),  # the sweeps' default runner is `lori pipeline` (a command)
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
 # `lori fit | validate | test | predict` are LightningCLI's own subcommands, run by LoRICLI
@@ -171,6 +173,39 @@ def test_each_subcommand_has_its_module_in_the_commands_package():
     )
 
 
+# lori/commands/ holds one <subcommand>_command.py per subcommand and these; a command parses its
+# arguments, calls the library and prints: what it computes lives in core/data/eval/training
+COMMAND_FILES = {"__init__", "main", "lightning_cli"}
+MAX_COMMAND_LINES, MAX_COMMAND_FUNCTION = 200, 40
+
+
+def command_violations(commands: Path) -> list[str]:
+    """What a module of lori/commands/ may not hold: library code (classes other than a LightningCLI
+    parser, so no dataclass or exception class; long functions; long modules; files that are no
+    subcommand). ``lightning_cli.py`` (LoRICLI and its config parsing) has no line limit."""
+    bad = []
+    for path in sorted(commands.glob("*.py")):
+        if path.stem not in COMMAND_FILES and not path.stem.endswith("_command"):
+            bad.append(f"{path.name}: not a subcommand module; library code belongs to core/data/eval/training")
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if path.stem != "lightning_cli" and lines > MAX_COMMAND_LINES:
+            bad.append(f"{path.name}: {lines} lines (> {MAX_COMMAND_LINES})")
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.ClassDef) and not node.name.endswith("CLI"):
+                bad.append(f"{path.name}: class {node.name} (only LightningCLI parsers live in commands)")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_COMMAND_FUNCTION:
+                    bad.append(f"{path.name}: {node.name} is {length} lines (> {MAX_COMMAND_FUNCTION})")
+    return bad
+
+
+def test_commands_only_parse_call_and_print():
+    bad = command_violations(PACKAGE / "commands")
+    assert not bad, "move library code out of lori/commands/:\n  " + "\n  ".join(bad)
+
+
 # ---- the checks themselves can fail -----------------------------------------------------------
 def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
     for rel, text in files.items():
@@ -218,3 +253,24 @@ def test_relative_imports_are_resolved(tmp_path):
         "training/module.py": "",
     })
     assert lori_edges(modules)["lori.eval.metrics"] == {"lori.eval.answers", "lori.training.module"}
+
+
+def test_library_code_in_a_command_is_reported(tmp_path):
+    long_body = "".join(f"    x{i} = {i}\n" for i in range(MAX_COMMAND_FUNCTION))
+    _tree(tmp_path, {
+        "commands/__init__.py": "",
+        "commands/main.py": "def main():\n    pass\n",
+        "commands/fine_command.py": "class FineCLI:\n    pass\n\n\ndef main(argv):\n    return argv\n",
+        "commands/merge_command.py": ("from dataclasses import dataclass\n\n\n@dataclass\nclass MergeConfig:\n"
+                                      "    r: int = 4\n\n\nclass MergeConfigError(ValueError):\n    pass\n"),
+        "commands/dryrun_command.py": "def dry_run():\n" + long_body,
+        "commands/helpers.py": "def helper():\n    pass\n",
+        "commands/eval_command.py": "x = 1\n" * (MAX_COMMAND_LINES + 1),
+    })
+    assert command_violations(tmp_path / "lori" / "commands") == [
+        f"dryrun_command.py: dry_run is {MAX_COMMAND_FUNCTION + 1} lines (> {MAX_COMMAND_FUNCTION})",
+        f"eval_command.py: {MAX_COMMAND_LINES + 1} lines (> {MAX_COMMAND_LINES})",
+        "helpers.py: not a subcommand module; library code belongs to core/data/eval/training",
+        "merge_command.py: class MergeConfig (only LightningCLI parsers live in commands)",
+        "merge_command.py: class MergeConfigError (only LightningCLI parsers live in commands)",
+    ]

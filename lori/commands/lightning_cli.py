@@ -26,7 +26,6 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lori.commands.baseline_fit import apply_fit_settings
 from lori.core import LoRIConfigError
 from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
 from lori.data.datamodule import TaskDataModule, accumulation_steps
@@ -36,6 +35,7 @@ from lori.training.base_model import _resolve_dtype as resolve_dtype
 from lori.training.callbacks import SaveAdapter
 from lori.training.checkpoint_io import with_atomic_checkpoints
 from lori.training.continual import ContinualConfig
+from lori.training.fit_settings import apply_fit_settings
 from lori.training.module import LoRIModule
 from lori.training.pipeline import PipelineConfig
 from lori.training.preemption import PreemptionCheckpoint

@@ -31,14 +31,13 @@ from lori.commands import (
     dryrun_command,
     eval_command,
     merge_command,
-    moved_configs,
     pipeline_command,
 )
 from lori.commands.lightning_cli import LoRICLI
 from lori.core.atomic_files import disk_full_message
 from lori.core.errors import LoRIError
 from lori.data.datamodule import TaskDataModule
-from lori.training import console
+from lori.training import console, moved_configs
 from lori.training.module import CheckpointMismatchError, LoRIModule
 
 USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]

@@ -1,5 +1,5 @@
 """What ``lori fit`` derives for a baseline from a ``lori pipeline`` config: one config per setting,
-the method switched on the command line.
+the method switched on the command line (``lori.commands.lightning_cli`` calls ``apply_fit_settings``).
 
     lori fit --config configs/paper/llama3_8b_r32_gsm8k.yaml --model.method dora
     lori fit --config configs/experiment/default.yaml --model.method vera

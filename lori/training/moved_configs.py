@@ -1,9 +1,10 @@
 """Config files that were folded into others, and the command that replaces each: a ``--config``
-(or ``lori dryrun`` path) naming one of them stops with one line saying what to run instead.
+(or ``lori dryrun`` path) naming one of them stops with one line saying what to run instead
+(``lori.commands.main`` calls ``check`` before any subcommand).
 
     configs/paper/baselines/llama3_8b_r32_<task>_<method>.yaml
         -> lori fit --config configs/paper/llama3_8b_r32_<task>.yaml --model.method <method>
-           (full: --config configs/method/full.yaml; lori.commands.baseline_fit derives the rest)
+           (full: --config configs/method/full.yaml; lori.training.fit_settings derives the rest)
     configs/experiment/<method>.yaml (full_ft.yaml: method full)
         -> lori fit --config configs/experiment/default.yaml --model.method <method>
 """

@@ -10,6 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pipeline_helpers import tiny_config, write_config
+from test_method_registry import TRAINS  # the trainable tensors of each method, by name fragments
 from test_resume import Crash, CrashAt  # dies after a step, before that step's checkpoint
 from torch.utils.data import DataLoader
 
@@ -17,7 +18,14 @@ import lori.training.module
 from lori.commands.dryrun_command import method_size
 from lori.commands.lightning_cli import parse_config, parse_fit_config
 from lori.commands.main import main
-from lori.core import AdapterFileError, LoRIConfig, load_adapter, merge_lori, unmerge_lori
+from lori.core import (
+    AdapterFileError,
+    LoRIConfig,
+    LoRIConfigError,
+    load_adapter,
+    merge_lori,
+    unmerge_lori,
+)
 from lori.training import baselines
 from lori.training.base_model import tiny_llama
 from lori.training.baselines import (
@@ -32,13 +40,6 @@ from lori.training.module import CheckpointMismatchError, LoRIModule
 
 LORI = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"], "seed": 3}
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiment"
-# the trainable tensors of each method, by a fragment of their names
-TRAINS = {
-    "lori": [".lori_B"], "lora_frozen_a": [".lori_B"], "lora": [".lora_A.", ".lora_B."],
-    "dora": [".lora_A.", ".lora_B.", "lora_magnitude_vector"], "lora_fa": [".lora_B."],
-    "vera": ["vera_lambda_b", "vera_lambda_d"], "ia3": ["ia3_l"], "adalora": [".lora_A.", ".lora_B.", ".lora_E."],
-    "rslora": [".lora_A.", ".lora_B."], "pissa": [".lora_A.", ".lora_B."], "loraplus": [".lora_A.", ".lora_B."],
-}
 
 
 @pytest.fixture
@@ -378,6 +379,21 @@ def test_bad_method_options_stop_before_the_model_loads(monkeypatch, method, fie
         LoRIModule(model="tiny", method=method, lori=LORI | fields, baseline=baseline)
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
+
+
+@pytest.mark.parametrize("options,fragments", [
+    ({"weight_decay": -0.1}, ["model.weight_decay must be >= 0", "-0.1"]),
+    ({"betas": (0.9, 1.0)}, ["model.betas must both be in [0, 1)", "1.0"]),
+])
+def test_adamw_options_stop_before_the_model_loads(monkeypatch, options, fragments):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lori.training.module, "build_model", no_loading)
+    with pytest.raises(LoRIConfigError) as err:
+        LoRIModule(model="tiny", method="lora", lori=LORI, **options)
+    assert all(f in str(err.value) for f in fragments), str(err.value)
+    LoRIModule.check_options({"weight_decay": 0.0, "betas": (0.0, 0.999)})  # the edges that AdamW accepts
 
 
 def test_lori_defaults_carried_by_every_config_are_accepted():

@@ -25,8 +25,9 @@ from typing import Any
 
 from lori.core.atomic_files import write_text_atomic
 from lori.core.io import MASKS_FILE, META_FILE
-from lori.training.card_results import CARD_FILE, RESULTS_END, results_lines, results_marker
 from lori.training.base_model import DEFAULT_MODEL_NAME
+from lori.training.baselines.registry import Method, find_method
+from lori.training.card_results import CARD_FILE, RESULTS_END, results_lines, results_marker
 
 PAPER = "https://arxiv.org/abs/2504.07448"
 OFFICIAL_CODE = "https://github.com/juzhengz/LoRI"
@@ -34,7 +35,6 @@ OFFICIAL_CODE = "https://github.com/juzhengz/LoRI"
 HUB_IDS = {DEFAULT_MODEL_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0", "meta-llama/Meta-Llama-3-8B": "llama3",
             "mistralai/Mistral-7B-v0.1": "apache-2.0", "mistralai/Mistral-7B-v0.3": "apache-2.0"}
-METHOD_NAMES = {"lori": "LoRI", "lora_frozen_a": "LoRA with a frozen A (LoRI-D alone)", "full": "full fine-tuning"}
 NOT_EVALUATED = "Not evaluated yet: `lori eval --adapter {dir}` writes its results here."
 CITATION = """```bibtex
 @article{zhang2025lori,
@@ -101,14 +101,24 @@ class CardFacts:
         return HUB_IDS.get(self.base_model, self.base_model)
 
     @property
+    def entry(self) -> Method | None:
+        """The method's registry entry (None for a merge)."""
+        return find_method(self.method)
+
+    @property
+    def staged(self) -> bool:
+        """A run of the LoRI method: its stages (LoRI-D, LoRI-S, a continual phase) name the adapter."""
+        return self.entry is not None and self.entry.runs_pipeline
+
+    @property
     def label(self) -> str:
         """``LoRI-S``, ``LoRA``, ``merged (concat)``: what the adapter is, in a few words."""
         if self.merge is not None:
             return f"merged adapter ({self.merge['method']})"
-        if self.method == "lori":  # a pipeline stage, a continual phase, or a `lori fit` of method lori
+        if self.staged:  # a pipeline stage, a continual phase, or a `lori fit` of method lori
             continual = f"LoRI-{'S' if self.mask_file else 'D'} continual (task phase)"  # masked_task or not
-            return {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "task": continual}.get(self.stage, "LoRI")
-        return METHOD_NAMES.get(self.method, self.method)
+            return {"lori_d": "LoRI-D", "lori_s": "LoRI-S", "task": continual}.get(self.stage, self.entry.label)
+        return self.method if self.entry is None else self.entry.label
 
     @property
     def task(self) -> str | None:
@@ -135,7 +145,7 @@ def _front_matter(f: CardFacts) -> str:
     else:
         continual = f"lori-{'s' if f.mask_file else 'd'}-continual"
         stage = {"lori_d": "lori-d", "lori_s": "lori-s", "task": continual}.get(f.stage, f.method)
-        tags = ["lori", stage if f.method == "lori" else f.method, *([str(f.task)] if f.task else [])]
+        tags = ["lori", stage if f.staged else f.method, *([str(f.task)] if f.task else [])]
     lines = ["---", f"base_model: {f.hub_base}", f"library_name: {f.library}", "pipeline_tag: text-generation",
              f"license: {base_license(f.base_model)}", "tags:", *(f"- {t}" for t in dict.fromkeys(tags)), "---"]
     return "\n".join(lines)
@@ -227,16 +237,17 @@ def _get_started(f: CardFacts) -> list[str]:
 
 def _hyperparameters(f: CardFacts) -> list[str]:
     lori = f.lori
-    rows = [("Method", f.label if f.method in ("lori", "lora_frozen_a") else f"{f.label} (lori fit baseline)")]
+    baseline = f.entry is not None and f.entry.family != "lori"
+    rows = [("Method", f"{f.label} (lori fit baseline)" if baseline else f.label)]
     rows += [(name, lori[key]) for name, key in (
         ("Adapter rank (r)", "r"), ("LoRA alpha", "alpha"), ("LoRA dropout", "dropout"),
         ("Target modules", "target_modules")) if key in lori]
-    if f.method == "lori" and f.stage in ("lori_d", "lori_s", "task"):  # a stage with a mask
+    if f.entry is not None and f.entry.sparsifies and f.stage in ("lori_d", "lori_s", "task"):  # a stage with a mask
         sparsity = lori.get("sparsity")
         rows.append(("Sparsity", f"{sparsity} (mask calibrated from this dense B)" if f.stage == "lori_d"
                      else sparsity))
         rows.append(("Mask granularity", lori.get("granularity")))
-    if f.method in ("lori", "lora_frozen_a") and f.merge is None:
+    if f.entry is not None and f.entry.family == "lori" and f.merge is None:
         rows.append(("A seed", lori.get("seed")))
     rows += [("Steps", f.steps), ("Learning rate", f.lr), ("Trainable parameters", f.trainable),
              ("Protocol", f.protocol)]
@@ -271,7 +282,7 @@ def _training(f: CardFacts) -> list[str]:
 
 
 def _procedure(f: CardFacts) -> str:
-    if f.method != "lori":
+    if not f.staged:
         return f"One `lori fit` run of {f.label} through lori's LightningModule, data and logging."
     return {
         "lori_d": "LoRI-D: A frozen (Kaiming-uniform from the A seed), B trained dense from zero; the mask is then "
@@ -345,10 +356,11 @@ def facts_from_module(directory: str | Path, module: Any, stage: str, datamodule
     meta = saved.get("meta", {})
     summary = meta.get("summary", {})
     method = hp.get("method", "lori")
+    entry = find_method(method)
     lori = dict(saved.get("lori") or {})
-    if method not in ("lori", "lora_frozen_a"):  # a PEFT baseline: only its rank, alpha and dropout apply
-        lori = {k: v for k, v in module.lori_config.to_dict().items() if k in ("r", "alpha", "dropout")}
-        lori = {} if method in ("full", "ia3") else lori  # IA3 has no rank; full FT no adapter
+    if entry is not None and entry.family != "lori":  # a baseline: the rank, alpha and dropout it reads
+        lori = {k: v for k, v in module.lori_config.to_dict().items()  # (IA3 has no rank; full FT no adapter)
+                if k in ("r", "alpha", "dropout") and k in entry.reads}
     data = dict(getattr(datamodule, "hparams", {}) or {})
     mask = directory / MASKS_FILE
     calibration = directory.parent / "calibration" / "masks.safetensors"
@@ -356,7 +368,7 @@ def facts_from_module(directory: str | Path, module: Any, stage: str, datamodule
                  else str(calibration) if stage == "lori_d" and calibration.is_file() else None)
     return CardFacts(
         directory=directory, base_model=str(hp.model), method=method, stage=stage,
-        library="transformers" if method == "full" else "peft", lori=lori,
+        library="transformers" if entry is not None and entry.family == "full" else "peft", lori=lori,
         steps=meta.get("global_step"), lr=hp.get("lr"), protocol=hp.get("protocol", "lori"),
         data={k: data.get(k) for k in ("task", "train_file", "held_out", "split_seed", "template", "max_length",
                                        "batch_size", "global_batch_size") if k in data},

@@ -35,12 +35,11 @@ from torch.utils.checkpoint import checkpoint
 from lori.core import (
     LoRIConfig,
     LoRIConfigError,
-    adapter_from_model,
     base_fingerprint,
     count_trainable,
     lori_layers,
-    save_adapter,
 )
+from lori.core.errors import LoRIError
 from lori.core.layer import ADAPTER_DTYPE
 from lori.core.protocol import OFFICIAL_SETTINGS, ProtocolError, check_protocol
 from lori.training import baselines
@@ -59,7 +58,7 @@ LOSS_CHUNK_LOGITS = 1 << 24  # logits per chunk of the response-token loss (64 M
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(LoRIError, ValueError):
     """A checkpoint written for another base model or adapter shape."""
 
 
@@ -121,8 +120,8 @@ class LoRIModule(L.LightningModule):
         method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
             0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
             ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``) or ``full`` (every base weight
-            trained); the table is in ``lori.training.baselines``. r, alpha, dropout, targets and seed come
-            from ``lori``.
+            trained); one registry entry each (``lori.training.baselines.methods``; an unknown name is
+            refused in one line listing them). r, alpha, dropout, targets and seed come from ``lori``.
         lori: the adapter's hyperparameters (rank, alpha, dropout, targets, sparsity, granularity, seed).
         baseline: options of the baselines that have their own (``lori.training.baselines.BaselineOptions``:
             LoRA+'s lr ratio, VeRA's d_initial, IA3's feed-forward modules, AdaLoRA's schedule,
@@ -150,8 +149,7 @@ class LoRIModule(L.LightningModule):
         cache_dir: str | None = None,
         quantize: str | None = None,
         gradient_checkpointing: bool = False,
-        method: Literal["lori", "lora_frozen_a", "lora", "dora", "lora_fa", "vera", "ia3", "adalora", "rslora",
-                        "pissa", "loraplus", "full"] = "lori",
+        method: str = "lori",
         lori: LoRIConfig = LoRIConfig(),  # noqa: B008 - a frozen-by-convention default
         baseline: baselines.BaselineOptions = baselines.BaselineOptions(),  # noqa: B008 - never mutated
         lr: float = 1e-4,
@@ -169,7 +167,8 @@ class LoRIModule(L.LightningModule):
         self.save_hyperparameters(ignore=["lori", "baseline"])
         # before the model loads: method options, dtype, clipping, protocol
         self.check_options(dict(self.hparams) | {"lori": self.lori_config, "baseline": self.baseline})
-        self.compute_dtype = resolve_base_dtype(dtype, trains_base=method == "full")
+        self.method_entry = baselines.get_method(method)  # what this method trains, saves, checkpoints
+        self.compute_dtype = resolve_base_dtype(dtype, trains_base=self.method_entry.trains_base)
         self.trainer_precision: str | None = None  # set by ``setup`` (the last Trainer's)
         self.model, self.tokenizer = build_model(model, gguf_file, self.compute_dtype, cache_dir, quantize)
         targets = baselines.target_paths(self.model, self.lori_config.target_modules)
@@ -182,7 +181,7 @@ class LoRIModule(L.LightningModule):
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self.phase = "dense"  # "dense" (LoRI-D) or "sparse" (LoRI-S); set by the callbacks
-        self.strict_loading = method == "full"  # adapter checkpoints hold only the adapter, not the frozen base
+        self.strict_loading = self.method_entry.trains_base  # adapter checkpoints hold only the adapter, not the frozen base
 
     @staticmethod
     def check_options(options: Any, trainer: Any = None) -> None:
@@ -193,10 +192,11 @@ class LoRIModule(L.LightningModule):
         baseline = options.get("baseline") if hasattr(options, "get") else None
         if baseline is not None and not isinstance(baseline, baselines.BaselineOptions):
             baseline = dict(baseline)
-        baselines.check_method_options(options.get("method", "lori"), lori or LoRIConfig(),
-                                       baselines.BaselineOptions.from_value(baseline))
-        resolve_base_dtype(options.get("dtype", "float32"), trains_base=options.get("method", "lori") == "full")
-        check_quantize(options.get("quantize"), options.get("method", "lori"), options.get("model"),
+        method = options.get("method", "lori")
+        baselines.check_method_options(method, lori or LoRIConfig(), baselines.BaselineOptions.from_value(baseline))
+        resolve_base_dtype(options.get("dtype", "float32"), trains_base=baselines.get_method(method).trains_base)
+        check_optimizer_options(options)
+        check_quantize(options.get("quantize"), method, options.get("model"),
                        options.get("gguf_file"), options.get("protocol", "lori"),
                        trainer.get("strategy") if hasattr(trainer, "get") else None)
         if trainer is not None and hasattr(trainer, "get"):
@@ -287,9 +287,9 @@ class LoRIModule(L.LightningModule):
                 f"(phase {self.phase}); the last good checkpoint is kept"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        if self.hparams.method == "adalora":  # AdaLoRA trains on loss + its orthogonality penalty
-            penalty = baselines.orthogonality_penalty(self.model)
-            self.log("train/orth_penalty", penalty, batch_size=batch["input_ids"].shape[0])
+        for name, term in self.method_entry.extra_losses.items():  # AdaLoRA: + its orthogonality penalty
+            penalty = term(self.model)
+            self.log(f"train/{name}", penalty, batch_size=batch["input_ids"].shape[0])
             loss = loss + penalty
         return loss
 
@@ -314,8 +314,8 @@ class LoRIModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """AdaLoRA's rank schedule runs as a Callback of every fit of an ``adalora`` module."""
-        return [baselines.AdaLoraBudget()] if self.hparams.method == "adalora" else []
+        """The method's own callbacks in every fit (AdaLoRA's rank schedule)."""
+        return self.method_entry.callbacks()
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -348,12 +348,8 @@ class LoRIModule(L.LightningModule):
                 "trainable": count_trainable(self.model)} | dict(extra or {})
         if self.method_options:
             meta["options"] = self.method_options
-        name, fingerprint = self.hparams.model, self.fingerprint
-        if method in baselines.LORI_METHODS:
-            return save_adapter(adapter_from_model(self.model, self.lori_config, name, meta, fingerprint), directory)
-        if method in baselines.PEFT_METHODS:
-            return baselines.save_peft_adapter(self.model, directory, name, fingerprint, meta)
-        return baselines.save_full_model(self.model, self.tokenizer, directory, name, fingerprint, meta)
+        return self.method_entry.save(self.model, self.tokenizer, self.lori_config, directory, self.hparams.model,
+                                      self.fingerprint, meta)
 
     # ---- checkpoints: what was trained, with phase, method and base-model identity ----------
     def checkpoint_keys(self) -> set[str]:
@@ -388,7 +384,7 @@ class LoRIModule(L.LightningModule):
         ``load_from_checkpoint``); a key this model lacks, or an adapter key the checkpoint lacks,
         raises CheckpointMismatchError, and a shape mismatch RuntimeError, whatever ``strict``.
         """
-        if self.hparams.get("method", "lori") == "full":
+        if self.method_entry.trains_base:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         adapter = self.checkpoint_keys()  # (LoRI layers have taken the checkpoint's layout, dense or masked)
@@ -412,13 +408,13 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
             f"this run uses {module.hparams.model!r} (fingerprint {module.fingerprint})"
         )
     method = module.hparams.get("method", "lori")
-    if info.get("method", "lori") != method:
+    if baselines.current_name(info.get("method", "lori")) != method:  # a checkpoint from before a rename: the same
         raise CheckpointMismatchError(
             f"checkpoint was trained with method {info.get('method', 'lori')!r}, this run uses {method!r}"
         )
     if "state_dict" not in checkpoint:  # FSDP loaded the weights itself (the pipeline prechecks the file)
         return
-    if method in baselines.LORI_METHODS:
+    if module.method_entry.family == "lori":
         # B changes names with the phase (lori_B / lori_B_values): the A keys fix the layout
         mine = {k: tuple(v.shape) for k, v in module.state_dict().items() if k.endswith(".lori_A")}
         theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.endswith(".lori_A")}
@@ -435,6 +431,15 @@ def check_checkpoint(checkpoint: dict[str, Any], module: LoRIModule) -> None:
             raise CheckpointMismatchError(
                 f"checkpoint adapter {key} has shape {theirs[key]}, this model's is {shape} (other rank?)"
             )
+
+
+def check_optimizer_options(options: Any) -> None:
+    """AdamW's own range checks (``model.weight_decay`` >= 0, ``model.betas`` in [0, 1)), before the model loads."""
+    if (options.get("weight_decay") or 0.0) < 0:
+        raise LoRIConfigError(f"model.weight_decay must be >= 0, got {options.get('weight_decay')}")
+    betas = options.get("betas") or (0.9, 0.999)
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise LoRIConfigError(f"model.betas must both be in [0, 1), got {list(betas)}")
 
 
 def check_official(options: Any) -> None:

@@ -330,7 +330,7 @@ def run_pipeline(
     raises RunLockedError).
     """
     method = module.hparams.get("method", "lori")
-    if method != "lori":
+    if not module.method_entry.runs_pipeline:
         raise LoRIConfigError(f"lori pipeline runs LoRI-D -> calibration -> LoRI-S; model.method is {method!r}: "
                               "train baselines with `lori fit --config ...`")
     out = Path(cfg.output_dir)

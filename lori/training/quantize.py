@@ -46,20 +46,13 @@ from torch import nn
 from lori.core.adapter import FINGERPRINT_HEAD
 from lori.training import console
 from lori.training.base_model import ModelLoadError
+from lori.training.baselines.registry import get_method
 
 QUANTIZE_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install bitsandbytes"
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
-# methods whose training changes the base weights themselves: they cannot train on a frozen 4/8-bit copy
-TRAINS_BASE: dict[str, str] = {
-    "full": "full fine-tuning trains every base weight",
-    "pissa": "PiSSA replaces each base weight by its residual W0 - U S V^T",
-}
-# (method, mode) pairs that fail in a dependency, with why
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("dora", "int8"): "PEFT 0.21's DoRA re-reads an int8 weight every step through Int8Params.to(), which drops "
-                      "its scales (SCB) on the CPU; use model.quantize nf4 or fp4",
-}
+# which methods cannot train on a frozen 4/8-bit copy (their training changes the base: ``Method.changes_base``)
+# and which (method, mode) pairs fail in a dependency (``Method.quantize_refused``): the method registry says
 # a sharding strategy flattens each unit's parameters into one tensor of one dtype: 4/8-bit storage
 # and the fp32 adapter cannot share it, and the quantization state is not a tensor it could shard
 SHARDING_STRATEGIES = ("fsdp", "deepspeed_stage_3")
@@ -108,7 +101,8 @@ def check_quantize(
 
     Args:
         quantize: ``None`` (nothing to check) or one of ``QUANTIZE_MODES``.
-        method: ``model.method``; one in ``TRAINS_BASE`` is refused.
+        method: ``model.method``; one whose training changes the base (its registry entry's
+            ``changes_base``), or a mode in its ``quantize_refused``, is refused.
         model: ``model.model``: a local HF folder whose config.json holds a ``quantization_config``
             (a base already stored quantized, e.g. GPTQ or bitsandbytes) is refused.
         gguf_file: ``model.gguf_file`` (a GGUF base is accepted: it is dequantized first).
@@ -122,11 +116,12 @@ def check_quantize(
         return
     if quantize not in QUANTIZE_MODES:
         raise QuantizeError(f"unknown model.quantize {quantize!r}; choose one of {[None, *QUANTIZE_MODES]}")
-    if method in TRAINS_BASE:
-        raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {TRAINS_BASE[method]}, which "
+    entry = get_method(method)
+    if entry.changes_base:
+        raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {entry.changes_base}, which "
                             "a frozen quantized copy cannot hold; drop model.quantize or use an adapter method")
-    if (method, quantize) in UNSUPPORTED:
-        raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {UNSUPPORTED[method, quantize]}")
+    if quantize in entry.quantize_refused:
+        raise QuantizeError(f"model.quantize {quantize!r} with method {method!r}: {entry.quantize_refused[quantize]}")
     if protocol == "official":
         raise QuantizeError(f"model.quantize {quantize!r} under protocol official: the official code trains and "
                             "evaluates an unquantized base; drop model.quantize or use protocol: lori")
@@ -179,7 +174,7 @@ def quantize_device() -> torch.device:
     """Where ``quantize_base`` quantizes: this process's GPU (``cuda:$LOCAL_RANK``, the rank's own
     under DDP), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 

@@ -15,8 +15,10 @@
     ia3            one scaling vector per module        PEFT IA3                            PEFT IA3 dir
     full           every base weight                    none                                HF model dir
 
-Every method reads r, alpha, dropout, target modules and seed from the same ``LoRIConfig`` (the
-fields each one uses: ``lori.training.baselines.methods``), and its own options from ``model.baseline``
+One registry entry per method (``Method``, ``lori.training.baselines.registry``; the table is
+``lori.training.baselines.methods``): every part of lori that treats methods differently reads a
+field of the entry. Every method reads r, alpha, dropout, target modules and seed from the same
+``LoRIConfig`` (the fields each one uses: ``Method.reads``), and its own options from ``model.baseline``
 (``BaselineOptions``), so a config differs from another only in ``method`` (and those options).
 ``lora_frozen_a`` is the paper's "limiting case" of LoRI (Sec. 2.1: a single task and zero
 sparsity reduce LoRI to LoRA-FA): frozen A, plain AdamW on B. ``lora_fa`` is the LoRA-FA optimizer
@@ -25,11 +27,9 @@ PEFT ships (B's gradient projected through (A A^T)^-1), the published method's l
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import nn
 
-from lori.core import LoRIConfig, inject_lori
+from lori.core import LoRIConfig
 from lori.training.baselines.adalora import AdaLoraBudget, kept_ranks, orthogonality_penalty
 from lori.training.baselines.methods import (
     LORI_METHODS,
@@ -38,15 +38,16 @@ from lori.training.baselines.methods import (
     PEFT_METHODS,
     BaselineOptions,
     BaselineOptionsError,
+    build_optimizer,
     check_method,
     check_method_options,
+    is_saved_key,
     resolved_options,
     target_paths,
 )
-from lori.training.baselines.optimizers import build_optimizer
-from lori.training.baselines.peft_methods import PeftHandle, attach_peft, peft_config, peft_handle
+from lori.training.baselines.peft_methods import PeftHandle, attach_peft, peft_handle
+from lori.training.baselines.registry import Method, all_methods, current_name, get_method
 from lori.training.baselines.saving import (
-    is_saved_key,
     peft_state,
     save_full_model,
     save_peft_adapter,
@@ -54,9 +55,10 @@ from lori.training.baselines.saving import (
 
 __all__ = [
     "LORI_METHODS", "METHODS", "OPTIONS", "PEFT_METHODS", "AdaLoraBudget", "BaselineOptions",
-    "BaselineOptionsError", "PeftHandle", "attach", "attach_peft", "build_optimizer", "check_method",
-    "check_method_options", "is_saved_key", "kept_ranks", "orthogonality_penalty", "peft_config",
-    "peft_handle", "peft_state", "resolved_options", "save_full_model", "save_peft_adapter", "target_paths",
+    "BaselineOptionsError", "Method", "PeftHandle", "all_methods", "attach", "attach_peft", "build_optimizer",
+    "check_method", "check_method_options", "current_name", "get_method", "is_saved_key", "kept_ranks",
+    "orthogonality_penalty", "peft_config", "peft_handle", "peft_state", "resolved_options", "save_full_model",
+    "save_peft_adapter", "target_paths",
 ]
 
 
@@ -64,7 +66,7 @@ def attach(
     model: nn.Module, method: str, config: LoRIConfig, options: BaselineOptions | None = None,
     shapes_only: bool = False,
 ) -> LoRIConfig:
-    """Make ``model`` trainable the way ``method`` says, in place.
+    """Make ``model`` trainable the way ``method`` says, in place (the entry's ``attach``).
 
     Args:
         model: the base model.
@@ -80,12 +82,12 @@ def attach(
     options = BaselineOptions.from_value(options)
     check_method_options(method, config, options)
     target_paths(model, config.target_modules)  # same error for every method on a bad target
-    if method in LORI_METHODS:
-        config = replace(config, sparsity=0.0) if method == "lora_frozen_a" else config
-        inject_lori(model, config)
-    elif method in PEFT_METHODS:
-        attach_peft(model, method, config, options, shapes_only=shapes_only)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    return config
+    return get_method(method).attach(model, config, resolved_options(method, config, options), shapes_only)
+
+
+def peft_config(method: str, lori: LoRIConfig, options: BaselineOptions) -> object:
+    """The PEFT config of a PEFT ``method`` with LoRI's targets and, where it has them, r / alpha / dropout."""
+    entry = get_method(method)
+    if entry.peft_config is None:
+        raise ValueError(f"method {method!r} is not a PEFT method; PEFT methods are {list(PEFT_METHODS)}")
+    return entry.peft_config(lori, resolved_options(method, lori, options))

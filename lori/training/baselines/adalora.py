@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lori.training.baselines.methods import BaselineOptionsError
+from lori.training.baselines.options import BaselineOptionsError
 from lori.training.baselines.peft_methods import peft_handle
 
 

@@ -1,4 +1,4 @@
-"""The methods ``model.method`` names, what each reads, and its options (``model.baseline``).
+"""THE method table: one ``Method`` entry per ``model.method`` name (``lori.training.baselines.registry``).
 
 Every method reads its rank, alpha, dropout, targets and seed from ``model.lori`` (LoRIConfig), so
 two configs differ only in ``method`` (and, for the methods that have them, ``model.baseline``).
@@ -6,111 +6,113 @@ An option that does not apply to the method is refused before anything loads:
 
 * a ``model.baseline`` key the method has no use for (``target_r`` for LoRA);
 * a LoRI-only field (``sparsity``, ``granularity``) other than LoRIConfig's default, for any method
-  but ``lori`` (every shipped config carries the defaults, which stay accepted; ``sparsity: 0`` is
-  accepted too: no method other than LoRI sparsifies).
+  that does not sparsify (every shipped config carries the defaults, which stay accepted;
+  ``sparsity: 0`` is accepted too).
 
-The ``model.lori`` fields a method has no use for are not checked, since the embedded configs
-share one ``model.lori`` block across methods: IA3 reads only ``target_modules`` (no rank, alpha or
-dropout), VeRA has no ``alpha``, full fine-tuning reads none; every other method reads r, alpha,
-dropout, target_modules and seed (AdaLoRA: r is the initial rank; PiSSA: the seed only matters for
-the randomized SVD).
+The ``model.lori`` fields a method has no use for (``Method.reads``) are not checked, since the
+embedded configs share one ``model.lori`` block across methods: IA3 reads only ``target_modules``
+(no rank, alpha or dropout), VeRA has no ``alpha``, full fine-tuning reads none (AdaLoRA: r is the
+initial rank; PiSSA: the seed only matters for the randomized SVD).
+
+A new method: one ``Method(...)`` below (its builders in ``peft_methods`` / ``optimizers`` /
+``saving``), and a row in ``tests/test_method_registry.py``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
-from lori.core import InjectionError, LoRIConfig, LoRIConfigError
-
-LORI_METHODS: tuple[str, ...] = ("lori", "lora_frozen_a")
-PEFT_METHODS: tuple[str, ...] = (
-    "lora", "dora", "lora_fa", "vera", "ia3", "adalora", "rslora", "pissa", "loraplus",
+from lori.core import InjectionError, LoRIConfig, inject_lori
+from lori.training.baselines import optimizers, peft_methods, saving
+from lori.training.baselines.adalora import AdaLoraBudget, orthogonality_penalty
+from lori.training.baselines.options import (
+    LORI_ONLY,
+    BaselineOptions,
+    BaselineOptionsError,
+    check_range,
+    resolve,
 )
-METHODS: tuple[str, ...] = (*LORI_METHODS, *PEFT_METHODS, "full")
-
-LORI_ONLY: tuple[str, ...] = ("sparsity", "granularity")
+from lori.training.baselines.registry import Method, all_methods, get_method, register
 
 
-class BaselineOptionsError(LoRIConfigError):
-    """A ``model.baseline`` option out of range or for another method."""
+def attach_lori(
+    model: nn.Module, lori: LoRIConfig, opts: dict[str, Any], shapes_only: bool = False, dense: bool = False
+) -> LoRIConfig:
+    """LoRILinear layers (A frozen from ``lori.seed``, B trained); ``dense``: sparsity 0 (LoRI-D alone)."""
+    config = replace(lori, sparsity=0.0) if dense else lori
+    inject_lori(model, config)
+    return config
 
 
-@dataclass
-class BaselineOptions:
-    """Options of the baselines that have more than LoRIConfig's (None: the method's default).
-
-    PEFT's names, so PEFT's documentation applies (``delta_t`` is PEFT's ``deltaT``).
-
-    Args:
-        loraplus_lr_ratio: ``loraplus``: learning rate of B over that of A (default 16, the LoRA+
-            paper's recommendation for LLMs; PEFT's ``create_loraplus_optimizer``).
-        d_initial: ``vera``: initial value of every lambda_d entry (default 0.1, PEFT's).
-        projection_prng_key: ``vera``: seed of the shared frozen projections (default
-            ``model.lori.seed``); they are saved with the adapter as well.
-        feedforward_modules: ``ia3``: targets whose input (not output) is scaled (default
-            ``[down_proj]`` when targeted, PEFT's choice for Llama); each must be a target.
-        target_r: ``adalora``: average rank after pruning (default round(r / 1.5): the AdaLoRA
-            paper's initial budget of 1.5x the final one); ``model.lori.r`` is the initial rank.
-        tinit: ``adalora``: steps at the initial budget before pruning starts (default 0).
-        tfinal: ``adalora``: steps at the final budget at the end of the fit (default 0).
-        delta_t: ``adalora``: steps between two budget reallocations (default 1).
-        beta1: ``adalora``: EMA factor of the sensitivity (default 0.85).
-        beta2: ``adalora``: EMA factor of the uncertainty (default 0.85).
-        orth_reg_weight: ``adalora``: weight of the orthogonality penalty on P and Q (default 0.5).
-        pissa_niter: ``pissa``: subspace iterations of a fast randomized SVD (default None: the
-            exact SVD, PEFT's ``init_lora_weights="pissa"``).
-    """
-
-    loraplus_lr_ratio: float | None = None
-    d_initial: float | None = None
-    projection_prng_key: int | None = None
-    feedforward_modules: list[str] | None = None
-    target_r: int | None = None
-    tinit: int | None = None
-    tfinal: int | None = None
-    delta_t: int | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    orth_reg_weight: float | None = None
-    pissa_niter: int | None = None
-
-    @classmethod
-    def from_value(cls, value: Any) -> BaselineOptions:
-        """From a BaselineOptions, a dict (a parsed YAML section) or None; unknown keys are refused."""
-        if value is None or isinstance(value, cls):
-            return value or cls()
-        data = dict(value)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise BaselineOptionsError(f"unknown model.baseline keys {unknown}; known keys are {sorted(cls.names())}")
-        return cls(**data)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def given(self) -> dict[str, Any]:
-        """The options set (not None)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+def attach_full(model: nn.Module, lori: LoRIConfig, opts: dict[str, Any], shapes_only: bool = False) -> LoRIConfig:
+    """Every base weight trains (no adapter)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return lori
 
 
-OPTIONS: dict[str, tuple[str, ...]] = {  # the model.baseline keys each method reads
-    "loraplus": ("loraplus_lr_ratio",),
-    "vera": ("d_initial", "projection_prng_key"),
-    "ia3": ("feedforward_modules",),
-    "adalora": ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight"),
-    "pissa": ("pissa_niter",),
-}
+def _peft(name: str, label: str, trains: str, build: Any, *, freeze_a: bool = False, keep_initial: bool = False,
+          save: Any = saving.save_peft, **fields: Any) -> Method:
+    """The entry of a PEFT method: ``attach_peft`` over ``build``, saved as a PEFT dir, trainable tensors kept."""
+    attach = partial(peft_methods.attach_peft, name=name, build=build, freeze_a=freeze_a, keep_initial=keep_initial)
+    return Method(name, "peft", label, trains, attach=attach, save=save, checkpoint_keeps=saving.keeps_trainable,
+                  peft_config=build, **fields)
+
+
+for _entry in (  # today's METHODS order: the LoRI family, the PEFT baselines, full fine-tuning
+    Method("lori", "lori", "LoRI", "B (then B ⊙ M after calibration); A frozen from the seed",
+           attach=attach_lori, save=saving.save_lori, checkpoint_keeps=saving.keeps_lori_keys,
+           sparsifies=True, frozen_seeded_a=True, runs_pipeline=True),
+    Method("lora_frozen_a", "lori", "LoRA with a frozen A (LoRI-D alone)", "B, dense (LoRI with s = 0)",
+           attach=partial(attach_lori, dense=True), save=saving.save_lori, checkpoint_keeps=saving.keeps_lori_keys,
+           frozen_seeded_a=True),
+    _peft("lora", "LoRA", "A and B", peft_methods.lora_config),
+    _peft("dora", "DoRA", "A, B and the magnitude vector", partial(peft_methods.lora_config, use_dora=True),
+          quantize_refused={"int8": "PEFT 0.21's DoRA re-reads an int8 weight every step through Int8Params.to(), "
+                                    "which drops its scales (SCB) on the CPU; use model.quantize nf4 or fp4"}),
+    _peft("lora_fa", "LoRA-FA", "B (A frozen, Kaiming from the seed); LoRA-FA optimizer", peft_methods.lora_config,
+          freeze_a=True, optimizer=optimizers.lora_fa, frozen_seeded_a=True),
+    _peft("vera", "VeRA", "lambda_b, lambda_d (shared frozen projections from a seed)", peft_methods.vera_config,
+          options=("d_initial", "projection_prng_key"), reads=("r", "dropout", "target_modules")),
+    _peft("ia3", "IA3", "one scaling vector per module", peft_methods.ia3_config,
+          options=("feedforward_modules",), reads=("target_modules",)),
+    _peft("adalora", "AdaLoRA", "P, E, Q; E pruned to a rank budget", peft_methods.adalora_config,
+          options=("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight"),
+          extra_losses={"orth_penalty": orthogonality_penalty}, callbacks=lambda: [AdaLoraBudget()]),
+    _peft("rslora", "rsLoRA", "A and B, scale alpha / sqrt(r)", partial(peft_methods.lora_config, use_rslora=True)),
+    _peft("pissa", "PiSSA", "A and B, from the top-r SVD of W0", peft_methods.pissa_config, keep_initial=True,
+          save=partial(saving.save_peft, as_lora=True), options=("pissa_niter",),
+          changes_base="PiSSA replaces each base weight by its residual W0 - U S V^T"),
+    _peft("loraplus", "LoRA+", "A and B, B at a higher lr", peft_methods.lora_config,
+          optimizer=optimizers.loraplus_optimizer, options=("loraplus_lr_ratio",)),
+    Method("full", "full", "full fine-tuning", "every base weight", attach=attach_full, save=saving.save_full,
+           checkpoint_keeps=saving.keeps_all, reads=(), trains_base=True,
+           changes_base="full fine-tuning trains every base weight"),
+):
+    register(_entry)
+del _entry
+
+# ---- the public names, derived from the table (same names and order as before the registry) ----
+METHODS: tuple[str, ...] = tuple(m.name for m in all_methods())
+LORI_METHODS: tuple[str, ...] = tuple(m.name for m in all_methods() if m.family == "lori")
+PEFT_METHODS: tuple[str, ...] = tuple(m.name for m in all_methods() if m.family == "peft")
+OPTIONS: dict[str, tuple[str, ...]] = {m.name: m.options for m in all_methods() if m.options}
+
+__all__ = [
+    "LORI_METHODS", "LORI_ONLY", "METHODS", "OPTIONS", "PEFT_METHODS", "BaselineOptions", "BaselineOptionsError",
+    "attach_full", "attach_lori", "build_optimizer", "check_method", "check_method_options", "get_method",
+    "is_saved_key", "resolved_options", "target_paths",
+]
 
 
 def check_method(method: str) -> None:
-    """Refuse an unknown method by name."""
-    if method not in METHODS:
-        raise InjectionError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    """Refuse an unknown method (or an old name) by name, in one line (``get_method``)."""
+    get_method(method)
 
 
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
@@ -135,12 +137,12 @@ def check_method_options(method: str, lori: LoRIConfig, options: BaselineOptions
     """Refuse an unknown method, an option for another method, or an option out of range.
 
     Raises:
-        InjectionError: unknown method.
+        InjectionError: unknown method (LoRIConfigError: an old name).
         BaselineOptionsError: the first option that does not apply or is out of range, named.
     """
-    check_method(method)
+    entry = get_method(method)
     default = LoRIConfig()
-    if method != "lori":
+    if not entry.sparsifies:
         for name in LORI_ONLY:
             value = getattr(lori, name)
             if value != getattr(default, name) and not (name == "sparsity" and value == 0.0):
@@ -149,64 +151,40 @@ def check_method_options(method: str, lori: LoRIConfig, options: BaselineOptions
                     f"sparsifies B); leave it at {getattr(default, name)!r} or drop it"
                 )
     for name in options.given():
-        if name not in OPTIONS.get(method, ()):
-            users = [m for m, keys in OPTIONS.items() if name in keys]
+        if name not in entry.options:
+            users = [m.name for m in all_methods() if name in m.options]
             raise BaselineOptionsError(
                 f"model.baseline.{name} is an option of {users}, not of method {method!r} "
-                f"(its options: {list(OPTIONS.get(method, ())) or 'none'})"
+                f"(its options: {list(entry.options) or 'none'})"
             )
     for name, value in options.given().items():
-        _check_range(name, value, lori)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-RULES: dict[str, tuple[Any, str]] = {  # option -> (is the value allowed?, what it must be)
-    "loraplus_lr_ratio": (lambda v: _number(v) and v > 0, "> 0"),
-    "d_initial": (_number, "a finite number"),
-    "projection_prng_key": (lambda v: _count(v, -(2**63)), "an int"),
-    "target_r": (lambda v: _count(v, 1), "a positive int"),
-    "tinit": (lambda v: _count(v, 0), "an int >= 0"),
-    "tfinal": (lambda v: _count(v, 0), "an int >= 0"),
-    "delta_t": (lambda v: _count(v, 1), "a positive int"),
-    "beta1": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
-    "beta2": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
-    "orth_reg_weight": (lambda v: _number(v) and v >= 0, ">= 0"),
-    "pissa_niter": (lambda v: _count(v, 1), "a positive int"),
-}
-
-
-def _check_range(name: str, value: Any, lori: LoRIConfig) -> None:
-    if name == "feedforward_modules":
-        if not value or not set(value) <= set(lori.target_modules):
-            raise BaselineOptionsError(
-                f"model.baseline.feedforward_modules must be a non-empty subset of target_modules "
-                f"{list(lori.target_modules)}, got {value!r}"
-            )
-        return
-    allowed, rule = RULES[name]
-    if not allowed(value):
-        raise BaselineOptionsError(f"model.baseline.{name} must be {rule}, got {value!r}")
-    if name == "target_r" and value > lori.r:
-        raise BaselineOptionsError(f"model.baseline.target_r={value} exceeds the initial rank model.lori.r={lori.r}")
+        check_range(name, value, lori)
 
 
 def resolved_options(method: str, lori: LoRIConfig, options: BaselineOptions) -> dict[str, Any]:
     """Every option of ``method`` with its default filled in (what the run uses and records)."""
-    defaults: dict[str, Any] = {
-        "loraplus_lr_ratio": 16.0,
-        "d_initial": 0.1,
-        "projection_prng_key": lori.seed,
-        "feedforward_modules": [m for m in ("down_proj",) if m in lori.target_modules],
-        "target_r": max(1, round(lori.r / 1.5)),
-        "tinit": 0, "tfinal": 0, "delta_t": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
-        "pissa_niter": None,
-    }
-    given = options.given()
-    return {k: given.get(k, defaults[k]) for k in OPTIONS.get(method, ())}
+    return resolve(get_method(method).options, lori, options)
+
+
+def build_optimizer(
+    method: str, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+    options: dict[str, Any],
+) -> torch.optim.Optimizer:
+    """The optimizer of ``method`` over ``model``'s trainable tensors (the entry's ``optimizer``).
+
+    Args:
+        method: a ``METHODS`` name.
+        model: the adapted model.
+        lr: learning rate (of A, for LoRA+).
+        weight_decay: decoupled weight decay.
+        betas: Adam betas.
+        options: the method's resolved ``model.baseline`` options (``resolved_options``).
+    """
+    return get_method(method).optimizer(model, lr, weight_decay, tuple(betas), options)
+
+
+def is_saved_key(method: str, key: str, trainable: set[str]) -> bool:
+    """Whether a LightningModule state-dict key belongs in a checkpoint of ``method`` (the entry's
+    ``checkpoint_keeps``: LoRI keeps every ``lori_`` tensor, a PEFT method its trainable tensors,
+    full fine-tuning everything)."""
+    return get_method(method).checkpoint_keeps(key, trainable)

@@ -1,4 +1,5 @@
-"""Optimizers of the baselines: AdamW for all but LoRA+ and LoRA-FA, which are optimizers themselves.
+"""Optimizers of the methods (a registry entry's ``optimizer``): AdamW for all but LoRA+ and LoRA-FA,
+which are optimizers themselves.
 
     loraplus  PEFT's create_loraplus_optimizer(AdamW): A at lr, B at lr x loraplus_lr_ratio
     lora_fa   PEFT's LoraFAOptimizer: A frozen; B's gradient projected onto A's row space,
@@ -22,31 +23,39 @@ from lori.core import trainable_parameters
 ADAM_EPS = 1e-8
 
 
-def build_optimizer(
-    method: str, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-    options: dict[str, Any],
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], options: dict[str, Any]
 ) -> torch.optim.Optimizer:
-    """The optimizer of ``method`` over ``model``'s trainable tensors.
+    """torch AdamW over ``model``'s trainable tensors (LoRI's optimizer, and most baselines').
 
     Args:
-        method: a ``METHODS`` name.
         model: the adapted model.
-        lr: learning rate (of A, for LoRA+).
+        lr: learning rate.
         weight_decay: decoupled weight decay.
         betas: Adam betas.
-        options: the method's resolved ``model.baseline`` options (``resolved_options``).
+        options: the method's resolved ``model.baseline`` options (unused here).
     """
-    if method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=options["loraplus_lr_ratio"],
-            loraplus_weight_decay=weight_decay, betas=tuple(betas), eps=ADAM_EPS,
-        )
-    if method == "lora_fa":
-        return lora_fa_optimizer(model, lr, weight_decay, betas)
     return torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay, betas=tuple(betas),
                              eps=ADAM_EPS)
+
+
+def loraplus_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], options: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """PEFT's ``create_loraplus_optimizer`` (AdamW): A at ``lr``, B at ``lr x options["loraplus_lr_ratio"]``."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=options["loraplus_lr_ratio"],
+        loraplus_weight_decay=weight_decay, betas=tuple(betas), eps=ADAM_EPS,
+    )
+
+
+def lora_fa(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], options: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """``lora_fa_optimizer`` in the registry's optimizer signature (LoRA-FA has no options)."""
+    return lora_fa_optimizer(model, lr, weight_decay, betas)
 
 
 def lora_fa_optimizer(

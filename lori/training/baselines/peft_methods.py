@@ -1,4 +1,5 @@
-"""The PEFT baselines: one PEFT config per method, injected into the model in place.
+"""The PEFT baselines: one PEFT config builder per method (a registry entry's ``peft_config``), injected
+into the model in place by ``attach_peft``.
 
     method    PEFT config                                 trainable
     lora      LoraConfig                                  A, B
@@ -19,6 +20,7 @@ names). The model itself stays the module that trains, saves and is checkpointed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from lori.core import LoRIConfig
-from lori.training.baselines.methods import BaselineOptions, resolved_options
 
 HANDLE = "lori_peft"
 ADALORA_PLACEHOLDER_STEPS = 1  # AdaLoRA's total_step is set from the Trainer at fit start
@@ -61,58 +62,82 @@ def peft_handle(model: nn.Module) -> PeftHandle:
     return handle
 
 
-def peft_config(method: str, lori: LoRIConfig, options: BaselineOptions) -> Any:
-    """The PEFT config of ``method`` with LoRI's targets and, where the method has them, r / alpha / dropout."""
-    from peft import AdaLoraConfig, IA3Config, LoraConfig, VeraConfig
+def _common(lori: LoRIConfig) -> dict[str, Any]:
+    return {"target_modules": list(lori.target_modules), "task_type": "CAUSAL_LM"}
 
-    opts = resolved_options(method, lori, options)
-    targets = list(lori.target_modules)
-    if method == "vera":
-        return VeraConfig(r=lori.r, target_modules=targets, projection_prng_key=opts["projection_prng_key"],
-                          save_projection=True, vera_dropout=lori.dropout, d_initial=opts["d_initial"],
-                          bias="none", task_type="CAUSAL_LM")
-    if method == "ia3":
-        return IA3Config(target_modules=targets, feedforward_modules=opts["feedforward_modules"],
-                         task_type="CAUSAL_LM")
-    if method == "adalora":
-        return AdaLoraConfig(
-            init_r=lori.r, target_r=opts["target_r"], lora_alpha=lori.alpha, lora_dropout=lori.dropout,
-            target_modules=targets, tinit=opts["tinit"], tfinal=opts["tfinal"], deltaT=opts["delta_t"],
-            beta1=opts["beta1"], beta2=opts["beta2"], orth_reg_weight=opts["orth_reg_weight"],
-            total_step=opts["tinit"] + opts["tfinal"] + ADALORA_PLACEHOLDER_STEPS, bias="none",
-            task_type="CAUSAL_LM",
-        )
-    init: bool | str = True
-    if method == "pissa":
-        init = "pissa" if opts["pissa_niter"] is None else f"pissa_niter_{opts['pissa_niter']}"
-    return LoraConfig(
-        r=lori.r, lora_alpha=lori.alpha, lora_dropout=lori.dropout, target_modules=targets,
-        use_dora=method == "dora", use_rslora=method == "rslora", init_lora_weights=init,
-        bias="none", task_type="CAUSAL_LM",
+
+def lora_config(lori: LoRIConfig, opts: dict[str, Any], **flags: Any) -> Any:
+    """PEFT ``LoraConfig`` with LoRI's r / alpha / dropout / targets; ``flags`` (``use_dora``,
+    ``use_rslora``, ``init_lora_weights``) make DoRA, rsLoRA, PiSSA."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lori.r, lora_alpha=lori.alpha, lora_dropout=lori.dropout, bias="none",
+                      **{"init_lora_weights": True, **flags}, **_common(lori))
+
+
+def pissa_config(lori: LoRIConfig, opts: dict[str, Any]) -> Any:
+    """LoRA initialised from the top-r SVD of W0 (exact, or ``pissa_niter`` randomized iterations)."""
+    init = "pissa" if opts["pissa_niter"] is None else f"pissa_niter_{opts['pissa_niter']}"
+    return lora_config(lori, opts, init_lora_weights=init)
+
+
+def vera_config(lori: LoRIConfig, opts: dict[str, Any]) -> Any:
+    """PEFT ``VeraConfig``: shared frozen projections from ``projection_prng_key``, saved with the adapter."""
+    from peft import VeraConfig
+
+    return VeraConfig(r=lori.r, projection_prng_key=opts["projection_prng_key"], save_projection=True,
+                      vera_dropout=lori.dropout, d_initial=opts["d_initial"], bias="none", **_common(lori))
+
+
+def ia3_config(lori: LoRIConfig, opts: dict[str, Any]) -> Any:
+    """PEFT ``IA3Config`` (targets only; ``feedforward_modules`` scale their input)."""
+    from peft import IA3Config
+
+    return IA3Config(feedforward_modules=opts["feedforward_modules"], **_common(lori))
+
+
+def adalora_config(lori: LoRIConfig, opts: dict[str, Any]) -> Any:
+    """PEFT ``AdaLoraConfig`` with ``init_r = r``; ``total_step`` is set from the Trainer at fit start."""
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(
+        init_r=lori.r, target_r=opts["target_r"], lora_alpha=lori.alpha, lora_dropout=lori.dropout,
+        tinit=opts["tinit"], tfinal=opts["tfinal"], deltaT=opts["delta_t"],
+        beta1=opts["beta1"], beta2=opts["beta2"], orth_reg_weight=opts["orth_reg_weight"],
+        total_step=opts["tinit"] + opts["tfinal"] + ADALORA_PLACEHOLDER_STEPS, bias="none", **_common(lori),
     )
 
 
 def attach_peft(
-    model: nn.Module, method: str, lori: LoRIConfig, options: BaselineOptions, shapes_only: bool = False
-) -> PeftHandle:
-    """Inject ``method``'s PEFT adapter into ``model`` in place and keep PEFT's wrapper beside it.
+    model: nn.Module, lori: LoRIConfig, opts: dict[str, Any], shapes_only: bool = False, *,
+    name: str, build: Callable[[LoRIConfig, dict[str, Any]], Any], freeze_a: bool = False,
+    keep_initial: bool = False,
+) -> LoRIConfig:
+    """Inject the PEFT adapter ``build(lori, opts)`` into ``model`` in place and keep PEFT's wrapper beside it.
 
+    A registry entry's ``attach`` (``functools.partial`` over ``name``, ``build`` and the flags).
     Random initial values (LoRA's Kaiming A, AdaLoRA's P and Q, PiSSA's randomized SVD) come from
     ``lori.seed``, never from the global generator's state.
 
     Args:
         model: the base model; every parameter but the adapter's is frozen.
-        method: one of ``PEFT_METHODS``.
         lori: r, alpha, dropout, targets and seed.
-        options: the method's ``model.baseline`` options.
-        shapes_only: build the adapter on the meta device (sizes, no values; PiSSA's SVD is not
-            run: its shapes are LoRA's), for dry runs.
+        opts: the method's resolved ``model.baseline`` options.
+        shapes_only: build the adapter on the meta device (sizes, no values; an initialisation from
+            W0's values, PiSSA's SVD, is replaced by LoRA's: the same shapes), for dry runs.
+        name: the method's name (kept on the handle).
+        build: ``(lori, opts) -> PEFT config``.
+        freeze_a: A stays at its seeded init (LoRA-FA).
+        keep_initial: keep the initial A0, B0 (PiSSA: the saved adapter is converted with them).
+
+    Returns:
+        ``lori`` unchanged.
     """
     from peft import PeftModel
 
-    config = peft_config(method, lori, options)
-    if shapes_only and method == "pissa":
-        config.init_lora_weights = True  # the same tensors; the SVD needs values
+    config = build(lori, opts)
+    if shapes_only and isinstance(getattr(config, "init_lora_weights", True), str):
+        config.init_lora_weights = True  # the same tensors; an SVD needs values
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lori.seed)
         if shapes_only:
@@ -120,15 +145,15 @@ def attach_peft(
                 wrapper = PeftModel(model, config, autocast_adapter_dtype=True)  # a 16-bit base keeps an fp32 adapter
         else:
             wrapper = PeftModel(model, config, autocast_adapter_dtype=True)  # a 16-bit base keeps an fp32 adapter
-    handle = PeftHandle(wrapper, method)
-    if method == "lora_fa":  # A stays at its seeded init (LoRA-FA: frozen A)
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
+    handle = PeftHandle(wrapper, name)
+    if freeze_a:  # A stays at its seeded init (LoRA-FA: frozen A)
+        for param_name, param in model.named_parameters():
+            if ".lora_A." in param_name:
                 param.requires_grad_(False)
-    if method == "pissa" and not shapes_only:
+    if keep_initial and not shapes_only:
         handle.initial = initial_factors(wrapper)
     model.__dict__[HANDLE] = handle  # beside the model, not a submodule (no duplicate state-dict names)
-    return handle
+    return lori
 
 
 def initial_factors(wrapper: Any) -> dict[str, Tensor]:

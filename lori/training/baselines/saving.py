@@ -22,22 +22,24 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lori.core import LoRIConfig, adapter_from_model, save_adapter
 from lori.core.io import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, atomic_directory
-from lori.training.baselines.methods import LORI_METHODS, PEFT_METHODS
 from lori.training.baselines.peft_methods import PeftHandle, peft_handle
 
 
-def is_saved_key(method: str, key: str, trainable: set[str]) -> bool:
-    """Whether a LightningModule state-dict key belongs in a checkpoint of ``method``.
+def keeps_lori_keys(key: str, trainable: set[str]) -> bool:
+    """LoRI's checkpoints keep every ``lori_`` tensor (A, B, mask: the phase must survive a resume)."""
+    return ".lori_" in key
 
-    LoRI keeps every ``lori_`` tensor (A, B, mask: the phase must survive a resume); the PEFT
-    methods keep their trainable tensors (frozen ones, e.g. LoRA-FA's A, VeRA's projections,
-    PiSSA's residual base, are rebuilt from the seed and the base); full fine-tuning keeps everything.
-    """
-    if method in LORI_METHODS:
-        return ".lori_" in key
-    if method in PEFT_METHODS:
-        return key in trainable
+
+def keeps_trainable(key: str, trainable: set[str]) -> bool:
+    """A PEFT method's checkpoints keep its trainable tensors (frozen ones, e.g. LoRA-FA's A, VeRA's
+    projections, PiSSA's residual base, are rebuilt from the seed and the base)."""
+    return key in trainable
+
+
+def keeps_all(key: str, trainable: set[str]) -> bool:
+    """Full fine-tuning's checkpoints keep everything."""
     return True
 
 
@@ -66,15 +68,18 @@ def _meta(base_model: str | None, fingerprint: str | None, meta: dict[str, Any])
 
 def save_peft_adapter(
     model: nn.Module, directory: str | Path, base_model: str | None, fingerprint: str | None,
-    meta: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None, as_lora: bool = False,
 ) -> Path:
-    """Write a PEFT adapter dir (adapter_config.json + safetensors + lori_meta.json) atomically."""
+    """Write a PEFT adapter dir (adapter_config.json + safetensors + lori_meta.json) atomically.
+
+    ``as_lora``: a PiSSA adapter, written as a plain LoRA on the original base (``pissa_as_lora``).
+    """
     handle = peft_handle(model)
     state = peft_state(model)  # first: AdaLoRA's state dict writes the rank pattern into the config
     config = copy.deepcopy(handle.config)
     config.base_model_name_or_path, config.inference_mode = base_model, True
     meta = dict(meta or {})
-    if handle.method == "pissa":
+    if as_lora:
         state, config = pissa_as_lora(handle, state, config)
         meta["saved_as"] = "lora of rank 2r on the original base (PiSSA converted)"
     with atomic_directory(directory) as tmp:
@@ -95,3 +100,28 @@ def save_full_model(
             tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(_meta(base_model, fingerprint, dict(meta or {})))
     return Path(directory)
+
+
+# ---- a registry entry's ``save``: (model, tokenizer, lori, directory, base_model, fingerprint, meta) ------
+def save_lori(
+    model: nn.Module, tokenizer: Any, lori: LoRIConfig, directory: str | Path, base_model: str | None,
+    fingerprint: str | None, meta: dict[str, Any],
+) -> Path:
+    """A lori adapter dir (``lori.core.io.save_adapter``): A, B, mask, config, meta."""
+    return save_adapter(adapter_from_model(model, lori, base_model, meta, fingerprint), directory)
+
+
+def save_peft(
+    model: nn.Module, tokenizer: Any, lori: LoRIConfig, directory: str | Path, base_model: str | None,
+    fingerprint: str | None, meta: dict[str, Any], as_lora: bool = False,
+) -> Path:
+    """A PEFT adapter dir (``save_peft_adapter``)."""
+    return save_peft_adapter(model, directory, base_model, fingerprint, meta, as_lora=as_lora)
+
+
+def save_full(
+    model: nn.Module, tokenizer: Any, lori: LoRIConfig, directory: str | Path, base_model: str | None,
+    fingerprint: str | None, meta: dict[str, Any],
+) -> Path:
+    """A Hugging Face model dir with the tokenizer (``save_full_model``)."""
+    return save_full_model(model, tokenizer, directory, base_model, fingerprint, meta)

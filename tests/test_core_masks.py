@@ -303,11 +303,11 @@ def test_path_helpers_name_layer_projection_and_kind():
 def _hand_masks() -> dict[str, torch.Tensor]:
     t, f = True, False
     return {
+        "lm_head": torch.tensor([f, f]),  # no layer index (first: the ones after it still count)
         "model.layers.0.self_attn.q_proj": torch.tensor([[t, f], [f, f]]),
         "model.layers.0.cross_attn.q_proj": torch.tensor([t, t, t, f]),  # same (layer, projection)
         "model.layers.0.mlp.up_proj": torch.tensor([t, t, f, f]),
         "model.layers.1.mlp.up_proj": torch.tensor([t]),
-        "lm_head": torch.tensor([f, f]),  # no layer index
     }
 
 
@@ -322,6 +322,7 @@ def test_sparsity_by_each_grouping_exactly():
     with pytest.raises(ValueError, match="unknown grouping 'model'"):
         sparsity_by(masks, "model")
     assert mask_density(masks) == 7 / 15 and mask_density({}) == 0.0
+    assert mask_density({"x": torch.tensor([True])}) == 1.0
 
 
 def test_sparsity_table_sums_modules_of_one_cell_and_skips_unlayered():
@@ -361,3 +362,48 @@ def test_select_digit_counts_entries_above_the_chosen_digit():
     # every entry tied in the top bucket: exactly k kept, the first in row-major order
     mask = calibrate({"w": torch.ones(4, 4)}, 0.5)["w"]
     assert mask.reshape(-1).tolist() == [True] * 8 + [False] * 8
+
+
+def test_calibration_of_scalar_vector_and_matrix_b_in_one_group():
+    """B of any rank (0-d, 1-d, 2-d: rows of different widths) ranks in one group; k >= 1."""
+    bs = {"s": torch.tensor(-2.0), "v": torch.tensor([0.1, -1.5, 0.2]), "w": torch.tensor([[1.0, -0.5]])}
+    masks = calibrate(bs, 0.5)  # n = 6, k = 3: |-2|, |-1.5|, |1|
+    assert masks["s"].shape == () and bool(masks["s"])
+    assert masks["v"].tolist() == [False, True, False] and masks["w"].tolist() == [[True, False]]
+    assert keep_count(10, 0.95) == 1 and keep_count(10, 0.0) == 10
+    with pytest.raises(ValueError, match="^calibrate got no B tensors$"):
+        calibrate({}, 0.5)
+
+
+def test_histogram_counts_are_exact_integers():
+    from lori.core.masks import _histogram
+    hist = _histogram([torch.tensor([1, 1, 3]), torch.tensor([3, 0])], 4)
+    assert hist.dtype == torch.int64 and hist.tolist() == [1, 2, 0, 2]
+
+
+def test_calibration_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    calibrate({"w": torch.tensor([[1.0, 2.0]])}, 0.5)
+    assert calls == [1, 4]  # one thread inside, the previous count after
+    calls.clear()
+    from lori.core.masks import _one_cpu_thread
+    with _one_cpu_thread(False):  # B off the CPU: the thread count is left alone
+        pass
+    assert calls == []
+
+
+def test_calibration_refusal_messages_in_full():
+    from lori.core.finite import NonFiniteError
+    from lori.core.masks import CalibrationError
+    with pytest.raises(NonFiniteError) as info:
+        calibrate({"layers.0.q_proj": torch.tensor([[float("nan"), 1.0]])}, 0.5)
+    assert str(info.value) == "B of 'layers.0.q_proj' holds 1 NaN and 0 inf of 2 values; cannot calibrate a mask from it"
+    with pytest.raises(CalibrationError) as info:
+        calibrate({"a": torch.zeros(2), "b": torch.zeros(3)}, 0.5)
+    assert str(info.value) == (
+        "every B entry of the group (2 tensors, 'a' ... 'b', 5 entries) is zero: a mask calibrated from it "
+        "would keep entries by position only; train B first (LoRI-D)")
+    assert {group_of(p, g) for p in ["model.layers.2.mlp.up_proj"] for g in GRANS} == {
+        "model", "mlp", "up_proj", "layer2", "model.layers.2.mlp.up_proj"}

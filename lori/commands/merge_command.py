@@ -13,12 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lori.eval.merge_table import results_table
-from lori.training.merge_run import (  # MergeConfigError: named by lori.commands.main
-    MergeConfig,
-    MergeConfigError,  # noqa: F401
-    check_config,
-    run_merge,
-)
+from lori.training.merge_run import MergeConfig, check_config, run_merge
 
 
 def build_parser():

@@ -427,7 +427,7 @@ def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
     assert summary["lori_s"]["trainable"] == keep_count(summary["lori_d"]["trainable"], 0.9)
 
 
-# ---- baselines: Tables 1, 2, 11, 12 (a paper config + --model.method, lori.commands.baseline_fit) ------
+# ---- baselines: Tables 1, 2, 11, 12 (a paper config + --model.method, lori.training.fit_settings) ---
 BASELINE_TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
 BASELINE_METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa",
                     "loraplus"]

@@ -608,6 +608,27 @@ def test_dropout_draw_is_bernoulli(n, p):
         assert abs(pair - p * p) < 0.01 * p
 
 
+def test_dropout_draw_off_the_cpu_is_a_bool_keep_mask_with_probability_1_minus_p():
+    """The non-CPU branch (``bernoulli_`` on the device), checked on the meta device: a bool keep
+    mask of n entries where B lives, drawn with keep probability 1 - p (CUDA: tests/test_cuda.py)."""
+    from torch.overrides import TorchFunctionMode
+
+    class KeepProbabilities(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.p: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.bernoulli_:
+                self.p.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    with KeepProbabilities() as seen:
+        keep = dropout_draw(10, 0.25, torch.device("meta"))
+    assert keep.device.type == "meta" and keep.dtype == torch.bool and keep.shape == (10,)
+    assert seen.p == [0.75]
+
+
 def test_dropout_draw_follows_global_seed():
     torch.manual_seed(3)
     a = dropout_draw(5000, 0.1, torch.device("cpu"))

@@ -42,10 +42,31 @@ from lori.training.sweeps import (  # the sweep API, re-exported
 )
 
 __all__ = [  # lori.training.sweeps.__all__: the same names
-    "REPO_ROOT", "DEFAULT_CONFIG", "TOY_MODEL", "Runner", "AblationError", "load_config", "get_key",
-    "set_key", "with_overrides", "expand_grid", "point_name", "point_config", "run_point",
-    "summary_row", "run_sweep", "pivot", "format_rows", "write_toy_gsm8k", "toy_config",
-    "task_data", "base_model", "held_out_loss", "MERGES", "merged_losses", "merge_weight_sweep",
+    "DEFAULT_CONFIG",
+    "MERGES",
+    "REPO_ROOT",
+    "TOY_MODEL",
+    "AblationError",
+    "Runner",
+    "base_model",
+    "expand_grid",
+    "format_rows",
+    "get_key",
+    "held_out_loss",
+    "load_config",
+    "merge_weight_sweep",
+    "merged_losses",
+    "pivot",
+    "point_config",
+    "point_name",
+    "run_point",
+    "run_sweep",
+    "set_key",
+    "summary_row",
+    "task_data",
+    "toy_config",
+    "with_overrides",
+    "write_toy_gsm8k",
 ]
 
 

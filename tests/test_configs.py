@@ -10,8 +10,8 @@ import yaml
 from lori.commands import eval_command
 from lori.commands import merge_command as merging
 from lori.commands.continual_command import parse_continual_config
-from lori.commands.main import main
 from lori.commands.lightning_cli import parse_config, parse_configs, parse_fit_config
+from lori.commands.main import main
 from lori.core import LoRIConfig
 from lori.eval.evaluator import EvalSettings
 from lori.training.continual import ContinualConfig

@@ -11,7 +11,13 @@ import torch
 from lori.commands.diagnose_command import main
 from lori.core import Adapter, AdapterMismatchError, LoRIConfig, calibrate, save_adapter
 from lori.core.layer import draw_A
-from lori.eval.interference import delta_cosine, delta_cosines, diagnose, frobenius_inner, overlap_report
+from lori.eval.interference import (
+    delta_cosine,
+    delta_cosines,
+    diagnose,
+    frobenius_inner,
+    overlap_report,
+)
 
 PATHS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 

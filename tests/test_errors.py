@@ -19,47 +19,35 @@ from lori.training.run_lock import RunLockedError
 
 LORI = Path(__file__).resolve().parents[1] / "lori"
 OUTSIDE = {"DiskFullError"}  # an OSError: a full disk ends with exit code 1, not 2
-# Error classes whose files belong to other packages of issue 26 (A: ablation.py, moving to
-# training/sweeps.py; B: training/module.py) and are not rebased yet. Remove a name when its package lands
-# (test_pending_names_are_still_pending says which); the list only shrinks.
-PENDING = {"AblationError", "CheckpointMismatchError"}
 
 
-def _error_classes() -> dict[str, tuple[str, list[str]]]:
-    """Every class defined under lori/: name -> (file, names of its bases)."""
-    classes: dict[str, tuple[str, list[str]]] = {}
+def _classes() -> dict[str, list[tuple[str, list[str]]]]:
+    """Every class defined under lori/: name -> its definitions as (file, names of its bases)."""
+    classes: dict[str, list[tuple[str, list[str]]]] = {}
     for path in sorted(LORI.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ClassDef):
                 bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
-                assert node.name not in classes, f"two classes named {node.name}: AST lookup is by name"
-                classes[node.name] = (str(path.relative_to(LORI.parent)), bases)
+                classes.setdefault(node.name, []).append((str(path.relative_to(LORI.parent)), bases))
     return classes
 
 
-def _derives_from_lori_error(name: str, classes: dict[str, tuple[str, list[str]]]) -> bool:
+def _derives_from_lori_error(name: str, classes: dict[str, list[tuple[str, list[str]]]]) -> bool:
+    """Whether every definition of ``name`` reaches LoRIError through lori's own classes."""
     if name == "LoRIError":
         return True
-    return name in classes and any(_derives_from_lori_error(b, classes) for b in classes[name][1])
+    return name in classes and all(any(_derives_from_lori_error(b, classes) for b in bases)
+                                   for _, bases in classes[name])
 
 
 def test_every_error_class_is_a_lori_error():
-    classes = _error_classes()
+    classes = _classes()
     errors = {name for name in classes if name.endswith("Error")}
-    assert {"LoRIConfigError", "DataError", "QuantizeError", "ProtocolError"} <= errors  # the scan sees them
-    bad = sorted(f"{classes[n][0]}: {n}({', '.join(classes[n][1])})" for n in errors - OUTSIDE - PENDING
-                 if not _derives_from_lori_error(n, classes))
+    assert {"LoRIConfigError", "DataError", "QuantizeError", "CheckpointMismatchError", "AblationError"} <= errors
+    bad = sorted(f"{file}: {n}({', '.join(bases)})" for n in errors - OUTSIDE if not _derives_from_lori_error(n, classes)
+                 for file, bases in classes[n])
     assert not bad, "derive these from lori.core.errors.LoRIError (keep the built-in base): " + "; ".join(bad)
     assert not _derives_from_lori_error("DiskFullError", classes)
-
-
-def test_pending_names_are_still_pending():
-    classes = _error_classes()
-    done = sorted(n for n in PENDING if _derives_from_lori_error(n, classes))
-    assert not done, f"now LoRIErrors: remove {done} from PENDING here and from NOT_YET_LORI_ERRORS in main.py"
-    missing = sorted(PENDING - set(classes))
-    assert not missing, f"no such class any more: remove {missing} from PENDING"
-    assert {c.__name__ for c in cli.NOT_YET_LORI_ERRORS} <= PENDING
 
 
 def _subclasses(cls: type) -> set[type]:

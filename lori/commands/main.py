@@ -38,7 +38,7 @@ from lori.core.atomic_files import disk_full_message
 from lori.core.errors import LoRIError
 from lori.data.datamodule import TaskDataModule
 from lori.training import console, moved_configs
-from lori.training.module import CheckpointMismatchError, LoRIModule
+from lori.training.module import LoRIModule
 
 USAGE = """usage: lori {pipeline,fit,validate,test,predict,continual,eval,merge,diagnose,dryrun} [--config FILE] [options]
 
@@ -70,10 +70,6 @@ COMMANDS = {
     "diagnose": diagnose_command.main,
 }
 
-# input errors not yet rebased on LoRIError by the package that owns them (issue 26, package B);
-# tests/test_errors.py fails once one of them is a LoRIError, so this tuple only shrinks
-NOT_YET_LORI_ERRORS = (CheckpointMismatchError,)
-
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lori`` command; input errors end with one line and exit code 2."""
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             command(argv[1:])
         else:  # fit, validate, test, predict: LightningCLI's own subcommands
             LoRICLI(LoRIModule, TaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
-    except (LoRIError, *NOT_YET_LORI_ERRORS) as err:  # what the user gave: one line, no traceback
+    except LoRIError as err:  # what the user gave: one line, no traceback
         print(f"lori: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except MisconfigurationException as err:  # a Trainer setting Lightning refuses

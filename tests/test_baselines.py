@@ -15,7 +15,6 @@ from test_resume import Crash, CrashAt  # dies after a step, before that step's 
 from torch.utils.data import DataLoader
 
 import lori.training.module
-from lori.commands.dryrun_command import method_size
 from lori.commands.lightning_cli import parse_config, parse_fit_config
 from lori.commands.main import main
 from lori.core import (
@@ -36,6 +35,7 @@ from lori.training.baselines import (
     kept_ranks,
     peft_handle,
 )
+from lori.training.dry_run import method_size
 from lori.training.module import CheckpointMismatchError, LoRIModule
 
 LORI = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"], "seed": 3}
@@ -410,7 +410,7 @@ def test_unknown_target_is_one_line_error(tiny):
 # ---- the fit command and the shipped configs ------------------------------------------------------
 def test_fit_command_writes_the_peft_adapter(tmp_path, capsys):
     """`lori fit --config <pipeline config> --model.method adalora` trains and writes the adapter through
-    SaveAdapter; LoRI-D's budget, checkpoints and logs, beside the run (lori.commands.baseline_fit)."""
+    SaveAdapter; LoRI-D's budget, checkpoints and logs, beside the run (lori.training.fit_settings)."""
     cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "runs" / "tiny"), dense_steps=3, checkpoint_every=1)
     cfg["model"]["baseline"] = {"target_r": 2}
     main(["fit", "--config", str(write_config(tmp_path, cfg)), "--model.method", "adalora"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -70,6 +71,7 @@ def test_the_entry_is_complete_for_its_family(name):
     assert entry.trains_base <= (entry.changes_base is not None)  # a trained base cannot be a frozen 4-bit copy
     assert entry.frozen_seeded_a <= (TRAINS.get(name) != ALL and not any("_A" in f for f in _row(name)))
     assert not entry.renamed_from or set(entry.renamed_from).isdisjoint(NAMES)
+    assert re.search(rf"^    {name} ", baselines.__doc__, re.MULTILINE), f"add {name!r} to the table in baselines/__init__.py"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -15,7 +15,8 @@ embedded configs share one ``model.lori`` block across methods: IA3 reads only `
 initial rank; PiSSA: the seed only matters for the randomized SVD).
 
 A new method: one ``Method(...)`` below (its builders in ``peft_methods`` / ``optimizers`` /
-``saving``), and a row in ``tests/test_method_registry.py``.
+``saving``), a row in the overview table of ``lori.training.baselines``, and a row in
+``tests/test_method_registry.py`` (``TRAINS``): the battery there then checks it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pickle
 import re
 
 import pytest
@@ -126,6 +127,16 @@ def test_a_quantized_base_is_refused_exactly_when_training_changes_it(name):
                 check_quantize(mode, name)
         else:
             check_quantize(mode, name)
+
+
+def test_a_method_without_a_row_is_told_to_add_one():
+    with pytest.raises(AssertionError, match="'qlora' has no row in TRAINS .*add a row"):
+        _row("qlora")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_entry_pickles(name):  # a spawned process (ddp_spawn) receives the LightningModule, entry included
+    assert pickle.loads(pickle.dumps(get_method(name))).name == name
 
 
 def test_every_option_has_a_default_and_a_rule():

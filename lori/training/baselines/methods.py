@@ -57,6 +57,11 @@ def attach_full(model: nn.Module, lori: LoRIConfig, opts: dict[str, Any], shapes
     return lori
 
 
+def adalora_callbacks() -> list[AdaLoraBudget]:
+    """AdaLoRA's rank budget, a new Callback for every fit."""
+    return [AdaLoraBudget()]
+
+
 def _peft(name: str, label: str, trains: str, build: Any, *, freeze_a: bool = False, keep_initial: bool = False,
           save: Any = saving.save_peft, **fields: Any) -> Method:
     """The entry of a PEFT method: ``attach_peft`` over ``build``, saved as a PEFT dir, trainable tensors kept."""
@@ -84,7 +89,7 @@ for _entry in (  # today's METHODS order: the LoRI family, the PEFT baselines, f
           options=("feedforward_modules",), reads=("target_modules",)),
     _peft("adalora", "AdaLoRA", "P, E, Q; E pruned to a rank budget", peft_methods.adalora_config,
           options=("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight"),
-          extra_losses={"orth_penalty": orthogonality_penalty}, callbacks=lambda: [AdaLoraBudget()]),
+          extra_losses={"orth_penalty": orthogonality_penalty}, callbacks=adalora_callbacks),
     _peft("rslora", "rsLoRA", "A and B, scale alpha / sqrt(r)", partial(peft_methods.lora_config, use_rslora=True)),
     _peft("pissa", "PiSSA", "A and B, from the top-r SVD of W0", peft_methods.pissa_config, keep_initial=True,
           save=partial(saving.save_peft, as_lora=True), options=("pissa_niter",),

@@ -141,6 +141,21 @@ def test_configure_quiets_lightning_info_and_verbose_leaves_it(restore_console):
     assert logging.getLogger("lightning.pytorch").level == logging.DEBUG
 
 
+def test_the_optional_kernel_record_of_bitsandbytes_is_dropped_and_only_it(restore_console):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")  # bitsandbytes logs it at import
+    filters = list(logger.filters)
+    try:
+        console.configure(verbose=False)
+        console.configure(verbose=False)  # configuring twice adds one filter
+        kernel = logger.makeRecord(logger.name, logging.WARNING, "ops.py", 1,
+                                   "Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",), None)
+        other = logger.makeRecord(logger.name, logging.WARNING, "ops.py", 2, "another warning", (), None)
+        assert not logger.filter(kernel) and logger.filter(other)
+        assert sum(isinstance(f, console._DropRecords) for f in logger.filters) == 1
+    finally:
+        logger.filters[:] = filters
+
+
 class _Regression(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()

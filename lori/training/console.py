@@ -38,7 +38,25 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = (
     (r"transformers\..*|peft\..*", "`is_gradient_checkpointing` is deprecated", FutureWarning),
 )
 
+# (logger, message start): log records about dependencies' own optional extras. bitsandbytes' CPU
+# backend logs at import (and PEFT imports it whenever it is installed) that it could not fetch an
+# optional kernel from a model hub; its pure-torch kernels run instead.
+DEPENDENCY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+
 _state = {"verbose": False}
+
+
+class _DropRecords(logging.Filter):
+    """Drops the records of one logger whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
 
 
 def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
@@ -61,6 +79,10 @@ def configure(verbose: bool = False) -> None:
             logger.setLevel(logging.WARNING)
     for module, message, category in DEPENDENCY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in {name for name, _ in DEPENDENCY_LOG_RECORDS}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) for f in logger.filters):
+            logger.addFilter(_DropRecords(tuple(m for n, m in DEPENDENCY_LOG_RECORDS if n == name)))
     _quiet_progress_bars()
     os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner and run summary (trainer.logger: WandbLogger)
 

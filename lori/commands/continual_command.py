@@ -65,7 +65,7 @@ def continual(argv: list[str]) -> dict[str, Any]:
     settings.check()
     task_data = TaskDataModule(**cli.config["task_data"])
     task_data.set_tokenizer(cli.model.tokenizer)
-    task_data.validate()  # the task's data is checked before the safety phase trains
+    task_data.check_data()  # the task's data is checked before the safety phase trains
     trainer_config = cli.config_init["trainer"]
     hparams = {"continual": asdict(cfg)}  # logged with the module's and the data's, once per run
     loggers = RunLoggers(trainer_config.get("logger"), Path(cfg.output_dir), hparams)

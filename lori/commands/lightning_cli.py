@@ -27,11 +27,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.core import LoRIConfigError
-from lori.core.protocol import PROTOCOLS, ProtocolError, apply_official
+from lori.core.protocol import apply_official, check_protocol
 from lori.data.datamodule import TaskDataModule, accumulation_steps
 from lori.data.sources import DataError
 from lori.training import console, preemption, progress, run_lock
-from lori.training.base_model import _resolve_dtype as resolve_dtype
 from lori.training.callbacks import SaveAdapter
 from lori.training.checkpoint_io import with_atomic_checkpoints
 from lori.training.continual import ContinualConfig
@@ -44,15 +43,6 @@ FIT_RESUME = "rerun with --ckpt_path {path} to resume"  # lori fit resumes from 
 
 # sections of a training config that carry a `protocol` of their own, set from the top-level switch
 PROTOCOL_SECTIONS = ("model", "data", "task_data", "eval")
-
-
-def _check_optimizer_options(model: Any) -> None:
-    """AdamW's own range checks, run before the model loads instead of at the first fit."""
-    if model.get("weight_decay", 0.0) < 0:
-        raise LoRIConfigError(f"model.weight_decay must be >= 0, got {model.get('weight_decay')}")
-    betas = model.get("betas") or (0.9, 0.999)
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise LoRIConfigError(f"model.betas must both be in [0, 1), got {list(betas)}")
 
 
 def _check_trainer_options(trainer: Any) -> None:
@@ -75,13 +65,13 @@ def _check_trainer_options(trainer: Any) -> None:
 
 
 def check_run_options(cfg: Any, subcommand: str | None, runs: bool = True) -> None:
-    """Every cheap check of a parsed config, before anything loads: data, optimizer, trainer and the
-    pipeline's stage budgets; with ``runs`` (not a parse-only check of a config whose inputs may not
-    exist yet) also the continual phases' files. Raises a USER_ERRORS exception naming the bad value."""
+    """Every cheap check of a parsed config that no class checks where it is defined, before anything
+    loads: data, trainer and the pipeline's stage budgets (``model:`` is ``LoRIModule.check_options``');
+    with ``runs`` (not a parse-only check of a config whose inputs may not exist yet) also the continual
+    phases' files. Raises a LoRIError naming the bad value."""
     TaskDataModule.check_options(cfg["data"])
     if cfg.get("task_data") is not None:
         TaskDataModule.check_options(cfg["task_data"])
-    _check_optimizer_options(cfg["model"])
     _check_trainer_options(cfg.get("trainer") or {})
     if subcommand is None and cfg.get("pipeline") is not None:
         pipe = PipelineConfig(**cfg["pipeline"])
@@ -139,8 +129,6 @@ class LoRICLI(LightningCLI):
             LoRIModule.check_options(cfg["model"], cfg.get("trainer"))
         except ValueError as err:
             raise LoRIConfigError(str(err)) from None
-        if cfg["model"].get("dtype") is not None:
-            resolve_dtype(cfg["model"]["dtype"])
         if self.subcommand is None and self.runs_stages and _is_zero3(cfg.get("trainer") or {}):
             raise LoRIConfigError(
                 "DeepSpeed ZeRO-3 partitions the model in a way lori cannot hand from one stage to the next: "
@@ -156,7 +144,7 @@ class LoRICLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule.set_tokenizer(self.model.tokenizer)
-        self.datamodule.validate()  # missing data / fields stop here, before training
+        self.datamodule.check_data()  # missing data / fields stop here, before training
         if self.subcommand in (None, "fit"):  # tokenise now (once): examples all too long stop here too
             self.datamodule.setup("fit")
 
@@ -219,9 +207,7 @@ def apply_protocol(cfg: Any, defaults: Any) -> list[str]:
     ``official`` puts the settings ``lori.core.protocol`` fixes at their official values (reported in one
     line on stderr when it changes any) and sets ``protocol`` in every section that has one.
     """
-    protocol = cfg.get("protocol") or "lori"
-    if protocol not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    protocol = check_protocol(cfg.get("protocol") or "lori")
     if protocol != "official":
         return []
     sections = tuple(k for k in ("model", "data", "trainer") if cfg.get(k) is not None)

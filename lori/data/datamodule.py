@@ -234,8 +234,6 @@ class TaskDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise DataError("no tokenizer: pass tokenizer=<name or path> or call set_tokenizer()")
 
-    validate = check_data  # the old name (callers in lori/commands move to check_data)
-
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenise (once; again only after ``set_tokenizer``). At each fit, with
         ``global_batch_size`` set, also give the Trainer its accumulation steps."""

@@ -25,12 +25,7 @@ from typing import Any
 import yaml
 
 from lori.core.errors import LoRIError
-from lori.training.dry_run import (  # method_size: tests/test_baselines.py imports it from here (until B)
-    budget_fits_of,
-    dry_run_report,
-    method_size,  # noqa: F401
-    parse_size,
-)
+from lori.training.dry_run import budget_fits_of, dry_run_report, parse_size
 from lori.training.memory_budget import Fit, cheapest
 from lori.training.memory_model import GIB
 

@@ -230,3 +230,144 @@ def test_with_one_shared_A_linear_is_T_times_concat():
     for p in ads[0].A:
         assert torch.allclose(lin.delta(p), T * cat.delta(p), atol=1e-5)
         assert torch.allclose(eq8.delta(p), T * 0.4 * cat.delta(p), atol=1e-5)
+
+
+def _second_of_another_name(a: Adapter) -> Adapter:
+    """``a`` with another base_model name and its modules in reversed order (same tensors)."""
+    rev = list(reversed(list(a.A)))
+    return Adapter(a.config, {p: a.A[p] for p in rev}, {p: a.B[p] for p in rev}, None, "second", a.base_fingerprint)
+
+
+def test_merged_adapters_follow_the_first_adapter_and_the_order_and_record_the_merge():
+    a = _trained_adapter(0)
+    b = _second_of_another_name(_trained_adapter(1))
+    paths = list(a.A)
+    w = [0.3, 0.7]
+    for merged, method in [(merge_concat([a, b], w), "concat"), (merge_linear_eq8([a, b], w), "linear_eq8")]:
+        assert merged.base_model == "tiny-llama" and list(merged.A) == paths and list(merged.B) == paths
+        assert merged.meta == {"merge": {"method": method, "weights": w}}
+    backwards = paths[::-1]
+    assert list(merge_concat([a, b], w, order=backwards).A) == backwards
+    assert list(merge_linear([a, b], w, order=backwards).A) == backwards
+    assert list(merge_linear([a, b], w).A) == paths
+
+
+def test_delta_merge_merges_again_after_unmerge():
+    ads = [_trained_adapter(s) for s in range(2)]
+    deltas = merge_deltas(ads, [0.5, 0.5], "linear")
+    model = make_tiny_llama()
+    p = next(iter(deltas))
+    dm = DeltaMerge(model, deltas).merge()
+    once = model.get_submodule(p).weight.detach().clone()
+    dm.unmerge()
+    assert dm.merged is False
+    dm.merge()
+    assert dm.merged is True and torch.equal(once, model.get_submodule(p).weight)
+
+
+def _same(x: Adapter, y: Adapter) -> bool:
+    return (list(x.A) == list(y.A) and all(torch.equal(x.A[p], y.A[p]) and torch.equal(x.B[p], y.B[p]) for p in x.A)
+            and x.meta == y.meta)
+
+
+def test_merge_factors_dispatches_concat_and_eq8_and_its_defaults_are_seed_0_rescaled():
+    a, b = _trained_adapter(0), _trained_adapter(1)
+    w = [0.3, 0.7]
+    backwards = list(a.A)[::-1]
+    assert _same(merge_factors([a, b], w, "cat", order=backwards), merge_concat([a, b], w, order=backwards))
+    assert _same(merge_factors([a, b], w, "linear_eq8"), merge_linear_eq8([a, b], w))
+    torch.manual_seed(1)
+    dare = merge_factors([a, b], w, "dare", density=0.5)
+    torch.manual_seed(2)  # the default seed 0 draws the same, whatever the global RNG
+    assert _same(dare, merge_factors([a, b], w, "dare", density=0.5, seed=0, rescale=True))
+    assert dare.meta["merge"] == {"method": "dare", "combination_type": "dare_linear", "weights": w,
+                                 "density": 0.5, "seed": 0, "rescale": True}
+    ties = merge_factors([a, b], w, "ties")  # density 1 by default: nothing pruned
+    assert ties.meta["merge"]["density"] == 1.0 and ties.meta["merge"]["majority_sign_method"] == "total"
+    with pytest.raises(ValueError, match="density must be in"):
+        merge_factors([a, b], w, "ties", density=0.0)
+    merged = merge_linear([a, b], w)
+    assert merged.config.seed == -1 and merged.config.sparsity == 0.0
+    assert a.base_fingerprint is not None and merged.base_fingerprint == a.base_fingerprint
+
+
+def test_factor_weights_split_a_negative_weight_sign_onto_A():
+    from lori.core.merge import factor_weights
+    a = _trained_adapter(0)  # scale alpha / r = 2
+    assert factor_weights([a, a], [-2.0, 0.5]) == ([-2.0, 1.0], [2.0, 1.0])
+
+
+def test_merge_factors_prunes_both_factors_and_records_each_methods_settings():
+    a, b = _trained_adapter(0), _trained_adapter(1)
+    w = [0.3, 0.7]
+    one = merge_factors([a], [1.0], "magnitude", density=0.5)  # one adapter: exactly half of each kept
+    for p in a.A:
+        assert int((one.A[p] != 0).sum()) == a.A[p].numel() // 2 and int((one.B[p] != 0).sum()) == a.B[p].numel() // 2
+    expected = {
+        "linear": {"combination_type": "linear"},
+        "magnitude": {"combination_type": "magnitude_prune", "density": 0.5, "seed": 3},
+        "ties": {"combination_type": "ties", "density": 0.5, "seed": 3, "majority_sign_method": "frequency"},
+        "dare": {"combination_type": "dare_linear", "density": 0.5, "seed": 3, "rescale": False},
+        "dare_ties": {"combination_type": "dare_ties", "density": 0.5, "seed": 3, "rescale": False,
+                      "majority_sign_method": "frequency"},
+    }
+    for method, settings in expected.items():
+        merged = merge_factors([a, b], w, method, density=0.5, seed=3, rescale=False, majority_sign_method="frequency")
+        assert merged.meta == {"merge": {"method": method, "weights": w, **settings}}, method
+
+
+def test_magnitude_prune_keeps_dtype_and_returns_t_from_density_1():
+    t = torch.tensor([[0.5, -2.0], [1.0, -0.25]], dtype=torch.bfloat16)
+    pruned = magnitude_prune(t, 0.5)
+    assert pruned.dtype == torch.bfloat16 and pruned.tolist() == [[0.0, -2.0], [1.0, 0.0]]
+    assert magnitude_prune(t, 1.0) is t and magnitude_prune(t, 1.5) is t
+
+
+def test_random_prune_rescales_by_default_and_returns_t_from_density_1():
+    t = torch.ones(1000)
+    kept = random_prune(t, 0.5, torch.Generator().manual_seed(0))
+    assert set(kept.unique().tolist()) == {0.0, 2.0}  # kept entries divided by the density
+    assert torch.equal(kept, 2 * random_prune(t, 0.5, torch.Generator().manual_seed(0), rescale=False))
+    assert random_prune(t, 1.0, None) is t and random_prune(t, 1.5, None) is t
+
+
+def test_majority_sign_mask_total_and_frequency_with_a_tie_electing_plus():
+    from lori.core.merge import combine, majority_sign_mask
+    stacked = torch.tensor([[3.0, 1.0, -2.0], [-1.0, -1.0, -2.0], [-1.0, 0.0, 1.0]])  # (T=3, 3)
+    # column sums 1, 0 (a tie: +), -3; sign votes -1, 0 (+), -1
+    total = [[True, True, True], [False, False, True], [False, False, False]]
+    frequency = [[False, True, True], [True, False, True], [True, False, False]]
+    assert majority_sign_mask(stacked).tolist() == total
+    assert majority_sign_mask(stacked, "frequency").tolist() == frequency
+    with pytest.raises(ValueError) as info:
+        majority_sign_mask(stacked, "mean")
+    assert str(info.value) == "majority_sign_method must be one of ['total', 'frequency'], got 'mean'"
+    rows = list(stacked)
+    assert combine(rows, [1.0] * 3, "ties", majority_sign_method="frequency").tolist() == [-1.0, 1.0, -2.0]
+    assert combine(rows, [1.0] * 3, "ties").tolist() == [3.0, 1.0, -2.0]
+
+
+def test_delta_merge_refusals_name_the_module():
+    from lori.core import QuantizedMergeError
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(AdapterMismatchError) as info:
+        DeltaMerge(model, {"0": torch.zeros(3, 2)})
+    assert str(info.value) == "0: ΔW (3, 2) vs weight (2, 2)"
+    model[0].weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(QuantizedMergeError, match="refusing to merge into 0: "):
+        DeltaMerge(model, {"0": torch.zeros(2, 2)})
+
+
+def test_merge_deltas_defaults_and_order():
+    a, b = _trained_adapter(0), _trained_adapter(1)
+    w = [0.3, 0.7]
+    torch.manual_seed(1)
+    dare = merge_deltas([a, b], w, "dare", density=0.5)
+    torch.manual_seed(2)  # seed 0 by default: the same draws whatever the global RNG
+    explicit = merge_deltas([a, b], w, "dare", density=0.5, seed=0)
+    assert all(torch.equal(dare[p], explicit[p]) for p in a.A)
+    from lori.core.merge import combine
+    ties = merge_deltas([a, b], w, "ties")  # density 1 by default: ties of the unpruned ΔW
+    assert all(torch.equal(ties[p], combine([a.delta(p), b.delta(p)], w, "ties", density=1.0)) for p in a.A)
+    backwards = list(a.A)[::-1]
+    assert list(merge_deltas([a, b], w, "linear", order=backwards)) == backwards

@@ -300,7 +300,8 @@ def dryrun_config(ctx: Context) -> Path:
     (arch / "config.json").write_text(json.dumps(config, indent=1))
     cfg = yaml.safe_load(PAPER_CONFIG.read_text())
     cfg["model"]["model"] = str(arch)
-    cfg["data"] |= {"batch_size": 2, "max_length": 64}
+    # the official protocol's prompt cut must stay below the (tiny) max length
+    cfg["data"] |= {"batch_size": 2, "max_length": 64, "max_prompt_length": 32}
     path = ctx.workdir / "dryrun_tiny.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -642,7 +643,7 @@ def pipeline_config(ctx: Context, model: Path, out: Path, accelerator: str, dtyp
         "trainer": {"accelerator": accelerator, "devices": 1, "precision": precision, "strategy": strategy,
                     "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1},
         "pipeline": {"output_dir": str(out), "dense_steps": steps, "sparse_steps": steps,
-                     "checkpoint_every": steps, "validate": True},
+                     "checkpoint_every": steps, "held_out_loss": True},
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -371,3 +371,82 @@ def test_merge_deltas_defaults_and_order():
     assert all(torch.equal(ties[p], combine([a.delta(p), b.delta(p)], w, "ties", density=1.0)) for p in a.A)
     backwards = list(a.A)[::-1]
     assert list(merge_deltas([a, b], w, "linear", order=backwards)) == backwards
+
+
+def test_check_mergeable_takes_one_adapter_and_names_what_differs():
+    a = _trained_adapter(0)
+    w = [0.5, 0.5]
+    assert merge_concat([a], [1.0]).rank == a.rank  # a single adapter merges (scaled by its weight)
+    with pytest.raises(AdapterMismatchError) as info:
+        merge_concat([], [])
+    assert str(info.value) == "nothing to merge: no adapters given"
+    paths = sorted(a.A)
+    fewer = Adapter(a.config, {p: a.A[p] for p in paths[4:]}, {p: a.B[p] for p in paths[4:]})
+    with pytest.raises(AdapterMismatchError) as info:
+        merge_concat([a, a, fewer], [0.2, 0.3, 0.5])
+    assert str(info.value) == f"adapter 2 adapts other modules than adapter 0 (e.g. {paths[:3]})"
+    p = paths[0]
+    wide = Adapter(a.config, {**a.A, p: torch.zeros(a.rank, 5)}, a.B)
+    d_out = a.B[p].shape[0]
+    with pytest.raises(AdapterMismatchError) as info:
+        merge_concat([a, wide], w)
+    assert str(info.value) == (f"adapter 1 has {p} of shape ({d_out}, 5), adapter 0 ({d_out}, {a.A[p].shape[1]}): "
+                               "different base models")
+    on_meta = Adapter(a.config, a.A, a.B, None, None, "meta")  # a model on the meta device: no digest to compare
+    assert merge_concat([a, on_meta], w).rank == 2 * a.rank
+    with pytest.raises(AdapterMismatchError) as info:
+        merge_factors([a, a], w, "dare", density=0.5, order=[p])
+    assert str(info.value) == f"the module order misses adapted modules, e.g. {paths[1:4]}"
+
+
+def test_combine_keeps_the_dtype_and_rescales_dare_by_default():
+    from lori.core.merge import combine
+    ts = [torch.tensor([1.0, -2.0], dtype=torch.bfloat16), torch.tensor([3.0, 4.0], dtype=torch.bfloat16)]
+    assert combine(ts, [0.5, 0.5], "linear").dtype == torch.bfloat16
+    ones = [torch.ones(100), torch.ones(100)]
+    dare = combine(ones, [1.0, 1.0], "dare", density=0.5, generator=torch.Generator().manual_seed(0))
+    rescaled = combine(ones, [1.0, 1.0], "dare", density=0.5, generator=torch.Generator().manual_seed(0), rescale=True)
+    assert torch.equal(dare, rescaled) and set(dare.unique().tolist()) <= {0.0, 2.0, 4.0}
+
+
+def test_combine_without_rescale_and_its_refusals():
+    from lori.core.merge import PEFT_TYPES, combine
+    ones = [torch.ones(100), torch.ones(100)]
+    plain = combine(ones, [1.0, 1.0], "dare", density=0.5, generator=torch.Generator().manual_seed(0), rescale=False)
+    rescaled = combine(ones, [1.0, 1.0], "dare", density=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(2 * plain, rescaled)
+    with pytest.raises(ValueError) as info:
+        combine(ones, [1.0, 1.0], "linear_eq8")
+    assert str(info.value) == f"'linear_eq8' is not an operator on tensors; choose one of {list(PEFT_TYPES)}"
+    a = _trained_adapter(0)
+    with pytest.raises(ValueError) as info:
+        merge_factors([a, a], [0.5, 0.5], "ties", density=1.5)
+    assert str(info.value) == "density must be in (0, 1] for ties, got density=1.5"
+    assert merge_factors([a, a], [0.5, 0.5], "ties", density=1.0).meta["merge"]["density"] == 1.0
+
+
+def test_delta_space_merge_passes_every_setting_and_has_seeded_defaults():
+    from lori.core.merge import combine, iter_merged_deltas
+    a, b = _trained_adapter(0), _trained_adapter(1, r=8, alpha=16)  # ranks may differ in ΔW space
+    w = [0.3, 0.7]
+    paths = list(a.A)
+    torch.manual_seed(1)
+    dare = dict(iter_merged_deltas([a, b], w, "dare", density=0.5))
+    torch.manual_seed(2)
+    assert all(torch.equal(dare[p], t) for p, t in merge_deltas([a, b], w, "dare", density=0.5, seed=0).items())
+    ties = dict(iter_merged_deltas([a, b], w, "ties"))  # density 1, sign by total
+    assert all(torch.equal(ties[p], combine([a.delta(p), b.delta(p)], w, "ties")) for p in paths)
+    freq = merge_deltas([a, b], w, "ties", majority_sign_method="frequency")
+    assert all(torch.equal(freq[p], combine([a.delta(p), b.delta(p)], w, "ties", majority_sign_method="frequency"))
+               for p in paths)
+    g = torch.Generator().manual_seed(4)
+    plain = merge_deltas([a, b], w, "dare", density=0.5, seed=4, rescale=False)
+    assert all(torch.equal(plain[p], combine([a.delta(p), b.delta(p)], w, "dare", 0.5, g, rescale=False)) for p in paths)
+    torch.manual_seed(5)
+    unseeded = merge_deltas([a, b], w, "dare", density=0.5, seed=None)  # torch's default generator
+    torch.manual_seed(5)
+    assert all(torch.equal(unseeded[p], t) for p, t in merge_deltas([a, b], w, "dare", density=0.5, seed=None).items())
+    assert list(iter_merged_deltas([a, b], w, "linear", order=paths[::-1]))[0][0] == paths[-1]
+    with pytest.raises(ValueError) as info:
+        merge_deltas([a, b], w, "linear_eq8")
+    assert str(info.value) == "linear_eq8 is a factor-space merge; in ΔW space linear and concat are Σ w_t ΔW_t"

@@ -46,6 +46,7 @@ from typing import Any
 
 from lori.core import LoRIConfig, LoRIConfigError, count_trainable
 from lori.training.base_model import ModelLoadError, arch_config_names, build_from_arch_config
+from lori.training.baselines.registry import get_method
 from lori.training.memory_budget import Fit, fits
 from lori.training.memory_model import (
     GIB,
@@ -175,7 +176,7 @@ def dry_run_report(cfg: dict[str, Any], config_path: str | Path) -> dict[str, An
     total = shape.base_params + shape.a_entries + sum(n for _, n in shape.b_by_path)
     world_batch = data["batch_size"] * plan.world * inputs["accumulate"]
     method = model.get("method", "lori")
-    if method == "lori":
+    if get_method(method).runs_pipeline:  # LoRI: the dense B of LoRI-D (LoRI-S's count is beside it)
         trainable, added = dense, total - shape.base_params
     else:
         trainable, added = method_size(arch, method, lori.r, tuple(lori.target_modules),

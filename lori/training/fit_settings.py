@@ -29,6 +29,8 @@ from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lori.training.baselines.registry import get_method
+
 
 def method_output_dir(output_dir: str, method: str) -> str:
     """``parent/<method>/name`` of ``output_dir = parent/name``: where a baseline's adapter goes."""
@@ -40,7 +42,7 @@ def derived_fit_settings(cfg: Any) -> dict[str, Any]:
     """The ``trainer:`` keys a baseline ``lori fit`` of ``cfg`` derives (empty for ``lori`` or when all are set)."""
     method = cfg["model"].get("method") or "lori"
     pipe, trainer = cfg.get("pipeline"), cfg.get("trainer") or {}
-    if method == "lori" or pipe is None:
+    if pipe is None or get_method(method).runs_pipeline:  # the pipeline's own method: nothing to derive
         return {}
     adapter = method_output_dir(pipe["output_dir"], method)
     parent, name = str(PurePosixPath(adapter).parent), PurePosixPath(adapter).name

@@ -66,6 +66,7 @@ from lori.core.merge import (
 )
 from lori.eval.merge_table import results_table, row_average, table_columns
 from lori.training import run_lock
+from lori.training.baselines.registry import find_method
 from lori.training.model_card import facts_from_merge, write_card
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
@@ -264,7 +265,8 @@ def adaptation_of(adapter: Adapter) -> str:
     ``lora_fa`` is the old name of lora_frozen_a in lori adapter dirs (seed >= 0); PEFT LoRA-FA
     dirs carry no LoRI seed (-1) and read as ``lora``.
     """
-    frozen_A = adapter.meta.get("method", "lori") in ("lori", "lora_frozen_a", "lora_fa") and adapter.config.seed >= 0
+    entry = find_method(adapter.meta.get("method", "lori"))
+    frozen_A = entry is not None and entry.frozen_seeded_a and adapter.config.seed >= 0
     if not frozen_A:
         return "lora"
     return "lori_s" if adapter.masks is not None else "lori_d"

@@ -53,7 +53,7 @@ def task_configs(tiny: bool, out: Path, shared_a: int | None = None) -> dict[str
         tasks = {name: (seed, toy_config(out / "toy_data", op=op, steps=3)) for name, (seed, op) in TOY_TASKS.items()}
     else:
         base = base_config(False, out, **{"pipeline.dense_steps": 12, "pipeline.sparse_steps": 12,
-                                          "pipeline.validate": False})
+                                          "pipeline.held_out_loss": False})
         tasks = {name: (seed, with_overrides(base, o)) for name, (seed, o) in REAL_TASKS.items()}
     out_configs = {}
     for name, (own, config) in tasks.items():

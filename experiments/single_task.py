@@ -103,7 +103,7 @@ def run_config(config: dict[str, Any], method: str, run_dir: Path) -> dict[str, 
     timer = {"class_path": "single_task.StepTimer", "init_args": {"path": str(run_dir / "timing.json")}}
     trainer = {**config["trainer"], "callbacks": [timer], "logger": False, "enable_checkpointing": False}
     if method == "lori":
-        pipeline = {**config["pipeline"], "output_dir": str(run_dir), "validate": False}
+        pipeline = {**config["pipeline"], "output_dir": str(run_dir), "held_out_loss": False}
         return {**config, "trainer": trainer, "pipeline": pipeline}
     save = {"class_path": "lori.training.callbacks.SaveAdapter", "init_args": {"directory": str(run_dir / "adapter"),
                                                                       "stage": method}}

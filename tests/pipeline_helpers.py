@@ -49,7 +49,7 @@ def multiprocess_config(tmp_path: Path, name: str, devices: int, strategy: Any, 
                         **pipeline) -> Path:
     """The tiny pipeline for 1 vs N process comparisons: dropout 0, the same global batch of 4, and every
     rank dumping its masks and B at the end of each fit (ddp_dump.DumpState, into <name>/dump)."""
-    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), validate=False, **pipeline)
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), held_out_loss=False, **pipeline)
     cfg["model"]["lori"]["dropout"] = 0.0
     # per-sequence sums averaged over sequences: the mean of two ranks' means is the global mean
     cfg["model"]["loss_normalization"] = "sequence_sum"

@@ -288,7 +288,17 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "max_length 0": (pipeline_option("data", "max_length", 0), ["max_length", "0"]),
     "negative held-out count": (pipeline_option("data", "held_out", -3), ["held_out", "-3"]),
     "held-out fraction above 1": (pipeline_option("data", "held_out", 1.5), ["held_out", "1.5"]),
-    "no held-out examples to validate on": (pipeline_option("data", "held_out", 0), ["held_out", "validate"]),
+    "no held-out examples to validate on": (pipeline_option("data", "held_out", 0),
+                                            ["data.held_out", "pipeline.held_out_loss"]),
+    "renamed pipeline.validate in a config": (pipeline_option("pipeline", "validate", False),
+                                              ["lori: error: pipeline.validate is now pipeline.held_out_loss"]),
+    "renamed pipeline.validate on the command line": (
+        lambda t: [*pipeline_case(lambda c, _: None)(t), "--pipeline.validate", "false"],
+        ["lori: error: pipeline.validate is now pipeline.held_out_loss"]),
+    "renamed pipeline.validate under lori fit": (fit_args_case("--pipeline.validate", "true"),
+                                                 ["lori: error: pipeline.validate is now pipeline.held_out_loss"]),
+    "renamed continual.validate": (lambda t: continual_case(t, validate=True),
+                                   ["lori: error: continual.validate is now continual.held_out_loss"]),
     "negative num_workers": (pipeline_option("data", "num_workers", -1), ["num_workers", "-1"]),
     "zero training examples": (pipeline_option("data", "max_train_examples", 0), ["max_train_examples", "0"]),
     "negative learning rate": (pipeline_option("model", "lr", -1e-4), ["lr", "-0.0001"]),
@@ -323,7 +333,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
 EARLY = {name for name in CASES if name.startswith((
     "unknown config key", "sparsity 1.5", "rank 0", "unknown granularity", "unknown dtype", "world size",
     "ZeRO-3", "LoRI-D of", "negative", "LoRI-S of", "zero", "calibration after", "checkpoint every", "LoRI-S alpha",
-    "empty output", "batch size", "eval_batch_size", "max_length 0", "held-out fraction", "no held-out", "AdamW",
+    "empty output", "batch size", "eval_batch_size", "max_length 0", "held-out fraction", "no held-out", "renamed", "AdamW",
     "accumulate", "lori fit", "continual", "unknown template", "dryrun", "quantize"))}
 
 

@@ -157,7 +157,7 @@ def test_unreadable_checkpoints_are_set_aside_and_the_stage_starts_again(tmp_pat
 
 # --- a pipeline that hits a full disk, and one whose last checkpoint is damaged ----------------
 
-STEPS = {"dense_steps": 3, "sparse_steps": 6, "validate": False, "checkpoint_every": 1}
+STEPS = {"dense_steps": 3, "sparse_steps": 6, "held_out_loss": False, "checkpoint_every": 1}
 FAIL_AT = 4  # the 4th LoRI-S checkpoint write fails: last.ckpt stays at step 3, last.prev.ckpt at 2
 
 

@@ -13,7 +13,7 @@ from lori.core import load_adapter
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, checkpoint_every=1, validate=False, dense_steps=30)
+    cfg = tiny_config(tmp_path, checkpoint_every=1, held_out_loss=False, dense_steps=30)
     cfg["model"]["lr"] = 1.0e30  # diverges within a few steps
     with pytest.raises(SystemExit) as info:
         main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
@@ -32,7 +32,7 @@ class Killed(RuntimeError):
 
 
 def test_kill_during_the_adapter_save_leaves_no_half_adapter_and_resumes(tmp_path, monkeypatch):
-    cfg = write_config(tmp_path, tiny_config(tmp_path, validate=False))
+    cfg = write_config(tmp_path, tiny_config(tmp_path, held_out_loss=False))
     import lori.core.io as io
 
     real = io.save_file

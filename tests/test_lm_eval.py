@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
         cfg = tiny_config(work)
         cfg["model"].update(model=str(base), lr=0.05)
         cfg["model"]["lori"]["seed"] = seed
-        cfg["pipeline"].update(validate=False, checkpoint_every=100)  # no checkpoint: nothing resumes here
+        cfg["pipeline"].update(held_out_loss=False, checkpoint_every=100)  # no checkpoint: nothing resumes here
         pipeline(["--config", str(write_config(work, cfg))])
         adapters.append(str(work / "run" / "lori_s"))
     merge = {"base_model": str(base), "adaptation": "lori_s", "adapters": adapters, "tasks": ["a", "b"],

@@ -216,7 +216,7 @@ class PoisonB(L.Callback):
 
 
 def run_poisoned(tmp_path: Path, step: int, capsys, phase: str = "dense") -> tuple[int, str]:
-    cfg = tiny_config(tmp_path, checkpoint_every=1, validate=False, dense_steps=4, sparse_steps=2)
+    cfg = tiny_config(tmp_path, checkpoint_every=1, held_out_loss=False, dense_steps=4, sparse_steps=2)
     cfg["trainer"]["callbacks"] = [{"class_path": "test_non_finite.PoisonB", "init_args": {"step": step,
                                                                                          "phase": phase}}]
     capsys.readouterr()

@@ -78,7 +78,7 @@ def test_help_lists_every_option_with_default(capsys):
 def test_epoch_budgets_and_a_separate_lori_s_alpha(tmp_path):
     """The paper's configs count epochs, and one of them gives LoRI-S another alpha."""
     cfg = write_config(tmp_path, tiny_config(tmp_path, dense_epochs=1, sparse_epochs=2, sparse_alpha=16.0,
-                                             validate=False))
+                                             held_out_loss=False))
     summary = pipeline(["--config", str(cfg)])
     assert summary["lori_d"]["steps"] == 4  # 8 training examples, batch 2
     assert summary["lori_s"]["steps"] == 8

@@ -10,7 +10,9 @@ import pytest
 from pipeline_helpers import tiny_config, write_config
 
 from lori.commands.main import main
-from lori.core import get_B
+from lori.core import LoRIConfigError, get_B
+from lori.training.continual import ContinualConfig
+from lori.training.pipeline import PipelineConfig
 
 
 def _fails(tmp_path, capsys, config, *fragments):
@@ -89,7 +91,7 @@ class ZeroBAtTrainEnd(L.Callback):
 
 
 def test_calibrating_from_an_all_zero_B_stops_with_one_line(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, validate=False)
+    cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, held_out_loss=False)
     cfg["trainer"]["callbacks"] = [{"class_path": "test_pipeline_errors.ZeroBAtTrainEnd"}]
     err = _fails(tmp_path, capsys, cfg, "is zero", "by position only")
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lori: error: ")
@@ -104,3 +106,12 @@ def test_zero_dense_steps_stop_before_the_model_loads(tmp_path, capsys, monkeypa
     cfg = tiny_config(tmp_path, dense_steps=0)
     _fails(tmp_path, capsys, cfg, "pipeline.dense_steps must be >= 1, got 0", "B starts at zero")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config, section", [(PipelineConfig, "pipeline"), (ContinualConfig, "continual")])
+def test_the_renamed_validate_key_names_held_out_loss(config, section):
+    """``validate`` became ``held_out_loss``: the old key stops in one line naming the new one, in the
+    library as on the command line; the new key keeps the old default."""
+    with pytest.raises(LoRIConfigError, match=rf"^{section}\.validate is now {section}\.held_out_loss$"):
+        config(validate=False)
+    assert config().held_out_loss is (section == "pipeline") and config().validate is None

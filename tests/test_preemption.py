@@ -106,7 +106,7 @@ def test_lori_continual_sigterm_checkpoints_the_phase_and_releases_the_lock(tmp_
 
 def test_preempted_at_calibrate_at_step_resumes_without_training_past_it(tmp_path):
     cfg = write_config(tmp_path, tiny_config(tmp_path, dense_steps=6, calibrate_at_step=3, sparse_steps=2,
-                                             checkpoint_every=5, validate=False))
+                                             checkpoint_every=5, held_out_loss=False))
     with pytest.raises(SystemExit):
         cli.pipeline(["--config", str(cfg), "--config", str(signal_config(tmp_path, "signal", fit=1, step=3))])
     assert torch.load(tmp_path / "run" / "lori_d_ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -120,7 +120,7 @@ def test_sharded_per_tensor_clipping_uses_each_tensor_s_whole_norm():
 
 
 def _first_step_B(tmp_path, name, **model):
-    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), dense_steps=1, sparse_steps=1, validate=False)
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), dense_steps=1, sparse_steps=1, held_out_loss=False)
     cfg["model"].update(model)
     cfg["trainer"]["gradient_clip_val"] = 1e-12
     pipeline(["--config", str(write_config(tmp_path, cfg, f"{name}.yaml"))])
@@ -148,7 +148,7 @@ def test_a_key_the_command_does_not_have_is_left_out():
 
 
 def _run_tiny(tmp_path, capsys, **top):
-    cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, validate=False) | top
+    cfg = tiny_config(tmp_path, dense_steps=1, sparse_steps=1, held_out_loss=False) | top
     cfg["data"]["max_prompt_length"] = 32  # the tiny config's max_length is 64
     summary = pipeline(["--config", str(write_config(tmp_path, cfg))])
     return summary, capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_command(tmp_path, cap
 
 def test_pipeline_and_eval_on_a_quantized_base(tmp_path, capsys):
     """LoRI-D -> calibration -> LoRI-S on an NF4 base, then ``lori eval`` of its adapter unmerged on it."""
-    cfg = tiny_config(tmp_path, dense_steps=2, sparse_steps=2, checkpoint_every=5, validate=False)
+    cfg = tiny_config(tmp_path, dense_steps=2, sparse_steps=2, checkpoint_every=5, held_out_loss=False)
     cfg["model"]["quantize"] = "nf4"
     main(["pipeline", "--config", str(write_config(tmp_path, cfg))])
     out = tmp_path / "run"

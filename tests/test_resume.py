@@ -57,7 +57,7 @@ def run(tmp_path, name, crash=None, monkeypatch=None, **pipeline):
     return cli.pipeline(["--config", str(path)])
 
 
-STEPS = {"dense_steps": 6, "sparse_steps": 10, "validate": False}
+STEPS = {"dense_steps": 6, "sparse_steps": 10, "held_out_loss": False}
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tmp_path, capsys):
 
 
 def test_a_finished_pipeline_leaves_no_lock_and_a_second_one_is_refused_while_it_runs(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, validate=False, dense_steps=2, sparse_steps=2)
+    cfg = tiny_config(tmp_path, held_out_loss=False, dense_steps=2, sparse_steps=2)
     path = write_config(tmp_path, cfg)
     fd = hold_in_this_process(tmp_path / "run")
     try:

@@ -14,7 +14,7 @@ from lori.data.sources import DataError
 
 def dense_B(tmp_path, name, batch_size=4, trainer=None, steps=2, data=None):
     cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), dense_steps=steps, sparse_steps=1,
-                      validate=False)
+                      held_out_loss=False)
     cfg["model"]["lori"]["dropout"] = 0.0
     cfg["model"]["loss_normalization"] = "sequence_sum"  # mean over sequences: batch-size invariant
     cfg["data"]["batch_size"] = batch_size

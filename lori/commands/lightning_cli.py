@@ -36,7 +36,7 @@ from lori.training.checkpoint_io import with_atomic_checkpoints
 from lori.training.continual import ContinualConfig
 from lori.training.fit_settings import apply_fit_settings
 from lori.training.module import LoRIModule
-from lori.training.pipeline import PipelineConfig
+from lori.training.pipeline import PipelineConfig, refuse_renamed
 from lori.training.preemption import PreemptionCheckpoint
 
 FIT_RESUME = "rerun with --ckpt_path {path} to resume"  # lori fit resumes from the checkpoint it is given
@@ -75,9 +75,9 @@ def check_run_options(cfg: Any, subcommand: str | None, runs: bool = True) -> No
     _check_trainer_options(cfg.get("trainer") or {})
     if subcommand is None and cfg.get("pipeline") is not None:
         pipe = PipelineConfig(**cfg["pipeline"])
-        if runs and pipe.validate and cfg["data"].get("held_out") == 0:  # (a `lori fit` config parses here too)
-            raise DataError("data.held_out is 0 but pipeline.validate is true: the held-out loss needs held-out "
-                            "examples (set data.held_out > 0, or pipeline.validate: false)")
+        if runs and pipe.held_out_loss and cfg["data"].get("held_out") == 0:  # (a `lori fit` config parses here too)
+            raise DataError("data.held_out is 0 but pipeline.held_out_loss is true: the held-out loss needs held-out "
+                            "examples (set data.held_out > 0, or pipeline.held_out_loss: false)")
     if subcommand is None and cfg.get("continual") is not None and runs:
         ContinualConfig(**cfg["continual"]).check()
 
@@ -122,6 +122,8 @@ class LoRICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        for section in ("pipeline", "continual"):  # a renamed key (pipeline.validate): one line naming the new one
+            refuse_renamed(cfg.get(section), section)
         if self.subcommand == "fit":  # a baseline's budget, adapter dir and logs from pipeline: (baseline_fit)
             cfg = self.config[self.subcommand] = apply_fit_settings(parser, cfg)
         apply_protocol(cfg, parser.get_defaults())

@@ -60,7 +60,14 @@ from lori.eval.official import check_float32, evaluation_weights
 from lori.training import run_lock
 from lori.training.callbacks import SparsePhase
 from lori.training.loggers import RunLoggers, scoped
-from lori.training.pipeline import PipelineConfig, _fit_stage, _save_stage, run_dense, run_pipeline
+from lori.training.pipeline import (
+    PipelineConfig,
+    _fit_stage,
+    _save_stage,
+    refuse_renamed,
+    run_dense,
+    run_pipeline,
+)
 from lori.training.preemption import handles_signals
 
 PHASES = ("base", "safety", "task")
@@ -95,7 +102,8 @@ class ContinualConfig:
         protect_safety: train only M_t minus the safety mask, so every safety entry is kept.
         evaluate_base: also evaluate the base model (the reference bars of Fig. 3).
         checkpoint_every: steps between Lightning checkpoints within a phase.
-        validate: held-out loss before and after each fit.
+        held_out_loss: held-out loss before and after each fit.
+        validate: the old name of ``held_out_loss``: set, it stops with one line naming the new one.
     """
 
     output_dir: str = "runs/continual"
@@ -112,7 +120,11 @@ class ContinualConfig:
     protect_safety: bool = False
     evaluate_base: bool = True
     checkpoint_every: int = 10
-    validate: bool = False
+    held_out_loss: bool = False
+    validate: bool | None = None  # renamed: held_out_loss (lori.training.pipeline.RENAMED_KEYS)
+
+    def __post_init__(self) -> None:
+        refuse_renamed(vars(self), "continual")
 
     def check(self) -> None:
         """Raise ContinualConfigError for files that do not exist or budgets that cannot run, and
@@ -213,7 +225,7 @@ def _safety_phase(module: Any, datamodule: TaskDataModule, make_trainer: Any, cf
     out = Path(cfg.output_dir) / "safety"
     pipe = PipelineConfig(output_dir=str(out), dense_steps=cfg.safety_dense_steps,
                           sparse_steps=max(cfg.safety_sparse_steps, 1), sparse_lr=cfg.safety_sparse_lr,
-                          checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
+                          checkpoint_every=cfg.checkpoint_every, held_out_loss=cfg.held_out_loss)
     if cfg.safety_sparse_steps > 0:
         summary["safety"] = run_pipeline(module, datamodule, scoped(make_trainer, "safety"), pipe, config_text)
     else:
@@ -229,7 +241,7 @@ def _task_mask(module: Any, task_data: TaskDataModule, make_trainer: Any, cfg: C
     if mask_file is not None:
         return load_masks(mask_file)
     pipe = PipelineConfig(output_dir=str(Path(cfg.output_dir) / "task_mask"), dense_steps=cfg.task_mask_steps,
-                          checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
+                          checkpoint_every=cfg.checkpoint_every, held_out_loss=cfg.held_out_loss)
     set_masks(module.model, None, reset=True)  # a fresh LoRI-D on the task: B = 0, dense
     module.phase = "dense"
     masks = run_dense(module, task_data, scoped(make_trainer, "task_mask"), pipe, summary.setdefault("task_mask", {}),
@@ -280,7 +292,7 @@ def run_continual(
     else:
         if cfg.task_lr is not None:
             module.hparams.lr = cfg.task_lr
-        pipe = PipelineConfig(output_dir=str(out), checkpoint_every=cfg.checkpoint_every, validate=cfg.validate)
+        pipe = PipelineConfig(output_dir=str(out), checkpoint_every=cfg.checkpoint_every, held_out_loss=cfg.held_out_loss)
         stats: dict[str, Any] = {}
         if cfg.masked_task:
             task_mask = _task_mask(module, task_data, make_trainer, cfg, safety, summary)

@@ -76,7 +76,8 @@ class PipelineConfig:
         sparse_alpha: alpha of LoRI-S when it differs from LoRI-D's (None = the same); the paper's
             Mistral-7B r=64 GSM8K setting uses 32 for LoRI-D and 64 for LoRI-S.
         checkpoint_every: steps between Lightning checkpoints (last.ckpt) within a stage.
-        validate: measure held-out loss before and after each stage.
+        held_out_loss: measure the held-out loss before and after each stage.
+        validate: the old name of ``held_out_loss``: set, it stops with one line naming the new one.
     """
 
     output_dir: str = "runs/default"
@@ -88,10 +89,12 @@ class PipelineConfig:
     sparse_lr: float | None = None
     sparse_alpha: float | None = None
     checkpoint_every: int = 20
-    validate: bool = True
+    held_out_loss: bool = True
+    validate: bool | None = None  # renamed: held_out_loss (RENAMED_KEYS)
 
     def __post_init__(self) -> None:
-        """Refuse budgets that cannot train (raises LoRIConfigError naming the value)."""
+        """Refuse budgets that cannot train and renamed keys (raises LoRIConfigError naming the value)."""
+        refuse_renamed(vars(self), "pipeline")
         for name, steps, epochs in (("dense", self.dense_steps, self.dense_epochs),
                                     ("sparse", self.sparse_steps, self.sparse_epochs)):
             if epochs is not None and epochs < 1:
@@ -112,6 +115,17 @@ class PipelineConfig:
                 raise LoRIConfigError(f"pipeline.{name} must be > 0 (or null: LoRI-D's), got {value}")
         if not str(self.output_dir).strip():
             raise LoRIConfigError("pipeline.output_dir is empty: name a directory for the run's files")
+
+
+# keys of ``pipeline:`` / ``continual:`` that were renamed: old -> new (the old one stops with one line)
+RENAMED_KEYS = {"validate": "held_out_loss"}
+
+
+def refuse_renamed(options: Any, section: str) -> None:
+    """Raise LoRIConfigError ``<section>.<old> is now <section>.<new>`` for a renamed key set in ``options``."""
+    for old, new in RENAMED_KEYS.items():
+        if options is not None and options.get(old) is not None:
+            raise LoRIConfigError(f"{section}.{old} is now {section}.{new}")
 
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -230,9 +244,9 @@ def _fit_stage(
     stats: dict[str, Any] = {"trainable": count_trainable(module.model)}
     say(_stage_line(module, datamodule, stage, max_steps, max_epochs, ckpt, stats["trainable"]))
     measured = MeasuredLosses.saved_in(saved)  # a resumed stage reports the loss its first run measured
-    if cfg.validate and "val_loss_before" in measured:
+    if cfg.held_out_loss and "val_loss_before" in measured:
         stats["val_loss_before"] = measured["val_loss_before"]
-    elif cfg.validate and ckpt is None:
+    elif cfg.held_out_loss and ckpt is None:
         stats["val_loss_before"] = base_loss if base_loss is not None else _validate(make_trainer, module, datamodule)
     record = MeasuredLosses({k: v for k, v in stats.items() if k == "val_loss_before"})
     trainer = make_trainer(stage=stage, max_steps=max_steps, callbacks=[callback, record], max_epochs=max_epochs,
@@ -242,7 +256,7 @@ def _fit_stage(
     if trainer.world_size > 1:
         stats["world_size"] = trainer.world_size
     stats.update(steps=trainer.global_step, train_seconds=round(time.perf_counter() - t0, 1))
-    if cfg.validate:
+    if cfg.held_out_loss:
         stats["val_loss_after"] = _validate(make_trainer, module, datamodule)
     say(_done_line(stage, stats))
     return trainer.global_step, stats
@@ -358,7 +372,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     def losses(stats: dict[str, Any]) -> str:
         if "val_loss_before" not in stats or "val_loss_after" not in stats:
-            return "held-out loss: not measured (resumed or validate=false)"
+            return "held-out loss: not measured (resumed or held_out_loss=false)"
         b, a = stats["val_loss_before"], stats["val_loss_after"]
         return f"held-out loss {b:.4f} -> {a:.4f} ({100 * (a - b) / b:+.1f}%)"
 

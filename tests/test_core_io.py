@@ -252,3 +252,113 @@ def test_core_imports_without_lightning():
     code = "import sys, lori.core; bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# --- lori.core.adapter: the Adapter's own checks, the base fingerprint, check_fits -----------
+
+
+def test_adapter_refuses_modules_and_shapes_that_do_not_pair():
+    from lori.core.adapter import Adapter, AdapterMismatchError
+    cfg = LoRIConfig(r=4, alpha=8)
+    A = {k: torch.zeros(4, 3) for k in "abcde"}
+    with pytest.raises(AdapterMismatchError) as info:
+        Adapter(cfg, A, {"a": torch.zeros(5, 4)})
+    assert str(info.value) == "A and B cover different modules: ['b', 'c', 'd']"
+    for a, b in [(torch.zeros(4, 3), torch.zeros(5, 2)), (torch.zeros(4), torch.zeros(5, 4))]:
+        with pytest.raises(AdapterMismatchError) as info:
+            Adapter(cfg, {"m": a}, {"m": b})
+        assert str(info.value) == f"m: A {tuple(a.shape)} and B {tuple(b.shape)} are not (r x in) and (out x r)"
+
+
+def _linears(n: int = 5) -> torch.nn.Sequential:
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(80, 2) for _ in range(n)])
+    for m in model:
+        m.weight.data.copy_(torch.randn(2, 80, generator=g))
+    return model
+
+
+def test_base_fingerprint_covers_the_first_64_entries_of_4_modules_in_bf16():
+    model = _linears()
+    paths = [str(i) for i in range(5)]
+    digest = base_fingerprint(model, paths)
+    assert len(digest) == 16
+    assert base_fingerprint(_linears().to(torch.bfloat16), paths) == digest  # fp32 or bf16 base
+    with torch.no_grad():
+        model[4].weight[0, 0] += 1.0  # a fifth module: not covered
+        model[0].weight[0, 64] += 1.0  # entry 65: not covered
+    assert base_fingerprint(model, paths) == digest
+    model[0].lori_weight_head = model[0].weight.detach().reshape(-1)[:64].clone()  # a quantized layer's kept head
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert base_fingerprint(model, paths) == digest
+    with torch.device("meta"):
+        assert base_fingerprint(_linears(), paths) == "meta"
+    assert a_digest({"x": torch.empty(2, 2, device="meta")}) == "meta"
+
+
+def test_base_fingerprint_refuses_a_merged_layer():
+    from lori.core import merge_lori
+    from lori.core.adapter import AdapterMismatchError
+    model, _ = _lori_s_model()
+    merge_lori(model)
+    path = min(lori_layers(model))
+    with pytest.raises(AdapterMismatchError) as info:
+        base_fingerprint(model, [path])
+    assert str(info.value) == f"{path} is merged; unmerge before fingerprinting the base"
+
+
+def test_check_fits_names_the_module_the_embeddings_and_the_base():
+    from lori.core.adapter import SAVED_EMBEDDINGS, Adapter, AdapterMismatchError, check_fits
+    cfg = LoRIConfig(r=2, alpha=4, target_modules=["0"])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Embedding(10, 3))
+    adapter = Adapter(cfg, {"0": torch.zeros(2, 3)}, {"0": torch.zeros(5, 2)}, None, "base", "meta")
+    check_fits(model, adapter)  # a "meta" fingerprint compares with nothing
+    missing = Adapter(cfg, {"7": torch.zeros(2, 3)}, {"7": torch.zeros(5, 2)})
+    with pytest.raises(AdapterMismatchError) as info:
+        check_fits(model, missing)
+    assert str(info.value) == "adapter module '7' does not exist in Sequential: the adapter was trained on another base model"
+    for rows in (10, 11):  # the base vocabulary, or it plus one '<PAD>' row
+        adapter.meta = {SAVED_EMBEDDINGS: {"shapes": {"1": (rows, 3)}}}
+        check_fits(model, adapter)
+    for rows, cols in [(9, 3), (12, 3), (10, 4)]:
+        adapter.meta = {SAVED_EMBEDDINGS: {"shapes": {"1": (rows, cols)}}}
+        with pytest.raises(AdapterMismatchError) as info:
+            check_fits(model, adapter)
+        assert str(info.value) == (
+            f"the adapter file holds 1.weight ({rows} x {cols}), this base has (10 x 3): lori ignores saved "
+            "embeddings only when they are the base vocabulary or it plus one added '<PAD>' row (the original "
+            "LoRI code's); use the base the adapter was trained on")
+    adapter.meta = {SAVED_EMBEDDINGS: {"shapes": {"2": (10, 3)}}}
+    with pytest.raises(AdapterMismatchError) as info:
+        check_fits(model, adapter)
+    assert str(info.value) == ("the adapter file holds 2.weight (10 x 3), Sequential has no module '2': "
+                               "the adapter was trained on another base model")
+    adapter.meta, adapter.base_fingerprint = {}, "0123456789abcdef"
+    mine = base_fingerprint(model, ["0"])
+    with pytest.raises(AdapterMismatchError) as info:
+        check_fits(model, adapter)
+    assert str(info.value) == (f"adapter was trained on base 'base' (fingerprint 0123456789abcdef); this model's "
+                               f"weights differ (fingerprint {mine}). Pass strict_base=False to apply it anyway.")
+    check_fits(model, adapter, strict_base=False)
+    with torch.device("meta"):  # a base on the meta device has no digest: nothing to compare
+        check_fits(torch.nn.Sequential(torch.nn.Linear(3, 5)), adapter)
+    weight_only = torch.nn.Module()  # a module without in_features: its weight's shape
+    weight_only.w = torch.nn.Module()
+    weight_only.w.weight = torch.nn.Parameter(torch.zeros(5, 3))
+    check_fits(weight_only, Adapter(cfg, {"w": torch.zeros(2, 3)}, {"w": torch.zeros(5, 2)}))
+
+
+def test_adapter_refuses_masks_that_do_not_match_b_and_fits_a_packed_quantized_weight():
+    from lori.core.adapter import Adapter, AdapterMismatchError, check_fits
+    cfg = LoRIConfig(r=2, alpha=4, target_modules=["q"])
+    A, B = {"q": torch.zeros(2, 3)}, {"q": torch.zeros(5, 2)}
+    for masks, got in [({}, "None"), ({"q": torch.ones(2, 2, dtype=torch.bool)}, "(2, 2)")]:
+        with pytest.raises(AdapterMismatchError) as info:
+            Adapter(cfg, A, B, masks)
+        assert str(info.value) == f"mask of q has shape {got}, B has (5, 2)"
+    packed = torch.nn.Module()  # a quantized layer: in/out features, its weight the packed storage
+    packed.q = torch.nn.Module()
+    packed.q.in_features, packed.q.out_features = 3, 5
+    packed.q.weight = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
+    check_fits(packed, Adapter(cfg, A, B), strict_base=False)

@@ -407,3 +407,61 @@ def test_calibration_refusal_messages_in_full():
         "would keep entries by position only; train B first (LoRI-D)")
     assert {group_of(p, g) for p in ["model.layers.2.mlp.up_proj"] for g in GRANS} == {
         "model", "mlp", "up_proj", "layer2", "model.layers.2.mlp.up_proj"}
+
+
+# --- injection (lori.core.inject): which layers, frozen base, refusals, listing ---------------
+
+
+def _named_linears() -> torch.nn.Module:
+    from collections import OrderedDict
+    nn = torch.nn
+    return nn.Sequential(OrderedDict(
+        q_proj=nn.Linear(4, 4),  # a top-level target: no parent path
+        blk=nn.Sequential(OrderedDict(mlp=nn.Sequential(OrderedDict(up_proj=nn.Linear(4, 4), act=nn.GELU())))),
+        norm=nn.LayerNorm(4),
+    ))
+
+
+def test_inject_lori_adapts_exactly_the_targeted_linears_and_freezes_the_rest():
+    from lori.core.inject import InjectionError, adapter_listing, plain_path
+    cfg = LoRIConfig(r=2, alpha=4, target_modules=["up_proj"])
+    model = _named_linears()
+    assert list(inject_lori(model, cfg)) == ["blk.mlp.up_proj"]
+    assert count_trainable(model) == 4 * 2  # B only: every base parameter frozen
+    both = LoRIConfig(r=2, alpha=4, target_modules=["q_proj", "up_proj"], seed=5)
+    m1, m2 = _named_linears(), _named_linears()
+    l1, l2 = inject_lori(m1, both), inject_lori(m2, both)
+    assert list(l1) == ["q_proj", "blk.mlp.up_proj"] and m1.q_proj is l1["q_proj"]
+    assert all(torch.equal(l1[p].lori_A, l2[p].lori_A) for p in l1)  # seed and path draw A
+    from lori.core.layer import draw_A
+    assert torch.equal(l1["q_proj"].lori_A, draw_A(2, 4, 5, "q_proj").to(l1["q_proj"].lori_A.dtype))  # config.seed
+    assert not torch.equal(l1["q_proj"].lori_A, l1["blk.mlp.up_proj"].lori_A)  # one A per path
+    with pytest.raises(InjectionError) as info:
+        inject_lori(m1, both)
+    assert str(info.value) == "model already holds LoRI adapters; build a fresh base model"
+    with pytest.raises(InjectionError) as info:
+        inject_lori(_named_linears(), LoRIConfig(r=2, alpha=4, target_modules=["up_proj", "norm", "mlp"]))
+    assert str(info.value) == ("target_modules ['norm', 'mlp'] match no nn.Linear in Sequential; "
+                               "linear layer names there: ['q_proj', 'up_proj']")
+    with pytest.raises(InjectionError) as info:
+        get_B(_named_linears())
+    assert str(info.value) == "Sequential holds no LoRI adapters; call inject_lori first"
+    assert plain_path("_fsdp_wrapped_module.blk._checkpoint_wrapped_module.mlp") == "blk.mlp"
+    set_masks(m1, {"q_proj": torch.tensor([[True, False]] * 4), "blk.mlp.up_proj": torch.ones(4, 2, dtype=torch.bool)})
+    assert adapter_listing(m1) == [
+        {"path": "q_proj", "in": 4, "out": 4, "r": 2, "trainable": 4},
+        {"path": "blk.mlp.up_proj", "in": 4, "out": 4, "r": 2, "trainable": 8},
+    ]
+    set_masks(m1, None)
+    assert [row["trainable"] for row in adapter_listing(m1)] == [8, 8]
+
+
+def test_set_masks_names_unknown_and_missing_modules():
+    from collections import OrderedDict
+
+    from lori.core.inject import InjectionError
+    model = torch.nn.Sequential(OrderedDict((f"l{i}", torch.nn.Linear(3, 3)) for i in range(5)))
+    inject_lori(model, LoRIConfig(r=2, alpha=4, target_modules=[f"l{i}" for i in range(5)]))
+    with pytest.raises(InjectionError) as info:
+        set_masks(model, {f"x{i}": torch.ones(3, 2, dtype=torch.bool) for i in range(5)})
+    assert str(info.value) == "masks do not match the adapters: unknown ['x0', 'x1', 'x2'], missing ['l0', 'l1', 'l2']"

@@ -6,6 +6,7 @@ it, or starts the stage again, saying which."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,82 @@ def test_atomic_write_replaces_whole_and_keeps_the_previous(tmp_path):
         f.write(b"two")
     assert target.read_bytes() == b"two" and previous_path(target).read_bytes() == b"one"
     assert previous_path(target).name == "last.prev.ckpt" and not temporaries(tmp_path)
+
+
+def test_human_bytes_and_previous_path():
+    hb = atomic_files.human_bytes
+    assert [hb(0), hb(1023), hb(1024), hb(1536), hb(3 * 1024**2), hb(-2048)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "3.0 MiB", "-2.0 KiB"]
+    assert hb(5 * 1024**3) == "5.0 GiB" and hb(2048 * 1024**4) == "2048.0 TiB"
+    assert previous_path("a/last.ckpt") == Path("a/last.prev.ckpt") and previous_path("a/x") == Path("a/x.prev")
+
+
+def test_is_disk_full_reads_errno_and_text_through_the_exception_chain():
+    is_full = atomic_files.is_disk_full
+    assert is_full(OSError(errno.ENOSPC, "x")) and is_full(OSError(errno.EDQUOT, "x"))
+    for text in ["write: No space left on device", "Disk quota exceeded", "IoError (os error 28)", "os error 122"]:
+        assert is_full(RuntimeError(text)), text
+    assert not is_full(OSError(errno.EACCES, "Permission denied")) and not is_full(None)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("PytorchStreamWriter failed writing file data") from err
+    except RuntimeError as chained:
+        assert is_full(chained)
+    looped = RuntimeError("a")
+    looped.__context__ = looped  # a cycle ends the walk
+    assert not is_full(looped)
+
+
+def test_disk_full_message_prefers_the_named_error_then_the_file_then_the_text(tmp_path):
+    message = atomic_files.disk_full_message
+    assert message(RuntimeError("other")) is None
+    named = atomic_files.disk_full_error(tmp_path / "a" / "b.bin", kept="the previous file is kept")
+    assert isinstance(named, OSError) and named.errno == errno.ENOSPC
+    text = str(named)
+    assert text.startswith(f"no space left on device writing {tmp_path / 'a' / 'b.bin'} (") and " free of " in text
+    assert text.endswith(" there); the previous file is kept")
+    try:
+        raise RuntimeError("wrapped") from named
+    except RuntimeError as err:
+        assert message(err) == text
+    raw = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c.bin"))
+    assert message(raw).startswith(f"no space left on device writing {tmp_path / 'c.bin'} (") and message(raw).endswith("there)")
+    assert message(RuntimeError("safetensors:  No space left on device\n (os error 28)")) == (
+        "no space left on device: safetensors: No space left on device (os error 28)")
+
+
+def test_written_files_get_the_umask_mode_and_the_writers_return_their_path(tmp_path):
+    before = os.umask(0o027)
+    try:
+        assert atomic_files._default_mode() == 0o640 and os.umask(0o027) == 0o027  # umask left as it was
+        out = atomic_files.write_text_atomic(tmp_path / "t.txt", "é")
+        assert out == tmp_path / "t.txt" and out.read_bytes() == "é".encode() and out.stat().st_mode & 0o777 == 0o640
+        assert atomic_files.write_bytes_atomic(tmp_path / "b", b"xy") == tmp_path / "b"
+        assert (tmp_path / "b").read_bytes() == b"xy"
+    finally:
+        os.umask(before)
+
+
+def test_keep_previous_without_hard_links_renames(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    atomic_files._keep_previous(target)  # nothing to keep
+    assert not previous_path(target).exists()
+    target.write_bytes(b"old")
+    atomic_files._keep_previous(target)
+    assert target.read_bytes() == b"old" and previous_path(target).read_bytes() == b"old"  # linked: both there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.prev.ckpt"]
+    target.unlink()
+    target.write_bytes(b"new")  # a new file, as atomic_write's rename leaves it
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_files._keep_previous(target)
+    assert not target.exists() and previous_path(target).read_bytes() == b"new"
+    atomic_files.fsync_directory(tmp_path / "missing")  # a directory that cannot be opened: no error
 
 
 def test_a_write_failing_half_way_leaves_the_old_file_and_names_path_and_free_space(tmp_path, monkeypatch):

@@ -299,3 +299,29 @@ def test_an_unreadable_last_checkpoint_is_set_aside_and_the_run_resumes_from_the
     assert notes[0].endswith(f"lori_s resumes from {ckpt_dir / 'last.prev.ckpt'} (global step {FAIL_AT - 2})")
     assert (ckpt_dir / "last.ckpt.unreadable").read_bytes() == damaged  # set aside, not deleted
     assert_same_adapter(load_adapter(tmp_path / "run" / "lori_s"), uninterrupted)
+
+
+def test_guarded_file_remembers_the_write_error_and_passes_the_rest_through(tmp_path, monkeypatch):
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def tell(self):
+            return 7
+
+    guarded = atomic_files._Guarded(Full(), tmp_path / "x")
+    with pytest.raises(OSError) as info:
+        guarded.write(b"a")
+    assert guarded.error is info.value and guarded.tell() == 7
+    before = os.umask(0o022)
+    try:
+        assert atomic_files._default_mode() == 0o644
+    finally:
+        os.umask(before)
+
+    def no_usage(path):
+        raise OSError(errno.EIO, "statvfs failed")
+
+    monkeypatch.setattr(atomic_files.shutil, "disk_usage", no_usage)
+    assert str(atomic_files.disk_full_error(tmp_path / "y")) == (
+        f"no space left on device writing {tmp_path / 'y'} (free space unknown there)")

@@ -446,7 +446,7 @@ def test_delta_space_merge_passes_every_setting_and_has_seeded_defaults():
     unseeded = merge_deltas([a, b], w, "dare", density=0.5, seed=None)  # torch's default generator
     torch.manual_seed(5)
     assert all(torch.equal(unseeded[p], t) for p, t in merge_deltas([a, b], w, "dare", density=0.5, seed=None).items())
-    assert list(iter_merged_deltas([a, b], w, "linear", order=paths[::-1]))[0][0] == paths[-1]
+    assert next(iter_merged_deltas([a, b], w, "linear", order=paths[::-1]))[0] == paths[-1]
     with pytest.raises(ValueError) as info:
         merge_deltas([a, b], w, "linear_eq8")
     assert str(info.value) == "linear_eq8 is a factor-space merge; in ΔW space linear and concat are Σ w_t ΔW_t"

@@ -41,33 +41,7 @@ from lori.training.sweeps import (  # the sweep API, re-exported
     write_toy_gsm8k,
 )
 
-__all__ = [  # lori.training.sweeps.__all__: the same names
-    "DEFAULT_CONFIG",
-    "MERGES",
-    "REPO_ROOT",
-    "TOY_MODEL",
-    "AblationError",
-    "Runner",
-    "base_model",
-    "expand_grid",
-    "format_rows",
-    "get_key",
-    "held_out_loss",
-    "load_config",
-    "merge_weight_sweep",
-    "merged_losses",
-    "pivot",
-    "point_config",
-    "point_name",
-    "run_point",
-    "run_sweep",
-    "set_key",
-    "summary_row",
-    "task_data",
-    "toy_config",
-    "with_overrides",
-    "write_toy_gsm8k",
-]
+__all__ = list(sweeps.__all__)  # the same names; run_point and run_sweep are defined below
 
 
 def _default_runner(argv: list[str]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def bench(r: int, repeats: int, sparsity: float, device: str = "cpu", layers: in
     t_cal = timed(lambda: calibrate(bs, sparsity, "model"), repeats, device)
     flat = torch.cat([t.reshape(-1) for t in bs.values()]).abs()
     t_topk = timed(lambda: torch.topk(flat, k, sorted=False), repeats, device)
-    del flat
+    flat = None  # drop the copy before the peak is measured
     gc.collect()
     peak = peak_extra_bytes(lambda: calibrate(bs, sparsity, "model"), device)
     return {

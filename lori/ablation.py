@@ -15,31 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lori.training import sweeps
-from lori.training.sweeps import (  # the sweep API, re-exported
-    DEFAULT_CONFIG,
-    MERGES,
-    REPO_ROOT,
-    TOY_MODEL,
-    AblationError,
-    Runner,
-    base_model,
-    expand_grid,
-    format_rows,
-    get_key,
-    held_out_loss,
-    load_config,
-    merge_weight_sweep,
-    merged_losses,
-    pivot,
-    point_config,
-    point_name,
-    set_key,
-    summary_row,
-    task_data,
-    toy_config,
-    with_overrides,
-    write_toy_gsm8k,
-)
+from lori.training.sweeps import *  # the sweep API, re-exported (sweeps.__all__)
+from lori.training.sweeps import Runner
 
 __all__ = list(sweeps.__all__)  # the same names; run_point and run_sweep are defined below
 

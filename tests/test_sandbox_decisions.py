@@ -650,3 +650,24 @@ def test_preexec_defaults_set_the_limits_only(monkeypatch, preexec_steps):
     limits = Limits(cpu_seconds=3, memory_bytes=None, max_procs=9, file_bytes=1 << 20)
     iso.make_preexec(limits, "/w")()
     assert preexec_steps == [("limits", 9), ("namespaces", "/w", False, False, [])]
+
+
+def test_user_task_count_sums_the_threads_of_the_users_processes_and_skips_vanished_ones(
+        monkeypatch, tmp_path):
+    def stat(pid: str, threads: int) -> str:  # /proc/PID/stat: field 20 is num_threads
+        return f"{pid} (a) b) S " + " ".join(map(str, range(4, 20))) + f" {threads} 0 0\n"
+
+    for name, text in [("100", None), ("101", stat("101", 3)), ("102", "102 (x) S 1\n"),
+                       ("103", stat("103", 2)), ("abc", stat("abc", 7))]:
+        (tmp_path / name).mkdir()
+        if text is not None:  # 100: the process ended between the listing and the read
+            (tmp_path / name / "stat").write_text(text)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        assert path == "/proc"
+        return sorted(real_scandir(tmp_path), key=lambda entry: entry.name)
+
+    monkeypatch.setattr(iso.os, "scandir", scandir)
+    assert iso.user_task_count(os.getuid()) == 3 + 2
+    assert iso.user_task_count(os.getuid() + 1) == 0

@@ -69,8 +69,11 @@ def test_shipped_yaml_parses(path):
     elif what == "eval":
         cfg = eval_command.build_parser().parse_args(["--config", str(path)])
         EvalSettings(**cfg["eval"].as_dict()).check()
-    elif what == "merge":
-        merging.parse_config(path)
+    elif what == "merge":  # an adapter set runs one row (its first here; every row: tests/test_paper_configs.py)
+        rows = (yaml.safe_load(path.read_text()).get("adapter_set") or {}).get("rows") or {}
+        row = [["--method", m, "--adaptation", a] for m, by in rows.items() for a in by][:1]
+        cfg, _ = merging.parse_config(path, *(row[0] if row else []))
+        assert len(cfg.adapters) >= 2 and cfg.output_dir
     elif what == "trainer":  # a preset composes with an experiment config
         cfg = parse_configs(DEFAULT, path)
         assert cfg["trainer"]["strategy"] is not None
@@ -120,6 +123,34 @@ def test_replacement_commands_run_the_removed_settings():
     args = REMOVED["configs/experiment/full_ft.yaml"].split()
     cfg = parse_fit_config(*[str(ROOT.parent / a) if a.endswith(".yaml") else a for a in args])
     assert cfg["model"]["method"] == "full" and cfg["trainer"]["max_steps"] == 20
+
+
+# the one-row files of configs/paper/merge/ -> the adapter set's config and the options that pick the row
+MERGE_ROWS = [(m, a) for m in ("concat", "linear") for a in ("lora", "lori_d", "lori_s")] + [
+    (m, "lora") for m in ("magnitude", "ties", "dare")]
+ROWS_REMOVED = {
+    f"configs/paper/merge/{s}_{m}_{a}.yaml": f"lori merge --config configs/paper/merge/{s}.yaml --adaptation {a} --method {m}"
+    for s in ("llama3_8b_3tasks", "llama3_8b_4tasks", "mistral_7b_4tasks") for m, a in MERGE_ROWS
+}
+
+
+@pytest.mark.parametrize("old", sorted(ROWS_REMOVED))
+def test_a_removed_row_config_names_the_row_that_replaces_it(old, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT.parent)
+    assert not Path(old).exists()
+    with pytest.raises(SystemExit) as err:
+        main(["merge", "--config", old])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2
+    assert lines == [f"lori: error: {old} was removed (one config per setting now): use {ROWS_REMOVED[old]}"]
+
+
+def test_a_row_replacement_command_parses(monkeypatch):
+    monkeypatch.chdir(ROOT.parent)
+    cfg, _ = merging.parse_config(*ROWS_REMOVED["configs/paper/merge/llama3_8b_3tasks_linear_lori_s.yaml"].split()[3:])
+    assert (cfg.method, cfg.adaptation, cfg.weights) == ("linear", "lori_s", [0.4] * 3)
+    assert cfg.output_dir == "runs/paper/merge/llama3_8b_3tasks_linear_lori_s"
+    assert replacement("configs/paper/merge/llama3_8b_3tasks_ties_lori_s.yaml") is None  # no such row, ever
 
 
 def test_an_existing_or_unrelated_missing_config_is_not_reported_as_moved(tmp_path):

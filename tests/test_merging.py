@@ -445,8 +445,9 @@ def test_adaptation_is_checked(tmp_path, capsys, tiny_base):
 def test_shipped_merge_configs_parse():
     configs = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("merge/*.yaml"))
     assert any(p.parent.name == "merge" and p.parent.parent.name == "configs" for p in configs)
-    for path in configs:
-        cfg, _ = parse_config(path)
+    for path in configs:  # an adapter set (configs/paper/merge/) runs one row: its concat of LoRI-D here
+        row = ["--adaptation", "lori_d", "--method", "concat"] if "adapter_set:" in path.read_text() else []
+        cfg, _ = parse_config(path, *row)
         assert cfg.adapters and cfg.methods, path
         weights = cfg.weights or []
         assert len(weights) in (0, len(cfg.adapters)), path

@@ -6,8 +6,10 @@ YAML files, so a wrong number in a config fails a test.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Union
 
@@ -275,47 +277,129 @@ MERGE_WEIGHTS = {("llama3_8b", 4): (0.4, 0.3), ("mistral_7b", 4): (0.4, 0.3), ("
 DENSITY = {"concat": None, "linear": None, "magnitude": 0.3, "ties": 0.7, "dare": 0.7}
 TASKS = {4: ["nlu", "gsm8k", "codealpaca", "saferpaca"], 3: ["nlu", "gsm8k", "codealpaca"]}
 OUTPUTS = {parse_config(p)["pipeline"]["output_dir"] for p in PAPER}
+MERGE_REPORTED = ROOT / "configs" / "paper" / "reported" / "merge.yaml"
+# The 27 one-row files configs/paper/merge/<set>_<method>_<adaptation>.yaml that the 3 adapter sets replace
+# (git show 9702a99:configs/paper/merge/<file>): each adapter's weight, density, single_task. Every one
+# also had the set's base_model, tasks, evaluate, eval (below), protocol official, dtype float32, adapters
+# runs/paper/<model>_r32_<task>/<adaptation> (LoRA: runs/paper/lora/<model>_r32_<task>) and output_dir
+# runs/paper/merge/<file stem>.
+OLD_MERGE_SETS = {  # set -> base_model, eval:
+    "llama3_8b_3tasks": ("meta-llama/Meta-Llama-3-8B", {"batch_size": 16}),
+    "llama3_8b_4tasks": ("meta-llama/Meta-Llama-3-8B", {"batch_size": 16, "hexphi_path": "data/paper/HEx-PHI"}),
+    "mistral_7b_4tasks": ("mistralai/Mistral-7B-v0.1", {"batch_size": 16, "hexphi_path": "data/paper/HEx-PHI"}),
+}
+OLD_MERGE_ROWS = {
+    "llama3_8b_3tasks_concat_lora": (0.5, None, False),
+    "llama3_8b_3tasks_concat_lori_d": (0.5, None, True),
+    "llama3_8b_3tasks_concat_lori_s": (0.4, None, False),
+    "llama3_8b_3tasks_dare_lora": (0.5, 0.7, False),
+    "llama3_8b_3tasks_linear_lora": (0.5, None, False),
+    "llama3_8b_3tasks_linear_lori_d": (0.5, None, False),
+    "llama3_8b_3tasks_linear_lori_s": (0.4, None, False),
+    "llama3_8b_3tasks_magnitude_lora": (0.5, 0.3, False),
+    "llama3_8b_3tasks_ties_lora": (0.5, 0.7, False),
+    "llama3_8b_4tasks_concat_lora": (0.4, None, False),
+    "llama3_8b_4tasks_concat_lori_d": (0.4, None, True),
+    "llama3_8b_4tasks_concat_lori_s": (0.3, None, False),
+    "llama3_8b_4tasks_dare_lora": (0.4, 0.7, False),
+    "llama3_8b_4tasks_linear_lora": (0.4, None, False),
+    "llama3_8b_4tasks_linear_lori_d": (0.4, None, False),
+    "llama3_8b_4tasks_linear_lori_s": (0.3, None, False),
+    "llama3_8b_4tasks_magnitude_lora": (0.4, 0.3, False),
+    "llama3_8b_4tasks_ties_lora": (0.4, 0.7, False),
+    "mistral_7b_4tasks_concat_lora": (0.4, None, False),
+    "mistral_7b_4tasks_concat_lori_d": (0.4, None, True),
+    "mistral_7b_4tasks_concat_lori_s": (0.3, None, False),
+    "mistral_7b_4tasks_dare_lora": (0.4, 0.7, False),
+    "mistral_7b_4tasks_linear_lora": (0.4, None, False),
+    "mistral_7b_4tasks_linear_lori_d": (0.4, None, False),
+    "mistral_7b_4tasks_linear_lori_s": (0.3, None, False),
+    "mistral_7b_4tasks_magnitude_lora": (0.4, 0.3, False),
+    "mistral_7b_4tasks_ties_lora": (0.4, 0.7, False),
+}
 
 
-def test_merge_configs_cover_tables_8_to_10():
-    assert len(MERGE) == 3 * 9
-    assert {p.stem for p in MERGE} == {
-        f"{m}_{n}tasks_{method}_{a}" for m, n in MERGE_WEIGHTS
-        for method, a in [(x, "lora") for x in DENSITY] + [(x, y) for x in ("concat", "linear") for y in ("lori_d", "lori_s")]
-    }
+def _old_merge_row(stem: str) -> tuple[str, str, str, dict, dict]:
+    """(set, method, adaptation, the removed file's top-level settings, its eval:) of OLD_MERGE_ROWS[stem]."""
+    merge_set, method, adaptation = re.fullmatch(r"(\w+?_\dtasks)_(\w+?)_(lora|lori_d|lori_s)", stem).groups()
+    model, n = merge_set.rsplit("_", 1)[0], int(merge_set[-6])
+    base_model, evaluation = OLD_MERGE_SETS[merge_set]
+    weight, density, single_task = OLD_MERGE_ROWS[stem]
+    adapters = [f"runs/paper/lora/{model}_r32_{t}" if adaptation == "lora" else f"runs/paper/{model}_r32_{t}/{adaptation}"
+                for t in TASKS[n]]
+    old = {"base_model": base_model, "adaptation": adaptation, "adapters": adapters, "tasks": TASKS[n],
+           "protocol": "official", "method": method, "weights": [weight] * n, "density": density,
+           "evaluate": ["nlu", "gsm8k", "humaneval", "hexphi"][:n], "dtype": "float32", "single_task": single_task,
+           "output_dir": f"runs/paper/merge/{stem}"}
+    return merge_set, method, adaptation, old, evaluation
 
 
-@pytest.mark.parametrize("path", MERGE, ids=_ids)
-def test_merge_config(path):
-    cfg = yaml.safe_load(path.read_text())
-    model, n, method, adaptation = re.fullmatch(r"(\w+?_\d+b)_(\d)tasks_(\w+?)_(lora|lori_d|lori_s)", path.stem).groups()
-    n = int(n)
-    assert {"base_model", "adaptation", "adapters", "tasks", "method", "weights", "density", "evaluate",
-            "output_dir"} <= set(cfg)
-    assert (cfg["base_model"], cfg["method"], cfg["adaptation"]) == (MODELS[model], method, adaptation)
-    assert len(cfg["weights"]) == len(cfg["adapters"]) == len(cfg["tasks"]) == n
-    assert cfg["tasks"] == TASKS[n]
-    lora_or_d, s = MERGE_WEIGHTS[model, n]
-    assert cfg["weights"] == [s if cfg["adaptation"] == "lori_s" else lora_or_d] * n
-    assert cfg["density"] == DENSITY[method]
-    assert cfg["evaluate"] == ["nlu", "gsm8k", "humaneval", "hexphi"][:n]
-    for adapter, task in zip(cfg["adapters"], cfg["tasks"]):
-        if cfg["adaptation"] == "lora":
-            assert adapter == f"runs/paper/lora/{model}_r32_{task}"
-        else:  # a lori_d/ or lori_s/ folder that a paper config writes
-            run, stage = adapter.rsplit("/", 1)
-            assert run in OUTPUTS and run.endswith(f"{model}_r32_{task}") and stage == cfg["adaptation"]
-
-
-@pytest.mark.parametrize("path", MERGE, ids=_ids)
-def test_merge_config_parses_with_lori_merge(path):
+@functools.cache
+def _merge_set_args(merge_set: str) -> dict:
+    """configs/paper/merge/<set>.yaml as `lori merge` parses it (top level, no row picked yet)."""
     merging = pytest.importorskip("lori.commands.merge_command")
-    cfg, settings = merging.parse_config(path)
-    raw = yaml.safe_load(path.read_text())
-    assert (cfg.adapters, cfg.weights, cfg.density) == (raw["adapters"], raw["weights"], raw["density"])
-    assert settings.protocol == "official" and settings.held_out_of("gsm8k", 1319) == 1319  # all GSM8K test problems
+    args = merging.build_parser().parse_args(["--config", str(ROOT / "configs" / "paper" / "merge" / f"{merge_set}.yaml")])
+    return {k: v for k, v in args.as_dict().items() if k not in ("eval", "config")}
+
+
+def _settings(cfg) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k != "adapter_set"}
+
+
+def test_merge_sets_cover_tables_8_to_10():
+    assert sorted(p.stem for p in MERGE) == sorted(OLD_MERGE_SETS)
+    rows = {f"{s}_{m}_{a}" for s in OLD_MERGE_SETS for m, by in _merge_set_args(s)["adapter_set"]["rows"].items()
+            for a in by}
+    assert rows == set(OLD_MERGE_ROWS) and len(rows) == 27
+
+
+@pytest.mark.parametrize("stem", sorted(OLD_MERGE_ROWS))
+def test_merge_set_row_is_the_removed_file(stem):
+    """`lori merge --config <set>.yaml --adaptation A --method M` resolves to every setting the removed file had."""
+    from lori.training.merge_run import MergeConfig
+
+    merge_set, method, adaptation, old, _ = _old_merge_row(stem)
+    cfg = MergeConfig(**{**_merge_set_args(merge_set), "method": method, "adaptation": adaptation})
+    assert _settings(cfg) == _settings(MergeConfig(**old))
+    # and what the paper sets, typed independently (Appendix D Tables 8-10)
+    model, n = merge_set.rsplit("_", 1)[0], len(cfg.adapters)
+    lora_or_d, s = MERGE_WEIGHTS[model, n]
+    assert (cfg.base_model, cfg.tasks) == (MODELS[model], TASKS[n])
+    assert cfg.weights == [s if adaptation == "lori_s" else lora_or_d] * n and cfg.density == DENSITY[method]
+    assert cfg.single_task == ((method, adaptation) == ("concat", "lori_d"))  # the table's Single-Task row
+    for adapter, task in zip(cfg.adapters, cfg.tasks):
+        if adaptation != "lora":  # a lori_d/ or lori_s/ folder that a paper config writes
+            run, stage = adapter.rsplit("/", 1)
+            assert run in OUTPUTS and run.endswith(f"{model}_r32_{task}") and stage == adaptation
+
+
+@pytest.mark.parametrize("stem", ["llama3_8b_3tasks_linear_lori_s", "llama3_8b_4tasks_concat_lori_d",
+                                  "mistral_7b_4tasks_ties_lora"])
+def test_merge_set_row_parses_with_lori_merge(stem):
+    """The command line picks the row; the resolved config written beside the results says what ran."""
+    merging = pytest.importorskip("lori.commands.merge_command")
+    from lori.training.merge_run import MergeConfig
+
+    merge_set, method, adaptation, old, evaluation = _old_merge_row(stem)
+    cfg, settings, text = merging.parse_args(["--config", str(ROOT / "configs" / "paper" / "merge" / f"{merge_set}.yaml"),
+                                              "--adaptation", adaptation, "--method", method])
+    assert _settings(cfg) == _settings(MergeConfig(**old))
+    assert settings == EvalSettings(**evaluation, protocol="official")
+    assert settings.held_out_of("gsm8k", 1319) == 1319  # all GSM8K test problems
     assert settings.judge_text == "prompt_and_generated"  # the official reading (lori's beside it in results)
-    assert cfg.single_task == (path.stem.endswith("concat_lori_d"))
+    written = yaml.safe_load(text)
+    assert {k: written[k] for k in ("adapters", "weights", "single_task", "output_dir")} == {
+        k: old[k] for k in ("adapters", "weights", "single_task", "output_dir")}
+
+
+def test_merge_reported_table_has_every_row():
+    table = yaml.safe_load(MERGE_REPORTED.read_text())
+    assert set(table["sets"]) == set(OLD_MERGE_SETS)
+    for merge_set, entry in table["sets"].items():
+        width = 5 + (merge_set.endswith("4tasks"))  # NLU, GSM8K, HumanEval pass@1/5/10 (, HEx-PHI)
+        assert {f"{merge_set}_{row}" for row in entry["rows"]} == {s for s in OLD_MERGE_ROWS if s.startswith(merge_set)}
+        assert all(len(v) == width for v in [entry["single_task"], *entry["rows"].values()]), merge_set
+    assert table["sets"]["llama3_8b_4tasks"]["rows"]["ties_lora"] == [72.6, 24.0, 32.5, 46.3, 51.7, 77.8]  # Table 3
 
 
 # Fig. 3 (continual learning): the task's benchmark and its paper evaluation settings
@@ -519,10 +603,12 @@ def test_full_fine_tuning_of_a_bf16_config_without_the_overlay_is_refused():
 
 def test_lora_merge_inputs_are_written_by_the_lora_baseline_configs():
     """Every LoRA adapter a merge config reads is what `lori fit --config <paper config> --model.method lora` writes."""
+    from lori.training.merge_run import MergeConfig
+
     paper = [ROOT / "configs" / "paper" / f"{m}_r32_{t}.yaml" for m in MODELS for t in BASELINE_TASKS]
     outputs = {parse_fit_config("--config", str(p), "--model.method", "lora")["trainer"]["callbacks"][0]
                ["init_args"]["directory"] for p in paper}
-    lora = {a for p in MERGE if p.stem.endswith("_lora") for a in yaml.safe_load(p.read_text())["adapters"]}
+    lora = {a for s in OLD_MERGE_SETS for a in MergeConfig(**{**_merge_set_args(s), "adaptation": "lora"}).adapters}
     assert {a.rsplit("/", 1)[1].split("_r32_")[0] for a in lora} == set(MODELS)
     assert lora <= outputs
 

@@ -1,7 +1,7 @@
 """``lori merge``: merge T adapters into the base model, evaluate on every task, write a Table-3-style table.
 
     lori merge --config configs/merge/example_tiny.yaml
-    lori merge --config configs/paper/merge/llama3_8b_4tasks_concat_lori_d.yaml --eval.max_examples 50
+    lori merge --config configs/paper/merge/llama3_8b_4tasks.yaml --adaptation lori_d --method concat --eval.max_examples 50
 
 What is merged, how, and what is written: ``lori.training.merge_run`` (the library, with the
 config's fields); the table: ``lori.eval.merge_table``. This module parses, calls and prints.
@@ -14,6 +14,7 @@ from typing import Any
 
 from lori.eval.merge_table import results_table
 from lori.training.merge_run import MergeConfig, check_config, run_merge
+from lori.training.merge_sets import ROW_FIELDS
 
 
 def build_parser():
@@ -35,20 +36,21 @@ def parse_args(argv: list[str]) -> tuple[MergeConfig, Any, str]:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    config_text = parser.dump(args)
-    evaluation = args.pop("eval").as_dict()
+    evaluation = args["eval"].as_dict()
     if args.get("protocol") == "official":  # one switch: the merged model is evaluated as the official code does
         evaluation["protocol"] = "official"
     settings = EvalSettings(**evaluation)
-    args.pop("config", None)
-    cfg = MergeConfig(**args.as_dict())
+    cfg = MergeConfig(**{k: v for k, v in args.as_dict().items() if k not in ("eval", "config")})
+    for key in ROW_FIELDS:  # what an adapter_set row filled in: the written config says what ran
+        args[key] = getattr(cfg, key)
     check_config(cfg)
-    return cfg, settings, config_text
+    return cfg, settings, parser.dump(args, skip_validation=True)  # checked when parsed
 
 
-def parse_config(path: str | Path) -> tuple[MergeConfig, Any]:
-    """Parse and check a merge YAML without reading adapters or loading anything."""
-    cfg, settings, _ = parse_args(["--config", str(path)])
+def parse_config(path: str | Path, *options: str) -> tuple[MergeConfig, Any]:
+    """Parse and check a merge YAML (and ``options``, e.g. ``--adaptation lori_s --method linear``)
+    without reading adapters or loading anything."""
+    cfg, settings, _ = parse_args(["--config", str(path), *options])
     return cfg, settings
 
 

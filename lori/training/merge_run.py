@@ -67,6 +67,7 @@ from lori.core.merge import (
 from lori.eval.merge_table import results_table, row_average, table_columns
 from lori.training import run_lock
 from lori.training.baselines.registry import find_method
+from lori.training.merge_sets import MergeSet, row_settings
 from lori.training.model_card import facts_from_merge, write_card
 
 ROW_NAMES = {"concat": "Concat", "linear": "Linear", "linear_eq8": "Linear (eq. 8)", "magnitude": "Magnitude",
@@ -108,7 +109,8 @@ class MergeConfig:
             ``official`` 0.7 for every method (the official scripts' default).
         evaluate: the benchmarks (``lori.eval.evaluator`` task names) run on every merged model;
             empty = merge and write adapters and ΔW stats only.
-        output_dir: the results directory (replaced as a whole when the run finishes).
+        output_dir: the results directory (replaced as a whole when the run finishes); None = the
+            row's (``adapter_set``), else ``runs/merge``.
         seed: seed of DARE's random drop (a generator of its own; the same drops as PEFT's when
             torch's default generator is at ``manual_seed(seed)`` at PEFT's first drop).
         space: where the pruning methods act: ``factors`` (on A and B, as PEFT and the paper)
@@ -118,12 +120,15 @@ class MergeConfig:
             (``lori`` True as DARE and current PEFT, ``official`` False as PEFT 0.12.0).
         majority_sign_method: TIES's sign election, ``total`` (PEFT's default) or ``frequency``.
         single_task: also evaluate each adapter alone on ``evaluate[i]`` (the "Single-Task" row;
-            ``evaluate`` then lists one benchmark per adapter, in order).
+            ``evaluate`` then lists one benchmark per adapter, in order); None = the row's, else False.
         save_merged: write each factor-space merged adapter (loadable by PEFT and lori).
         gguf_file: GGUF file inside ``base_model`` when it is a folder of GGUF files.
         dtype: base weight dtype (``official``: float32 only).
         cache_dir: GGUF conversion cache.
         device: where the merged model is evaluated (``auto``: cuda when available, else cpu).
+        adapter_set: training runs and table rows (``lori.training.merge_sets.MergeSet``): ``method``
+            and ``adaptation`` pick one row, which fills ``adapters``, ``weights``, ``density``,
+            ``single_task`` and ``output_dir`` where they are unset (empty or None).
     """
 
     base_model: str | None = "smollm2-135m-instruct"
@@ -134,18 +139,30 @@ class MergeConfig:
     weights: list[float] | None = None
     density: float | dict[str, float] | None = None
     evaluate: list[str] = field(default_factory=list)
-    output_dir: str = "runs/merge"
+    output_dir: str | None = None
     seed: int = 0
     space: Literal["factors", "delta"] = "factors"
     protocol: Literal["lori", "official"] = "lori"
     dare_rescale: bool | None = None
     majority_sign_method: Literal["total", "frequency"] = "total"
-    single_task: bool = False
+    single_task: bool | None = None
     save_merged: bool = True
     gguf_file: str | None = None
     dtype: str = "float32"
     cache_dir: str | None = None
     device: str = "auto"
+    adapter_set: MergeSet | None = None
+
+    def __post_init__(self) -> None:
+        """Fill what ``adapter_set``'s row gives where it is unset; then the plain defaults."""
+        if self.adapter_set is not None:
+            self.adapter_set = MergeSet.from_value(self.adapter_set)
+            row = row_settings(self.adapter_set, self.methods, self.adaptation)
+            for key, value in row.items():
+                if getattr(self, key) in (None, []):
+                    setattr(self, key, value)
+        self.output_dir = "runs/merge" if self.output_dir is None else self.output_dir
+        self.single_task = bool(self.single_task)
 
     @property
     def methods(self) -> list[str]:

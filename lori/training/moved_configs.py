@@ -7,6 +7,9 @@
            (full: --config configs/method/full.yaml; lori.training.fit_settings derives the rest)
     configs/experiment/<method>.yaml (full_ft.yaml: method full)
         -> lori fit --config configs/experiment/default.yaml --model.method <method>
+    configs/paper/merge/<set>_<method>_<adaptation>.yaml
+        -> lori merge --config configs/paper/merge/<set>.yaml --adaptation <adaptation> --method <method>
+           (lori.training.merge_sets derives the row's adapters, weights, density and output_dir)
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ _MOVED = (
                 rf"_(?P<method>{_METHODS})\.yaml"), "configs/paper/{run}.yaml"),
     (re.compile(rf"configs/experiment/(?P<method>{_METHODS}|full_ft)\.yaml"), "configs/experiment/default.yaml"),
 )
+
+
+# a removed file (its tail) that one row of a composed config replaces -> the command that runs that row
+_ROWS = (
+    (re.compile(r"configs/paper/merge/(?P<set>llama3_8b_3tasks|llama3_8b_4tasks|mistral_7b_4tasks)_"
+                r"(?P<method>concat|linear|magnitude|ties|dare)_(?P<adaptation>lora|lori_d|lori_s)\.yaml"),
+     "lori merge --config configs/paper/merge/{set}.yaml --adaptation {adaptation} --method {method}"),
+)
+_PRUNING_ROWS = ("magnitude", "ties", "dare")  # the paper prunes LoRA adapters only
 
 
 class MovedConfigError(LoRIConfigError):
@@ -43,6 +55,14 @@ def replacement(path: str, subcommand: str = "fit") -> str | None:
         if method == "full" and config.startswith("configs/paper/"):
             return f"lori {subcommand} --config {config} --config configs/method/full.yaml"
         return f"lori {subcommand} --config {config} --model.method {method}"
+    return _row_replacement(tail)
+
+
+def _row_replacement(tail: str) -> str | None:
+    for pattern, command in _ROWS:
+        found = re.search(rf"(?:^|/){pattern.pattern}$", tail)
+        if found is not None and not (found["method"] in _PRUNING_ROWS and found["adaptation"] != "lora"):
+            return command.format(**found.groupdict())
     return None
 
 

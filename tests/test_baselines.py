@@ -124,8 +124,8 @@ def test_output_equals_the_base_at_init(tiny, method):
     assert torch.allclose(got, want, atol=1e-5)  # PiSSA: W0 - s B0 A0 + s B0 A0 (fp32 rounding)
 
 
-def test_lora_frozen_a_is_lori_with_sparsity_zero(tiny):
-    module = _module("lora_frozen_a")
+def test_lori_d_is_lori_with_sparsity_zero(tiny):
+    module = _module("lori_d")
     assert module.lori_config.sparsity == 0.0 and module.hparams.lori["sparsity"] == 0.0
     ref = _module("lori")
     assert all(torch.equal(a, b) for a, b in zip(module.model.buffers(), ref.model.buffers()))
@@ -210,7 +210,7 @@ def test_adalora_schedule_must_leave_a_pruning_phase(tiny):
 
 
 # ---- saving, merging, resuming -------------------------------------------------------------------
-@pytest.mark.parametrize("method", [*PEFT_METHODS, "lora_frozen_a"])
+@pytest.mark.parametrize("method", [*PEFT_METHODS, "lori_d"])
 def test_saved_adapter_reloads_to_the_same_logits_and_merged_equals_unmerged(tiny, tmp_path, method):
     from peft import PeftModel
 
@@ -297,12 +297,42 @@ def test_lora_adapter_is_read_by_lori_with_the_base_identity(tiny, tmp_path):
 
 
 def test_lori_adapter_from_save_adapter(tiny, tmp_path):
-    module = _module("lora_frozen_a")
+    module = _module("lori_d")
     _fit(module, 2)
     module.save_adapter(tmp_path / "adapter")
     adapter = load_adapter(tmp_path / "adapter")
     assert adapter.config.sparsity == 0.0 and adapter.masks is None
-    assert adapter.meta["method"] == "lora_frozen_a" and adapter.base_fingerprint == module.fingerprint
+    assert adapter.meta["method"] == "lori_d" and adapter.base_fingerprint == module.fingerprint
+
+
+def test_files_written_as_lora_frozen_a_read_as_lori_d(tiny, tmp_path):
+    """lori_d was lora_frozen_a: its checkpoints and adapters of before keep loading as lori_d; a
+    module built from the old name (a checkpoint's hyperparameters) fails in one line naming lori_d."""
+    from lori.training.merge_run import adaptation_of
+
+    module = _module("lori_d")
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {**module.hparams, "method": "lora_frozen_a"},
+                  "pytorch-lightning_version": L.__version__}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["lori"]["method"] = "lora_frozen_a"  # as written before the rename
+    fresh = _module("lori_d")  # a resume (lori fit --ckpt_path) of a run of before
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert not _changed(_state(module), _state(fresh))
+    with pytest.raises(CheckpointMismatchError, match="trained with method 'lora_frozen_a', this run uses 'lori'"):
+        _module("lori").on_load_checkpoint(checkpoint)  # the pipeline's method is another run
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(LoRIConfigError, match="^model.method 'lora_frozen_a' is now called 'lori_d'"):
+        LoRIModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    loaded = LoRIModule.load_from_checkpoint(tmp_path / "old.ckpt", method="lori_d")
+    assert loaded.hparams.method == "lori_d" and not _changed(_state(module), _state(loaded))
+    module.save_adapter(tmp_path / "adapter", extra={"method": "lora_frozen_a"})  # an adapter dir of before
+    adapter = load_adapter(tmp_path / "adapter")
+    assert adapter.meta["method"] == "lora_frozen_a" and adaptation_of(adapter) == "lori_d"  # merged as LoRI-D
 
 
 def test_method_options_are_recorded_in_the_adapter(tiny, tmp_path):
@@ -340,7 +370,7 @@ PAPER_COUNTS = {  # method -> (exact count, the paper's "# Params": Tables 1, 2,
     "pissa": (83_886_080, "84M"), "loraplus": (83_886_080, "84M"),
     "adalora": (83_886_080 + 32 * 7 * 32, "84M"),  # + E (r entries per matrix)
     "dora": (83_886_080 + 32 * 43008, "85M"),  # + the magnitude vector (d_out per matrix)
-    "lora_fa": (32 * 32 * 43008, "44M"), "lora_frozen_a": (44_040_192, "44M"), "lori": (44_040_192, "44M"),
+    "lora_fa": (32 * 32 * 43008, "44M"), "lori_d": (44_040_192, "44M"), "lori": (44_040_192, "44M"),
     "ia3": (32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 14336), "1.70M"),  # down_proj: its input
     "vera": (32 * (43008 + 7 * 32), "1.38M"),  # lambda_b (d_out) + lambda_d (r) per matrix
     "full": (8_030_261_248, "8.03G"),

@@ -88,12 +88,13 @@ def test_shipped_yaml_parses(path):
 # ---- removed configs: one line naming the composed command that replaces each -----------------------
 TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
 METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa", "loraplus"]
-SWITCH = {m: "--config configs/method/full.yaml" if m == "full" else f"--model.method {m}" for m in METHODS}
+NOW = {"lora_frozen_a": "lori_d"}  # the removed files name methods by their names then
+SWITCH = {m: "--config configs/method/full.yaml" if m == "full" else f"--model.method {NOW.get(m, m)}" for m in METHODS}
 REMOVED = {  # configs/paper/baselines/*.yaml and configs/experiment/<method>.yaml -> what replaces them
     **{f"configs/paper/baselines/llama3_8b_r32_{t}_{m}.yaml": f"--config configs/paper/llama3_8b_r32_{t}.yaml {SWITCH[m]}"
        for t in TASKS for m in METHODS},
     **{f"configs/experiment/{'full_ft' if m == 'full' else m}.yaml":
-       f"--config configs/experiment/default.yaml --model.method {m}" for m in METHODS},
+       f"--config configs/experiment/default.yaml --model.method {NOW.get(m, m)}" for m in METHODS},
 }
 
 
@@ -111,7 +112,7 @@ def test_a_removed_config_names_its_replacement_in_one_line(old, capsys, monkeyp
         paper = old.replace("baselines/", "").replace(f"_{method}.yaml", ".yaml")
         with pytest.raises(MovedConfigError) as moved:
             check(["dryrun", old])
-        assert str(moved.value).endswith(f"use lori dryrun --method {method} {paper}")
+        assert str(moved.value).endswith(f"use lori dryrun --method {NOW.get(method, method)} {paper}")
 
 
 def test_replacement_commands_run_the_removed_settings():
@@ -123,6 +124,37 @@ def test_replacement_commands_run_the_removed_settings():
     args = REMOVED["configs/experiment/full_ft.yaml"].split()
     cfg = parse_fit_config(*[str(ROOT.parent / a) if a.endswith(".yaml") else a for a in args])
     assert cfg["model"]["method"] == "full" and cfg["trainer"]["max_steps"] == 20
+    args = REMOVED["configs/experiment/lora_frozen_a.yaml"].split()  # renamed: the same run as lori_d
+    cfg = parse_fit_config(*[str(ROOT.parent / a) if a.endswith(".yaml") else a for a in args])
+    assert cfg["model"]["method"] == "lori_d" and cfg["trainer"]["max_steps"] == 20
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["directory"] == "runs/lori_d/default"  # not runs/default/lori_d
+
+
+def _output_dirs(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "output_dir" and isinstance(v, str)] + [
+            d for v in node.values() for d in _output_dirs(v)]
+    return [d for v in node for d in _output_dirs(v)] if isinstance(node, list) else []
+
+
+def test_a_baseline_fit_writes_outside_every_shipped_run_dir():
+    """``lori fit --model.method M`` writes parent/M/name (checkpoints, logs under parent/M): beside the
+    run dirs, never inside one, so method lori_d is never confused with a pipeline's lori_d/ stage."""
+    from pathlib import PurePosixPath
+
+    from lori.training.baselines import all_methods
+    from lori.training.fit_settings import method_output_dir
+
+    shipped = {path: yaml.safe_load(path.read_text()) or {} for path in CONFIGS}
+    runs = {PurePosixPath(d) for cfg in shipped.values() for d in _output_dirs(cfg)}
+    outs = [cfg["pipeline"]["output_dir"] for cfg in shipped.values() if "output_dir" in (cfg.get("pipeline") or {})]
+    assert len(outs) >= 17 and PurePosixPath("runs/paper/llama3_8b_r32_gsm8k") in runs
+    for out in outs:
+        for method in (m.name for m in all_methods() if not m.runs_pipeline):
+            adapter = PurePosixPath(method_output_dir(out, method))
+            assert adapter != PurePosixPath(out) / "lori_d"
+            for run in runs:
+                assert not adapter.is_relative_to(run) and not run.is_relative_to(adapter.parent), (out, method, run)
 
 
 # the one-row files of configs/paper/merge/ -> the adapter set's config and the options that pick the row

@@ -168,7 +168,7 @@ def test_results_of_another_task_join_the_ones_there(tmp_path):
     assert (foreign / "README.md").read_text() == RELEASED["markdown"].read_text()
 
 
-@pytest.mark.parametrize("method, library", [("lora", "peft"), ("lora_frozen_a", "peft"), ("full", "transformers")])
+@pytest.mark.parametrize("method, library", [("lora", "peft"), ("lori_d", "peft"), ("full", "transformers")])
 def test_lori_fit_baselines_get_a_card(tiny, tmp_path, method, library):  # noqa: F811 - the fixture
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
                for ids in torch.randint(0, 128, (2, 2, 8), generator=torch.Generator().manual_seed(0))]
@@ -179,7 +179,7 @@ def test_lori_fit_baselines_get_a_card(tiny, tmp_path, method, library):  # noqa
     assert front["library_name"] == library and front["tags"] == ["lori", method]
     values = _bullets(card)
     assert values["Steps"] == "2" and in_order(markdown_card(RELEASED["markdown"].read_text())[1], headings)
-    assert ("A seed" in values) == (method == "lora_frozen_a") and "Sparsity" not in values  # no mask: no sparsity
+    assert ("A seed" in values) == (method == "lori_d") and "Sparsity" not in values  # no mask: no sparsity
     assert ("Adapter rank (r)" in values) == (method != "full")
     loader = "AutoModelForCausalLM.from_pretrained" if method == "full" else "PeftModel.from_pretrained"
     assert f'{loader}(' in card.split("## How to Get Started")[1].split("## Training Details")[0]

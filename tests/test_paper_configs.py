@@ -513,14 +513,14 @@ def test_paper_config_runs_the_pipeline_on_a_tiny_model(tmp_path):
 
 # ---- baselines: Tables 1, 2, 11, 12 (a paper config + --model.method, lori.training.fit_settings) ---
 BASELINE_TASKS = ["nlu", "gsm8k", "codealpaca", "saferpaca"]
-BASELINE_METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lora_frozen_a", "adalora", "rslora", "pissa",
+BASELINE_METHODS = ["full", "lora", "dora", "vera", "ia3", "lora_fa", "lori_d", "adalora", "rslora", "pissa",
                     "loraplus"]
 BASELINES = [(t, m) for t in BASELINE_TASKS for m in BASELINE_METHODS]
 REPORTED = ROOT / "configs" / "paper" / "reported" / "baselines.yaml"
 # "# Params (%)" and results of Llama-3-8B, r = 32 (Tables 11 and 12; FFT, LoRA, DoRA also Tables 1, 2);
-# lora_frozen_a is a second reading of the LoRA-FA row
+# lori_d (LoRI-D alone, named lora_frozen_a before) is a second reading of the LoRA-FA row
 ROW = {"full": "FFT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "ia3": "IA3", "lora_fa": "LoRA-FA",
-       "lora_frozen_a": "LoRA-FA", "adalora": "AdaLoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "loraplus": "LoRA+"}
+       "lori_d": "LoRA-FA", "adalora": "AdaLoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "loraplus": "LoRA+"}
 BASELINE_PARAMS = {"FFT": "8.03G (100%)", "LoRA": "84M (1.03%)", "DoRA": "85M (1.05%)", "VeRA": "1.38M (0.02%)",
                    "IA3": "1.70M (0.02%)", "LoRA-FA": "44M (0.54%)", "AdaLoRA": "84M (1.03%)",
                    "rsLoRA": "84M (1.03%)", "PiSSA": "84M (1.03%)", "LoRA+": "84M (1.03%)"}

@@ -162,7 +162,7 @@ def module_adapter(pl_module: L.LightningModule, stage: str, step: int, extra: d
 class SaveAdapter(Callback):
     """Write what the fit trained at its end, on rank 0 (``LoRIModule.save_adapter``).
 
-    A lori adapter dir for ``lori`` / ``lora_frozen_a``, a PEFT adapter dir for the PEFT baselines and a
+    A lori adapter dir for ``lori`` / ``lori_d``, a PEFT adapter dir for the PEFT baselines and a
     Hugging Face model dir for ``full``; in a YAML, under ``trainer.callbacks``::
 
         - class_path: lori.training.callbacks.SaveAdapter

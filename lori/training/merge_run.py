@@ -277,10 +277,10 @@ def _read_adapter(directory: Path) -> Adapter:
 
 
 def adaptation_of(adapter: Adapter) -> str:
-    """``lori_d`` / ``lori_s`` for a seeded, frozen A (LoRI, lora_frozen_a), else ``lora``.
+    """``lori_d`` / ``lori_s`` for a seeded, frozen A (LoRI, lori_d), else ``lora``.
 
-    ``lora_fa`` is the old name of lora_frozen_a in lori adapter dirs (seed >= 0); PEFT LoRA-FA
-    dirs carry no LoRI seed (-1) and read as ``lora``.
+    ``lora_fa`` (older still) and ``lora_frozen_a`` are old names of method lori_d in lori adapter
+    dirs (seed >= 0); PEFT LoRA-FA dirs carry no LoRI seed (-1) and read as ``lora``.
     """
     entry = find_method(adapter.meta.get("method", "lori"))
     frozen_A = entry is not None and entry.frozen_seeded_a and adapter.config.seed >= 0

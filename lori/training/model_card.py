@@ -364,8 +364,9 @@ def facts_from_module(directory: str | Path, module: Any, stage: str, datamodule
     data = dict(getattr(datamodule, "hparams", {}) or {})
     mask = directory / MASKS_FILE
     calibration = directory.parent / "calibration" / "masks.safetensors"
+    staged = entry is not None and entry.runs_pipeline  # stage lori_d of `lori pipeline`, not method lori_d's fit
     mask_file = (str(mask) if mask.is_file()
-                 else str(calibration) if stage == "lori_d" and calibration.is_file() else None)
+                 else str(calibration) if staged and stage == "lori_d" and calibration.is_file() else None)
     return CardFacts(
         directory=directory, base_model=str(hp.model), method=method, stage=stage,
         library="transformers" if entry is not None and entry.family == "full" else "peft", lori=lori,

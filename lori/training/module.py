@@ -117,11 +117,12 @@ class LoRIModule(L.LightningModule):
             Refused with a method that trains the base (``full``, ``pissa``), FSDP or ZeRO-3.
         gradient_checkpointing: keep only each decoder layer's input between forward and backward and
             recompute the rest (non-reentrant; ``lori.training.activation_checkpointing``), on any strategy.
-        method: ``lori`` (A frozen from the seed, B trained), ``lora_frozen_a`` (LoRI with sparsity
-            0: the LoRI-D stage alone), a PEFT baseline (``lora``, ``dora``, ``lora_fa``, ``vera``,
-            ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``) or ``full`` (every base weight
-            trained); one registry entry each (``lori.training.baselines.methods``; an unknown name is
-            refused in one line listing them). r, alpha, dropout, targets and seed come from ``lori``.
+        method: ``lori`` (A frozen from the seed, B trained), ``lori_d`` (LoRI with sparsity
+            0: the LoRI-D stage alone; named ``lora_frozen_a`` before), a PEFT baseline (``lora``,
+            ``dora``, ``lora_fa``, ``vera``, ``ia3``, ``adalora``, ``rslora``, ``pissa``, ``loraplus``)
+            or ``full`` (every base weight trained); one registry entry each
+            (``lori.training.baselines.methods``; an unknown name is refused in one line listing
+            them). r, alpha, dropout, targets and seed come from ``lori``.
         lori: the adapter's hyperparameters (rank, alpha, dropout, targets, sparsity, granularity, seed).
         baseline: options of the baselines that have their own (``lori.training.baselines.BaselineOptions``:
             LoRA+'s lr ratio, VeRA's d_initial, IA3's feed-forward modules, AdaLoRA's schedule,
@@ -341,7 +342,7 @@ class LoRIModule(L.LightningModule):
     def save_adapter(
         self, directory: str | Path, stage: str = "fit", extra: dict[str, Any] | None = None
     ) -> Path:
-        """Write what was trained: a lori adapter dir (lori, lora_frozen_a), a PEFT adapter dir (the
+        """Write what was trained: a lori adapter dir (lori, lori_d), a PEFT adapter dir (the
         PEFT methods) or a Hugging Face model dir (full), with the base fingerprint and a few facts."""
         method = self.hparams.method
         meta = {"method": method, "stage": stage, "global_step": self.global_step,

@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 
 from lori.core import LoRIConfigError
+from lori.training.baselines.registry import current_name
 
+# the methods of the removed files, by the names they had (lora_frozen_a: switched on as lori_d now)
 _METHODS = "full|lora|dora|vera|ia3|lora_fa|lora_frozen_a|adalora|rslora|pissa|loraplus"
 # a removed path (its tail) -> (the config that replaces it, the method switched on it)
 _MOVED = (
@@ -48,7 +50,7 @@ def replacement(path: str, subcommand: str = "fit") -> str | None:
         found = re.search(rf"(?:^|/){pattern.pattern}$", tail)
         if found is None:
             continue
-        method = "full" if found["method"] == "full_ft" else found["method"]
+        method = "full" if found["method"] == "full_ft" else current_name(found["method"])
         config = config.format(**found.groupdict())
         if subcommand == "dryrun":
             return f"lori dryrun --method {method} {config}"

@@ -1,28 +1,19 @@
 """The paper's baselines (Tables 1, 2, 11, 12), built on the same base model and LoRIConfig as LoRI.
 
-    method         trainable                            built with                          saved as
-    lori           B (then B ⊙ M after calibration)     LoRILinear, A frozen from seed      lori adapter dir
-    lora_frozen_a  B, dense (LoRI with s = 0)           LoRILinear, A frozen from seed      lori adapter dir
-    lora           A and B                              PEFT LoRA                           PEFT dir
-    dora           A, B and the magnitude vector        PEFT LoRA use_dora                  PEFT dir
-    lora_fa        B (A frozen, Kaiming from seed)      PEFT LoRA + PEFT LoraFAOptimizer    PEFT dir
-    rslora         A and B, scale alpha / sqrt(r)       PEFT LoRA use_rslora                PEFT dir (use_rslora)
-    pissa          A and B, from the top-r SVD of W0    PEFT LoRA init "pissa"              PEFT LoRA dir, rank 2r
-    loraplus       A and B, B at a higher lr            PEFT LoRA + create_loraplus_opt.    PEFT dir
-    adalora        P, E, Q; E pruned to a rank budget   PEFT AdaLoRA (+ AdaLoraBudget)      PEFT AdaLoRA dir
-    vera           lambda_b, lambda_d (shared frozen    PEFT VeRA                           PEFT VeRA dir
-                   projections from a seed)
-    ia3            one scaling vector per module        PEFT IA3                            PEFT IA3 dir
-    full           every base weight                    none                                HF model dir
+What each method trains, what builds it and how it saves: the overview table, rendered from the
+entries by ``method_table()`` (``python -m lori.training.baselines`` prints it; ``--write`` renews its
+copy in docs/guide.md, "Baselines", which a test compares with the entries).
 
 One registry entry per method (``Method``, ``lori.training.baselines.registry``; the table is
 ``lori.training.baselines.methods``): every part of lori that treats methods differently reads a
 field of the entry. Every method reads r, alpha, dropout, target modules and seed from the same
 ``LoRIConfig`` (the fields each one uses: ``Method.reads``), and its own options from ``model.baseline``
 (``BaselineOptions``), so a config differs from another only in ``method`` (and those options).
-``lora_frozen_a`` is the paper's "limiting case" of LoRI (Sec. 2.1: a single task and zero
-sparsity reduce LoRI to LoRA-FA): frozen A, plain AdamW on B. ``lora_fa`` is the LoRA-FA optimizer
-PEFT ships (B's gradient projected through (A A^T)^-1), the published method's later version.
+``lori_d`` (named ``lora_frozen_a`` before; the old name fails in one line naming it) is LoRI-D
+alone, the paper's "limiting case" of LoRI (Sec. 2.1: a single task and zero sparsity reduce LoRI to
+LoRA-FA): frozen A, plain AdamW on B, fit by ``lori fit`` with LoRI-D's budget. ``lora_fa`` is the
+LoRA-FA optimizer PEFT ships (B's gradient projected through (A A^T)^-1), the published method's
+later version.
 """
 
 from __future__ import annotations
@@ -46,7 +37,13 @@ from lori.training.baselines.methods import (
     target_paths,
 )
 from lori.training.baselines.peft_methods import PeftHandle, attach_peft, peft_handle
-from lori.training.baselines.registry import Method, all_methods, current_name, get_method
+from lori.training.baselines.registry import (
+    Method,
+    all_methods,
+    current_name,
+    get_method,
+    method_table,
+)
 from lori.training.baselines.saving import (
     peft_state,
     save_full_model,
@@ -57,7 +54,7 @@ __all__ = [
     "LORI_METHODS", "METHODS", "OPTIONS", "PEFT_METHODS", "AdaLoraBudget", "BaselineOptions",
     "BaselineOptionsError", "Method", "PeftHandle", "all_methods", "attach", "attach_peft", "build_optimizer",
     "check_method", "check_method_options", "current_name", "get_method", "is_saved_key", "kept_ranks",
-    "orthogonality_penalty", "peft_config", "peft_handle", "peft_state", "resolved_options", "save_full_model",
+    "method_table", "orthogonality_penalty", "peft_config", "peft_handle", "peft_state", "resolved_options", "save_full_model",
     "save_peft_adapter", "target_paths",
 ]
 
@@ -77,7 +74,7 @@ def attach(
             device without running value-dependent initialisation (see ``attach_peft``).
 
     Returns:
-        The effective config (``lora_frozen_a`` is LoRI with sparsity 0).
+        The effective config (``lori_d`` is LoRI with sparsity 0).
     """
     options = BaselineOptions.from_value(options)
     check_method_options(method, config, options)

@@ -15,8 +15,9 @@ embedded configs share one ``model.lori`` block across methods: IA3 reads only `
 initial rank; PiSSA: the seed only matters for the randomized SVD).
 
 A new method: one ``Method(...)`` below (its builders in ``peft_methods`` / ``optimizers`` /
-``saving``), a row in the overview table of ``lori.training.baselines``, and a row in
-``tests/test_method_registry.py`` (``TRAINS``): the battery there then checks it.
+``saving``; its ``trains`` / ``built_with`` / ``saved_as`` are its row of the overview table, rendered
+by ``method_table``) and a row in ``tests/test_method_registry.py`` (``TRAINS``): the battery there
+then checks it (docs/extending.md walks through it).
 """
 
 from __future__ import annotations
@@ -62,42 +63,55 @@ def adalora_callbacks() -> list[AdaLoraBudget]:
     return [AdaLoraBudget()]
 
 
-def _peft(name: str, label: str, trains: str, build: Any, *, freeze_a: bool = False, keep_initial: bool = False,
-          save: Any = saving.save_peft, **fields: Any) -> Method:
+def _peft(name: str, label: str, trains: str, build: Any, *, built_with: str, saved_as: str = "PEFT dir",
+          freeze_a: bool = False, keep_initial: bool = False, save: Any = saving.save_peft, **fields: Any) -> Method:
     """The entry of a PEFT method: ``attach_peft`` over ``build``, saved as a PEFT dir, trainable tensors kept."""
     attach = partial(peft_methods.attach_peft, name=name, build=build, freeze_a=freeze_a, keep_initial=keep_initial)
     return Method(name, "peft", label, trains, attach=attach, save=save, checkpoint_keeps=saving.keeps_trainable,
-                  peft_config=build, **fields)
+                  built_with=built_with, saved_as=saved_as, peft_config=build, **fields)
 
 
 for _entry in (  # today's METHODS order: the LoRI family, the PEFT baselines, full fine-tuning
     Method("lori", "lori", "LoRI", "B (then B ⊙ M after calibration); A frozen from the seed",
            attach=attach_lori, save=saving.save_lori, checkpoint_keeps=saving.keeps_lori_keys,
+           built_with="LoRILinear, A frozen from the seed", saved_as="lori adapter dir",
            sparsifies=True, frozen_seeded_a=True, runs_pipeline=True),
-    Method("lora_frozen_a", "lori", "LoRA with a frozen A (LoRI-D alone)", "B, dense (LoRI with s = 0)",
+    # LoRI-D alone (the paper's limiting case, Sec. 2.1: s = 0); not `lori pipeline`'s lori_d stage, which
+    # is method lori (sparsity recorded for the calibration that follows): its own fit, budget and dir
+    Method("lori_d", "lori", "LoRI-D (LoRI with s = 0)", "B, dense (LoRI with s = 0); A frozen from the seed",
            attach=partial(attach_lori, dense=True), save=saving.save_lori, checkpoint_keeps=saving.keeps_lori_keys,
-           frozen_seeded_a=True),
-    _peft("lora", "LoRA", "A and B", peft_methods.lora_config),
+           built_with="LoRILinear, A frozen from the seed", saved_as="lori adapter dir",
+           frozen_seeded_a=True, renamed_from=("lora_frozen_a",)),
+    _peft("lora", "LoRA", "A and B", peft_methods.lora_config, built_with="PEFT LoRA"),
     _peft("dora", "DoRA", "A, B and the magnitude vector", partial(peft_methods.lora_config, use_dora=True),
+          built_with="PEFT LoRA use_dora",
           quantize_refused={"int8": "PEFT 0.21's DoRA re-reads an int8 weight every step through Int8Params.to(), "
                                     "which drops its scales (SCB) on the CPU; use model.quantize nf4 or fp4"}),
     _peft("lora_fa", "LoRA-FA", "B (A frozen, Kaiming from the seed); LoRA-FA optimizer", peft_methods.lora_config,
-          freeze_a=True, optimizer=optimizers.lora_fa, frozen_seeded_a=True),
+          built_with="PEFT LoRA + PEFT's LoraFAOptimizer", freeze_a=True, optimizer=optimizers.lora_fa,
+          frozen_seeded_a=True),
     _peft("vera", "VeRA", "lambda_b, lambda_d (shared frozen projections from a seed)", peft_methods.vera_config,
+          built_with="PEFT VeRA", saved_as="PEFT VeRA dir",
           options=("d_initial", "projection_prng_key"), reads=("r", "dropout", "target_modules")),
     _peft("ia3", "IA3", "one scaling vector per module", peft_methods.ia3_config,
+          built_with="PEFT IA3", saved_as="PEFT IA3 dir",
           options=("feedforward_modules",), reads=("target_modules",)),
     _peft("adalora", "AdaLoRA", "P, E, Q; E pruned to a rank budget", peft_methods.adalora_config,
+          built_with="PEFT AdaLoRA (+ AdaLoraBudget)", saved_as="PEFT AdaLoRA dir",
           options=("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight"),
           extra_losses={"orth_penalty": orthogonality_penalty}, callbacks=adalora_callbacks),
-    _peft("rslora", "rsLoRA", "A and B, scale alpha / sqrt(r)", partial(peft_methods.lora_config, use_rslora=True)),
+    _peft("rslora", "rsLoRA", "A and B, scale alpha / sqrt(r)", partial(peft_methods.lora_config, use_rslora=True),
+          built_with="PEFT LoRA use_rslora", saved_as="PEFT dir (use_rslora)"),
     _peft("pissa", "PiSSA", "A and B, from the top-r SVD of W0", peft_methods.pissa_config, keep_initial=True,
+          built_with='PEFT LoRA init "pissa"', saved_as="PEFT LoRA dir, rank 2r (on the original base)",
           save=partial(saving.save_peft, as_lora=True), options=("pissa_niter",),
           changes_base="PiSSA replaces each base weight by its residual W0 - U S V^T"),
     _peft("loraplus", "LoRA+", "A and B, B at a higher lr", peft_methods.lora_config,
+          built_with="PEFT LoRA + PEFT's create_loraplus_optimizer",
           optimizer=optimizers.loraplus_optimizer, options=("loraplus_lr_ratio",)),
     Method("full", "full", "full fine-tuning", "every base weight", attach=attach_full, save=saving.save_full,
-           checkpoint_keeps=saving.keeps_all, reads=(), trains_base=True,
+           checkpoint_keeps=saving.keeps_all, built_with="none (the base's own weights)",
+           saved_as="Hugging Face model dir", reads=(), trains_base=True,
            changes_base="full fine-tuning trains every base weight"),
 ):
     register(_entry)

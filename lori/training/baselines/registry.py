@@ -4,7 +4,8 @@ Every place that treats methods differently (attach, optimizer, loss, callbacks,
 contents, the dtype of a trained base, quantization, the pipeline, the model card) reads a field of
 the method's entry. The entries themselves are the table in ``lori.training.baselines.methods``
 (registered there, in ``METHODS`` order); a new method is one ``Method(...)`` there plus a row in
-``tests/test_method_registry.py``.
+``tests/test_method_registry.py``. The overview table of the methods is rendered from the entries
+(``method_table``; ``python -m lori.training.baselines`` prints it or rewrites its copy in docs/guide.md).
 
     get_method("qlora")          InjectionError: unknown method 'qlora'; choose one of [...]
     get_method("old_name")       LoRIConfigError: model.method 'old_name' is now called 'new_name' ...
@@ -40,11 +41,13 @@ class Method:
         family: ``lori`` (LoRILinear layers, lori adapter dir), ``peft`` (a PEFT tuner, PEFT dir) or
             ``full`` (the base itself, Hugging Face model dir).
         label: the method's name in prose (model cards, tables): ``LoRA-FA``.
-        trains: what trains, in a few words (the table in ``lori.training.baselines``).
+        trains: what trains, in a few words (a cell of the overview table, ``method_table``).
         attach: ``(model, lori, options, shapes_only) -> effective LoRIConfig``: adapt ``model`` in
             place (``options``: the resolved ``model.baseline`` options; ``shapes_only``: a meta model).
         save: ``(model, tokenizer, lori, directory, base_model, fingerprint, meta) -> directory``.
         checkpoint_keeps: ``(state-dict key, trainable keys) -> bool``: what a checkpoint holds.
+        built_with: what builds it, in a few words (``PEFT LoRA use_dora``; the overview table).
+        saved_as: what ``save`` writes, in a few words (``PEFT dir``; the overview table).
         optimizer: ``(model, lr, weight_decay, betas, options) -> Optimizer`` (AdamW unless the
             method is an optimizer itself).
         peft_config: ``(lori, options) -> PEFT config`` (family ``peft``).
@@ -60,7 +63,9 @@ class Method:
         extra_losses: terms added to the training loss, by the name they are logged under
             (``train/<name>``; AdaLoRA's ``orth_penalty``).
         callbacks: the Lightning callbacks every fit of it adds (AdaLoRA's rank budget).
-        renamed_from: names it had before: they fail in one line naming this one.
+        renamed_from: names it had before: a config or command line naming one fails in one line
+            naming this one (``get_method``); a file written before the rename (a checkpoint, an
+            adapter's ``lori_meta.json``) reads as this method (``current_name``).
     """
 
     name: str
@@ -70,6 +75,8 @@ class Method:
     attach: Attach
     save: Save
     checkpoint_keeps: Callable[[str, set[str]], bool]
+    built_with: str = ""
+    saved_as: str = ""
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
     peft_config: Callable[[LoRIConfig, dict[str, Any]], Any] | None = None
     options: tuple[str, ...] = ()
@@ -95,6 +102,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"method name(s) {sorted(taken)} already registered")
     if method.family == "peft" and method.peft_config is None:
         raise ValueError(f"PEFT method {method.name!r} needs a peft_config")
+    if not (method.trains and method.built_with and method.saved_as):
+        raise ValueError(f"method {method.name!r} needs trains, built_with and saved_as (its row of the overview table)")
     REGISTRY[method.name] = method
     return method
 
@@ -132,3 +141,14 @@ def current_name(name: str) -> str:
         if name in method.renamed_from:
             return method.name
     return name
+
+
+def method_table() -> str:
+    """The overview table of every method, rendered from the entries (Markdown, in the table's order).
+
+    One row per entry: its name (and the names it had), ``trains``, ``built_with``, ``saved_as``.
+    docs/guide.md ("Baselines") holds a copy; ``python -m lori.training.baselines --write`` renews it.
+    """
+    rows = [f"| `{m.name}`" + "".join(f" (was `{old}`)" for old in m.renamed_from)
+            + f" | {m.trains} | {m.built_with} | {m.saved_as} |" for m in all_methods()]
+    return "\n".join(["| method | trains | built with | saved as |", "|---|---|---|---|", *rows]) + "\n"

@@ -1,5 +1,4 @@
-"""lori.core.sharding in the test process: real FSDP over two ranks that are threads, a stand-in
-DeepSpeed, stand-in DTensors.
+"""lori.core.sharding in the test process: torch's FSDP (and FSDP2) over two ranks that are threads.
 
 tests/test_fsdp.py runs lori under FSDP in two processes, which a mutation run never sees
 (docs/mutation_testing.md). Here torch's threaded process group (the one torch's own distributed
@@ -7,9 +6,10 @@ tests use: each thread is a rank, and its collectives really gather between the 
 torch's FSDP shard a tiny adapted model FULL_SHARD over 2 ranks in this process, and what
 ``full_parameters`` and ``unwrap_fsdp`` give each rank is compared with the model never sharded.
 
-The model: Linear(2, 6, bias=False) and Linear(6, 3) with LoRI (r = 4: B is 6 x 4 and 3 x 4) and a
-frozen Linear(3, 2). As one FSDP unit its flat parameter (83 entries, 84 padded) splits at 42, in
-the middle of the second B (entries 36-48): each rank holds half of it.
+The model: Linear(2, 6, bias=False) and Linear(6, 3), each in a Block, with LoRI (r = 4: B is
+6 x 4 and 3 x 4) and a frozen Linear(3, 2). As one FSDP unit its flat parameter (83 entries, 84 padded) splits at 42, in
+the middle of the second B (entries 36-48): each rank holds half of it. DeepSpeed is not installed:
+a stand-in with its partitioning contract takes its place.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp._common_utils import TrainingState
 from torch.testing._internal.distributed import multi_threaded_pg
 
@@ -401,34 +403,43 @@ def test_a_model_partitioned_by_zero3_cannot_be_unwrapped():
 
 
 # ---- DTensor parameters (FSDP2, ModelParallelStrategy): refused by name ------------------------
+def test_fsdp2_parameters_are_refused_by_name():
+    """torch's fully_shard (FSDP2) turns a module's parameters into DTensors: lori does not gather them."""
+    def rank(r: int):
+        model = adapted()
+        fully_shard(model[2], mesh=init_device_mesh("cpu", (2,)))
+        found = sharding._dtensor_parameter(model)
+        with pytest.raises(NotImplementedError) as refused, full_parameters(model):
+            pass
+        return found, str(refused.value)
+
+    assert on_two_ranks(rank) == [("2.proj.lori_B", (
+        "parameter '2.proj.lori_B' is a DTensor (FSDP2 / ModelParallelStrategy): lori gathers B under FSDP "
+        "(lightning FSDPStrategy, configs/trainer/fsdp.yaml) and DeepSpeed ZeRO-3 only"))] * 2
+    assert sharding._dtensor_parameter(adapted()) is None
+
+
 class DTensor(torch.Tensor):
-    """Stands for torch's DTensor: lori tells it by its class name."""
+    """Named as torch's DTensor: lori tells DTensors by their class name."""
 
 
 class _HoldsDTensor:
-    """A parameter-like object whose ``data`` is a DTensor (what a DTensor parameter's data is)."""
+    """A parameter whose ``data`` is a DTensor while it is not one itself (lori checks both)."""
 
     def __init__(self):
-        self.data = torch.zeros(2).as_subclass(DTensor)
-        self.requires_grad = True
+        self.data, self.requires_grad = torch.zeros(2).as_subclass(DTensor), True
 
 
-@pytest.mark.parametrize("kind", ["parameter", "data"])
-def test_dtensor_parameters_are_refused_by_name(kind, monkeypatch):
+def test_a_parameter_holding_a_dtensor_is_refused_by_name(monkeypatch):
     model = adapted()
     plain_named = model.named_parameters
-    odd = nn.Parameter(torch.zeros(2)).as_subclass(DTensor) if kind == "parameter" else _HoldsDTensor()
-    assert (type(odd).__name__ == "DTensor") == (kind == "parameter")
 
     def named_parameters(*args, **kwargs):
         yield from plain_named(*args, **kwargs)
-        yield "3.weight_shard", odd
+        yield "3.weight_shard", _HoldsDTensor()
 
     monkeypatch.setattr(model, "named_parameters", named_parameters)
     assert sharding._dtensor_parameter(model) == "3.weight_shard"
-    with pytest.raises(NotImplementedError) as refused, full_parameters(model):
+    with pytest.raises(NotImplementedError, match=r"^parameter '3.weight_shard' is a DTensor \(FSDP2 "), \
+            full_parameters(model):
         pass
-    assert str(refused.value) == (
-        "parameter '3.weight_shard' is a DTensor (FSDP2 / ModelParallelStrategy): lori gathers B under FSDP "
-        "(lightning FSDPStrategy, configs/trainer/fsdp.yaml) and DeepSpeed ZeRO-3 only")
-    assert sharding._dtensor_parameter(adapted()) is None

@@ -15,6 +15,11 @@ split into ``parent/name`` (``runs/paper/llama3_8b_r32_gsm8k``):
                                 pipeline.checkpoint_every steps (none when it is 0)
     trainer.logger              TensorBoard: parent/<method>/tb/name
 
+The method's directory sits beside the run directories, never inside one: ``--model.method lori_d``
+(LoRI-D alone) writes ``runs/paper/lori_d/llama3_8b_r32_gsm8k``, while ``lori pipeline``'s LoRI-D
+stage (method ``lori``) writes ``runs/paper/llama3_8b_r32_gsm8k/lori_d`` (tests/test_configs.py checks
+every shipped config).
+
 Each is derived only where the config (or command line) leaves it unset: a config that lists its
 own ``trainer.callbacks`` keeps exactly those, a ``trainer.logger`` (``false`` included) is kept, and
 a ``trainer.max_epochs`` or ``trainer.max_steps`` given stops the budget from being derived. What is

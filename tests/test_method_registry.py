@@ -248,7 +248,8 @@ def test_the_table_command_renews_only_the_table(tmp_path, capsys):
 
 def test_a_new_method_is_one_entry_and_its_row(monkeypatch, tmp_path):
     """Add a throwaway method the way docs/extending.md says (one entry, its TRAINS row) and run it
-    through the battery and every part that reads the registry: nothing else may need editing."""
+    through the battery, LoRIModule, its optimizer, saving, the model card, the guide's table and
+    ``lori fit``'s derived settings: none of them may need another edit."""
     from lori.training.fit_settings import derived_fit_settings
     from lori.training.model_card import write_module_card
 

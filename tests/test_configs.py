@@ -61,8 +61,9 @@ def test_shipped_yaml_parses(path):
         check_training(cfg)
         pipe = PipelineConfig(**cfg["pipeline"])
         assert (pipe.dense_steps > 0 or pipe.dense_epochs) and (pipe.sparse_steps > 0 or pipe.sparse_epochs)
-    elif what == "continual":
-        cfg = parse_continual_config(path)
+    elif what == "continual":  # a continual_set runs one adaptation (its first here; both: test_paper_configs.py)
+        lrs = (yaml.safe_load(path.read_text()).get("continual_set") or {}).get("lr") or {}
+        cfg = parse_continual_config(path, *(["--adaptation", next(iter(lrs))] if lrs else []))
         check_training(cfg)
         ContinualConfig(**cfg["continual"])
         EvalSettings(**cfg["eval"]).check()
@@ -161,8 +162,11 @@ def test_a_baseline_fit_writes_outside_every_shipped_run_dir():
 MERGE_ROWS = [(m, a) for m in ("concat", "linear") for a in ("lora", "lori_d", "lori_s")] + [
     (m, "lora") for m in ("magnitude", "ties", "dare")]
 ROWS_REMOVED = {
-    f"configs/paper/merge/{s}_{m}_{a}.yaml": f"lori merge --config configs/paper/merge/{s}.yaml --adaptation {a} --method {m}"
-    for s in ("llama3_8b_3tasks", "llama3_8b_4tasks", "mistral_7b_4tasks") for m, a in MERGE_ROWS
+    **{f"configs/paper/merge/{s}_{m}_{a}.yaml": f"lori merge --config configs/paper/merge/{s}.yaml --adaptation {a} --method {m}"
+       for s in ("llama3_8b_3tasks", "llama3_8b_4tasks", "mistral_7b_4tasks") for m, a in MERGE_ROWS},
+    **{f"configs/paper/continual/llama3_8b_r32_safety_then_{t}_{a}.yaml":  # and of configs/paper/continual/
+       f"lori continual --config configs/paper/continual/llama3_8b_r32_safety_then_{t}.yaml --adaptation {a}"
+       for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")},
 }
 
 
@@ -171,18 +175,22 @@ def test_a_removed_row_config_names_the_row_that_replaces_it(old, capsys, monkey
     monkeypatch.chdir(ROOT.parent)
     assert not Path(old).exists()
     with pytest.raises(SystemExit) as err:
-        main(["merge", "--config", old])
+        main([ROWS_REMOVED[old].split()[1], "--config", old])
     lines = capsys.readouterr().err.strip().splitlines()
     assert err.value.code == 2
     assert lines == [f"lori: error: {old} was removed (one config per setting now): use {ROWS_REMOVED[old]}"]
 
 
-def test_a_row_replacement_command_parses(monkeypatch):
+def test_a_row_replacement_command_parses(monkeypatch):  # a merge's and a continual run's
     monkeypatch.chdir(ROOT.parent)
     cfg, _ = merging.parse_config(*ROWS_REMOVED["configs/paper/merge/llama3_8b_3tasks_linear_lori_s.yaml"].split()[3:])
     assert (cfg.method, cfg.adaptation, cfg.weights) == ("linear", "lori_s", [0.4] * 3)
     assert cfg.output_dir == "runs/paper/merge/llama3_8b_3tasks_linear_lori_s"
     assert replacement("configs/paper/merge/llama3_8b_3tasks_ties_lori_s.yaml") is None  # no such row, ever
+    cfg = parse_continual_config(*ROWS_REMOVED["configs/paper/continual/llama3_8b_r32_safety_then_nlu_lori_s.yaml"]
+                                 .split()[3:])
+    assert cfg["continual"]["output_dir"] == "runs/paper/continual/llama3_8b_r32_safety_then_nlu_lori_s"
+    assert cfg["continual"]["task_mask"] == "runs/paper/llama3_8b_r32_nlu/calibration/masks.safetensors"
 
 
 def test_an_existing_or_unrelated_missing_config_is_not_reported_as_moved(tmp_path):

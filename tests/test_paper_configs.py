@@ -408,16 +408,20 @@ CONTINUAL_BENCH = {"nlu": ("nlu", {"nlu_mode": "generate"}),
                    "codealpaca": ("humaneval", {"n_samples": 20, "temperature": 0.2, "top_p": 0.95})}
 
 
-def _continual_key(path: Path) -> tuple[str, int, str, str]:
-    """(model, r, task, adaptation) of configs/paper/continual/<model>_r<r>_safety_then_<task>_<adaptation>.yaml."""
-    model, r, task, adaptation = re.fullmatch(r"(\w+?_\d+b)_r(\d+)_safety_then_(\w+)_(lori_[ds])", path.stem).groups()
-    return model, int(r), task, adaptation
+CONTINUAL_RUNS = [(t, a) for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")]  # Fig. 3
 
 
-@pytest.mark.parametrize("path", CONTINUAL, ids=_ids)
-def test_continual_config(path):
-    model, r, task, adaptation = _continual_key(path)
-    cfg = parse_continual_config(path)
+@functools.cache
+def _continual(task: str, adaptation: str):
+    """`lori continual --config configs/paper/continual/llama3_8b_r32_safety_then_<task>.yaml --adaptation A`, parsed."""
+    path = ROOT / "configs" / "paper" / "continual" / f"llama3_8b_r32_safety_then_{task}.yaml"
+    return parse_continual_config(path, "--adaptation", adaptation)
+
+
+@pytest.mark.parametrize("key", CONTINUAL_RUNS, ids="_".join)
+def test_continual_config(key):
+    (task, adaptation), model, r = key, "llama3_8b", 32
+    cfg = _continual(task, adaptation)
     cont = cfg["continual"]
     assert ContinualConfig(**cont).task_steps >= 1  # the run uses task_epochs; steps must still be valid
     safety_cfg = parse_config(ROOT / "configs" / "paper" / f"{model}_r{r}_saferpaca.yaml")
@@ -436,12 +440,13 @@ def test_continual_config(path):
     else:
         assert cont["masked_task"] is False and cont["task_mask"] is None
     assert not cont["protect_safety"]
-    assert cont["output_dir"] == f"runs/paper/continual/{path.stem}"
+    assert cont["output_dir"] == f"runs/paper/continual/{model}_r{r}_safety_then_{task}_{adaptation}"  # as before
     # the paper run's model, data, trainer, precision and batch
     m, lori = cfg["model"], cfg["model"]["lori"]
     alpha = APPENDIX_D["saferpaca", model, r][0]
     # the official evaluates fp32 merged weights between phases: an fp32 base with bf16 autocast
     assert m["model"] == MODELS[model] and m["dtype"] == "float32" and cfg["protocol"] == "official"
+    assert m["lr"] == cont["task_lr"]  # the model's lr is phase 2's too
     assert (lori["r"], lori["alpha"], lori["dropout"], list(lori["target_modules"])) == (r, alpha, 0.0, TARGETS)
     assert lori["seed"] == safety_cfg["model"]["lori"]["seed"]  # A is the safety adapter's
     assert (m["scheduler"], m["warmup_steps"], m["loss_normalization"]) == ("constant", 0, "sequence_sum")
@@ -462,9 +467,9 @@ def test_continual_config(path):
     assert {k: getattr(settings, k) for k in extra} == extra
 
 
-@pytest.mark.parametrize("path", CONTINUAL, ids=_ids)
-def test_continual_config_inputs_are_checked_at_run_time(path, tmp_path, monkeypatch):
-    cont = ContinualConfig(**parse_continual_config(path)["continual"])
+@pytest.mark.parametrize("key", CONTINUAL_RUNS, ids="_".join)
+def test_continual_config_inputs_are_checked_at_run_time(key, tmp_path, monkeypatch):
+    cont = ContinualConfig(**_continual(*key)["continual"])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ContinualConfigError, match="safety_adapter"):
         cont.check()
@@ -480,9 +485,21 @@ def test_continual_config_inputs_are_checked_at_run_time(path, tmp_path, monkeyp
 
 
 def test_continual_configs_cover_figure_3():
-    runs = {_continual_key(p)[2:] for p in CONTINUAL}
-    assert runs == {(t, a) for t in ("nlu", "gsm8k", "codealpaca") for a in ("lori_d", "lori_s")}
-    assert {_continual_key(p)[:2] for p in CONTINUAL} == {("llama3_8b", 32)}
+    assert sorted(p.stem for p in CONTINUAL) == [f"llama3_8b_r32_safety_then_{t}" for t in ("codealpaca", "gsm8k", "nlu")]
+    assert all(set(yaml.safe_load(p.read_text())["continual_set"]["lr"]) == {"lori_d", "lori_s"} for p in CONTINUAL)
+
+
+@pytest.mark.parametrize("task", ["nlu", "gsm8k", "codealpaca"])
+def test_continual_adaptations_differ_only_in_what_the_set_derives(task):
+    """LoRI-D and LoRI-S of one task share every setting but the phase-1 adapter, the mask, the lr and
+    the output (lori.training.continual_sets); test_continual_config checks those against the paper."""
+    derived = {"continual": {"safety_adapter", "masked_task", "task_mask", "task_lr", "output_dir"}, "model": {"lr"}}
+    d, s = ({k: v for k, v in _continual(task, a).as_dict().items() if k != "adaptation"} for a in ("lori_d", "lori_s"))
+    for section, keys in derived.items():
+        assert {k for k in d[section] if d[section][k] != s[section][k]} == keys, section
+        for k in keys:
+            d[section].pop(k), s[section].pop(k)
+    assert d == s
 
 
 # ---- a paper config runs end to end (tiny model, tiny data, CPU) ----------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,6 +24,7 @@ from lori.eval.evaluator import EvalSettings
 from lori.training import run_lock
 from lori.training.continual import ContinualConfig, run_continual
 from lori.training.continual import format_results as format_continual
+from lori.training.continual_sets import ContinualSet, apply_continual_set
 from lori.training.loggers import RunLoggers
 from lori.training.module import LoRIModule
 from lori.training.pipeline import make_trainer_factory
@@ -37,8 +38,13 @@ class ContinualCLI(LoRICLI):
         parser.add_class_arguments(ContinualConfig, "continual")
         parser.add_class_arguments(TaskDataModule, "task_data", instantiate=False)
         parser.add_class_arguments(EvalSettings, "eval")
+        parser.add_argument("--continual_set", type=ContinualSet | None, default=None,
+                            help="the safety and task runs, one lr per adaptation (lori.training.continual_sets)")
+        parser.add_argument("--adaptation", type=Literal["lori_d", "lori_s"] | None, default=None,
+                            help="with continual_set: LoRI-D (dense phase 2) or LoRI-S (inside the task's mask)")
 
     def before_instantiate_classes(self) -> None:
+        self.config = apply_continual_set(self.parser, self.config)  # --adaptation's settings, before any check
         super().before_instantiate_classes()
         EvalSettings(**self.config["eval"].as_dict())  # eval.protocol official conflicts stop here, before the model
         if self.runs_stages:  # missing files and a task mask of another A stop here, before the model loads
@@ -86,8 +92,9 @@ class _ParseOnlyContinualCLI(ContinualCLI):
         pass
 
 
-def parse_continual_config(path: str | Path) -> Any:
-    """Parse and check a ``lori continual`` YAML without loading anything."""
+def parse_continual_config(path: str | Path, *options: str) -> Any:
+    """Parse and check a ``lori continual`` YAML (and ``options``, e.g. ``--adaptation lori_s``) without
+    loading anything."""
     return _ParseOnlyContinualCLI(
-        LoRIModule, TaskDataModule, run=False, args=["--config", str(path)], save_config_callback=None
+        LoRIModule, TaskDataModule, run=False, args=["--config", str(path), *options], save_config_callback=None
     ).config

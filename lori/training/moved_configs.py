@@ -10,6 +10,8 @@
     configs/paper/merge/<set>_<method>_<adaptation>.yaml
         -> lori merge --config configs/paper/merge/<set>.yaml --adaptation <adaptation> --method <method>
            (lori.training.merge_sets derives the row's adapters, weights, density and output_dir)
+    configs/paper/continual/llama3_8b_r32_safety_then_<task>_<adaptation>.yaml
+        -> lori continual --config configs/paper/continual/llama3_8b_r32_safety_then_<task>.yaml --adaptation <adaptation>
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _ROWS = (
     (re.compile(r"configs/paper/merge/(?P<set>llama3_8b_3tasks|llama3_8b_4tasks|mistral_7b_4tasks)_"
                 r"(?P<method>concat|linear|magnitude|ties|dare)_(?P<adaptation>lora|lori_d|lori_s)\.yaml"),
      "lori merge --config configs/paper/merge/{set}.yaml --adaptation {adaptation} --method {method}"),
+    (re.compile(r"configs/paper/continual/(?P<run>llama3_8b_r32_safety_then_(?:nlu|gsm8k|codealpaca))_"
+                r"(?P<adaptation>lori_d|lori_s)\.yaml"),
+     "lori continual --config configs/paper/continual/{run}.yaml --adaptation {adaptation}"),
 )
 _PRUNING_ROWS = ("magnitude", "ties", "dare")  # the paper prunes LoRA adapters only
 
@@ -63,7 +68,9 @@ def replacement(path: str, subcommand: str = "fit") -> str | None:
 def _row_replacement(tail: str) -> str | None:
     for pattern, command in _ROWS:
         found = re.search(rf"(?:^|/){pattern.pattern}$", tail)
-        if found is not None and not (found["method"] in _PRUNING_ROWS and found["adaptation"] != "lora"):
+        if found is None:
+            continue
+        if not (found.groupdict().get("method") in _PRUNING_ROWS and found["adaptation"] != "lora"):  # never a file
             return command.format(**found.groupdict())
     return None
 

@@ -440,6 +440,7 @@ def test_continual_config(key):
     else:
         assert cont["masked_task"] is False and cont["task_mask"] is None
     assert not cont["protect_safety"]
+    assert (cont["evaluate_base"], cont["checkpoint_every"], cont["held_out_loss"]) == (False, 100, False)  # as the 6 files
     assert cont["output_dir"] == f"runs/paper/continual/{model}_r{r}_safety_then_{task}_{adaptation}"  # as before
     # the paper run's model, data, trainer, precision and batch
     m, lori = cfg["model"], cfg["model"]["lori"]

@@ -10,6 +10,7 @@ so its arguments and its conclusions are checked exactly, and the probe cache is
 from __future__ import annotations
 
 import errno
+import locale
 import os
 import signal
 import subprocess
@@ -283,8 +284,8 @@ def fake_execute(monkeypatch):
     def execute(harness, token, limits, caps, timeout, options):
         seen.update(harness=harness, token=token, limits=limits, caps=caps, timeout=timeout,
                     options=options, files=sorted(p.name for p in harness.iterdir()),
-                    launcher=(harness / "launcher.py").read_text(),
-                    program=(harness / "program.py").read_text())
+                    launcher=(harness / "launcher.py").read_text(encoding="utf-8"),
+                    program=(harness / "program.py").read_bytes().decode("utf-8"))
         (harness / "stdout").write_text(seen["stdout"].format(token=token))
         (harness / "stderr").write_text(seen["stderr"])
         return seen["result"]
@@ -303,12 +304,47 @@ def test_run_program_prepares_the_harness_and_passes_limits_and_options(fake_exe
     assert not harness.exists()  # removed afterwards
     assert fake_execute["files"] == ["launcher.py", "program.py", "work"]
     assert fake_execute["launcher"] == Path(sbx._guard.__file__).read_text(encoding="utf-8")
+    assert fake_execute["launcher"].isascii()  # the same bytes in any locale's encoding
     assert fake_execute["program"] == "print(1)"
     assert len(fake_execute["token"]) == 32 and int(fake_execute["token"], 16) >= 0
     assert fake_execute["limits"] == Limits(cpu_seconds=4, memory_bytes=3 << 20, max_procs=9,
                                             file_bytes=2 << 20)
     assert fake_execute["caps"] is ALL and fake_execute["timeout"] == 2.5
     assert fake_execute["options"] == {"guard": False, "network": False, "fs": True}
+
+
+@pytest.fixture
+def ascii_locale():
+    """The C locale (ASCII) for this test, as on a host without a UTF-8 locale."""
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+
+
+def test_run_program_writes_the_program_as_utf8_whatever_the_locale(fake_execute, ascii_locale):
+    assert locale.getencoding() != "UTF-8"
+    assert sbx.run_program("print('é ✓')").status == "passed"
+    assert fake_execute["program"] == "print('é ✓')"
+
+
+def test_run_program_returns_its_result_when_the_harness_cannot_be_removed(fake_execute,
+                                                                          monkeypatch):
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kwargs):  # the harness folder itself stays busy
+        if os.path.basename(os.fspath(path)).startswith("lori_sbx_"):
+            raise OSError(errno.EBUSY, "busy", path)
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(sbx.shutil.os, "rmdir", rmdir)
+    res = sbx.run_program("pass")
+    harness = fake_execute["harness"]
+    left = sorted(p.name for p in harness.iterdir())
+    real_rmdir(harness)
+    assert res.status == "passed" and left == []  # emptied, only the folder left
 
 
 def test_run_program_defaults(fake_execute):
@@ -402,10 +438,11 @@ def test_read_mounts_keeps_the_flags_a_read_only_remount_must_repeat(monkeypatch
     ]
 
 
-_V1 = ("30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+_DASH = "29 25 0:25 / /mnt/x rw - tmpfs - rw\n"  # mounted from the source "-": " - " twice
+_V1 = (_DASH + "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
        "31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
        "32 25 0:28 / /sys/fs/c\\040g/pids rw,nosuid - cgroup cgroup rw,nosuid,pids\n")
-_V2 = "35 25 0:30 / /sys/fs/c\\040g rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+_V2 = _DASH + "35 25 0:30 / /sys/fs/c\\040g rw,nosuid - cgroup2 - rw,nsdelegate\n"
 
 
 @pytest.mark.parametrize(("cgroup", "mountinfo", "expected"), [
@@ -415,7 +452,8 @@ _V2 = "35 25 0:30 / /sys/fs/c\\040g rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
     ("0::/user.slice/s:1.scope\n", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n" + _V2,
      "/sys/fs/c g/user.slice/s:1.scope"),  # unified hierarchy (v2)
     ("11:cpu,cpuacct:/x\n", _V2, None),  # v2 mounted, this process only in v1 hierarchies
-    ("11:cpu,cpuacct:/x\n0::/\n", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n", None),  # no cgroupfs
+    ("11:cpu,cpuacct:/x\n0::/\n", "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n" + _DASH, None),  # none
+    ("0::/\n", _DASH + "36 25 0:31 / /sys/fs/cgroup rw - cgroup2 none rw\n", "/sys/fs/cgroup/"),
 ])
 def test_pids_hierarchy_prefers_a_v1_pids_hierarchy_then_the_unified_one(monkeypatch, cgroup,
                                                                         mountinfo, expected):
@@ -522,8 +560,8 @@ def test_probe_runs_a_trivial_child_that_must_write_its_file():
 ])
 def test_probe_decision(monkeypatch, returncode, writes, raises, expected):
     seen = {}
-    monkeypatch.setattr(iso, "make_preexec",
-                        lambda limits, work, **kw: seen.update(limits=limits, kw=kw) or "PRE")
+    monkeypatch.setattr(iso, "make_preexec", lambda limits, work, **kw: seen.update(
+        limits=limits, work=work, kw=kw) or "PRE")
 
     def run(cmd, **kwargs):
         seen.update(cmd=cmd, kwargs=kwargs)
@@ -543,6 +581,7 @@ def test_probe_decision(monkeypatch, returncode, writes, raises, expected):
     assert seen["kwargs"] == {"preexec_fn": "PRE", "capture_output": True, "timeout": 30,
                               "check": False}
     assert Path(work).name.startswith("lori_probe_") and not Path(work).exists()
+    assert seen["work"] == work  # the child's working directory is the one confined
 
 
 def test_probe_without_a_preexec_fn_is_false(monkeypatch):
@@ -647,6 +686,7 @@ def test_preexec_joins_the_cgroup_before_isolating_and_drops_privileges_last(mon
 
 def test_preexec_defaults_set_the_limits_only(monkeypatch, preexec_steps):
     monkeypatch.setattr(iso.os, "getuid", lambda: 0)  # root: RLIMIT_NPROC ignores it, no headroom
+    monkeypatch.setattr(iso, "Path", _Texts({}))  # reads no /proc file (cap_last_cap) it needs not
     limits = Limits(cpu_seconds=3, memory_bytes=None, max_procs=9, file_bytes=1 << 20)
     iso.make_preexec(limits, "/w")()
     assert preexec_steps == [("limits", 9), ("namespaces", "/w", False, False, [])]

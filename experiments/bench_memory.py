@@ -12,11 +12,17 @@ Parts (targets in brackets):
     base_bytes     SmolLM2-135M-Instruct (the default model): bytes of the stored base (parameters,
                    buffers, quantized codes and their state) with ``model.quantize: nf4`` and the
                    default ``model.dtype`` (auto), and with int8, over the fp32 base's   [nf4 <= 0.30]
-    rss            peak RSS of a LoRI-S training step (the default config's r, batch 4 x 384), NF4
-                   base (model.dtype auto) over the fp32 base, each in a fresh process   [<= 0.6]
+    rss            peak RSS during a LoRI-S training step (the default config's r, batch 4 x 384):
+                   NF4 base over the fp32 base at the same compute dtype (fp32), and NF4 with
+                   model.dtype auto; each in a fresh process, the high-water mark reset right before
+                   the timed step; with what is held between steps, what the step adds and the
+                   activations autograd saves (``step_figures``)                         [<= 0.6]
     pipeline       ``lori pipeline`` on configs/experiment/default.yaml with model.dtype float32, with
                    an NF4 base and without: held-out loss after LoRI-D and LoRI-S (NF4 within 3% of
                    fp32) and the overlap of the calibrated masks (|M_nf4 & M_fp32| / |M_fp32|)
+    base_loss      held-out loss of the untrained base: fp32, lori's NF4 (double quantization on and
+                   off, blocksize 64 and 32), FP4, int8, and transformers' own QLoRA NF4 loading of
+                   the same dequantized folder: whether the pipeline's NF4 gap is lori's or NF4's
     checkpointing  a LoRI-S step at batch 4 x 1024 with and without model.gradient_checkpointing
                    (lori.training.activation_checkpointing): peak memory of the step (VmHWM over
                    the RSS before it) and step time              [memory <= 0.5x, time <= 1.4x]
@@ -32,6 +38,7 @@ the toy GSM8K file: the same code paths in seconds. Results: experiments/results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,7 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 from bench_train import release_free_memory, resident_bytes  # noqa: E402 - experiments/ on the path first
-PARTS = ["base_bytes", "rss", "pipeline", "checkpointing", "llama3"]
+PARTS = ["base_bytes", "rss", "pipeline", "base_loss", "checkpointing", "llama3"]
 TARGETS = {"base_bytes_nf4_vs_fp32": 0.30, "rss_lori_s_nf4_vs_fp32": 0.6, "val_loss_nf4_vs_fp32_within": 0.03,
            "checkpointing_peak_vs_plain": 0.5, "checkpointing_time_vs_plain": 1.4, "llama3_vs_dry_run_within": 0.05}
 LLAMA3_TINY = {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -94,8 +101,19 @@ def lori_s_model(model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Mod
 
 
 def step_figures(model: torch.nn.Module, batch: int, seq: int, steps: int, lr: float) -> dict[str, Any]:
-    """One warm-up step (AdamW allocates its state), then ``steps`` timed steps: the peak RSS over them
-    (absolute, and over the RSS before them) and the median step time."""
+    """One warm-up step (AdamW allocates its state; what autograd saves is counted in it), then
+    ``steps`` timed steps, and the median step time. Memory, from /proc/self/status, in bytes:
+
+        rss_before_bytes   VmRSS after the warm-up step, gc and malloc_trim: what the process holds
+                           between steps (runtime, the base as stored, adapter, AdamW state); with its
+                           anonymous and file-backed (mapped files: libraries, a mapped checkpoint) parts
+        peak_rss_bytes     VmHWM over the timed steps, the high-water mark reset to VmRSS right before
+                           them (clear_refs 5): the process's peak during a step, the load's excluded
+        step_peak_bytes    peak_rss_bytes - rss_before_bytes: what a step adds (activations, gradients,
+                           temporaries such as a 4-bit layer's weight dequantized for one matmul)
+        saved_bytes        what autograd keeps from forward for backward (each storage once, parameters
+                           and buffers excluded): the activations
+    """
     from lori.core import trainable_parameters
     from lori.training.module import response_loss, split_lm_head
 
@@ -104,22 +122,34 @@ def step_figures(model: torch.nn.Module, batch: int, seq: int, steps: int, lr: f
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
-    def step() -> float:
+    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def step(count_saved: bool = False) -> float:
         start = time.perf_counter()
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-        response_loss(hidden, ids, head, "token_mean").backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_saved else contextlib.nullcontext():
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            loss = response_loss(hidden, ids, head, "token_mean")
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    step()
+    step(count_saved=True)
     release_free_memory()
-    before = resident_bytes("VmRSS")
+    before, anon, mapped = resident_bytes("VmRSS"), resident_bytes("RssAnon"), resident_bytes("RssFile")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     times = [step() for _ in range(steps)]
     peak = resident_bytes("VmHWM")
-    return {"peak_rss_bytes": peak, "rss_before_bytes": before, "step_peak_bytes": peak - before,
+    return {"peak_rss_bytes": peak, "rss_before_bytes": before, "rss_before_anon_bytes": anon,
+            "rss_before_file_bytes": mapped, "step_peak_bytes": peak - before, "saved_bytes": sum(saved.values()),
             "step_s": round(statistics.median(times), 3), "step_times_s": [round(t, 3) for t in times]}
 
 
@@ -129,6 +159,7 @@ def child(args: argparse.Namespace) -> None:
     from lori.training.activation_checkpointing import enable_activation_checkpointing
 
     model, config = load(args.tiny, dtype, None if quantize == "none" else quantize)
+    release_free_memory()  # what loading and quantizing freed goes back to the OS (malloc_trim)
     lori_s_model(model, config)
     if ckpt == "ckpt":
         enable_activation_checkpointing(model)
@@ -163,15 +194,23 @@ def part_base_bytes(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+RSS_FIGURES = ("peak_rss_bytes", "rss_before_bytes", "step_peak_bytes", "saved_bytes", "base_bytes")
+
+
 def part_rss(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 base, NF4 base computing in fp32 (the same compute: the target's figure), NF4 base with the
+    default ``model.dtype: auto`` (bf16 where the CPU has native bf16); each in a fresh process."""
     batch, seq = ("2", "32") if args.tiny else ("4", "384")
     runs = {name: in_fresh_process(args, "rss", dtype, quantize, "plain", batch, seq)
-            for name, dtype, quantize in (("fp32", "float32", "none"), ("nf4", "auto", "nf4"),
-                                          ("nf4_rest_fp32", "float32", "nf4"))}
-    ratios = {f"{n}_vs_fp32": round(runs[n]["peak_rss_bytes"] / runs["fp32"]["peak_rss_bytes"], 4)
-              for n in ("nf4", "nf4_rest_fp32")}
-    return {"runs": runs, **ratios, "met": ratios["nf4_vs_fp32"] <= TARGETS["rss_lori_s_nf4_vs_fp32"],
-            "figure": "peak RSS of the process over the timed LoRI-S steps (model, runtime and step)"}
+            for name, dtype, quantize in (("fp32", "float32", "none"), ("nf4", "float32", "nf4"),
+                                          ("nf4_auto", "auto", "nf4"))}
+    ratios = {n: {k.removesuffix("_bytes"): round(runs[n][k] / max(1, runs["fp32"][k]), 4) for k in RSS_FIGURES}
+              for n in ("nf4", "nf4_auto")}
+    return {"runs": runs, "nf4_vs_fp32": ratios["nf4"]["peak_rss"], "vs_fp32": ratios,
+            "met": ratios["nf4"]["peak_rss"] <= TARGETS["rss_lori_s_nf4_vs_fp32"],
+            "figure": "peak_rss: VmHWM over the timed LoRI-S step, reset to VmRSS right before it (the load's "
+                      "peak excluded); rss_before: held between steps; step_peak: what the step adds; saved: "
+                      "activations autograd keeps; base: the stored base (see step_figures)"}
 
 
 def part_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,6 +249,66 @@ def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return {"losses": losses, "nf4_vs_fp32_relative": relative, "mask_overlap": round(both / max(1, kept), 4),
             "met": bool(relative) and all(abs(v) <= TARGETS["val_loss_nf4_vs_fp32_within"] for v in relative.values()),
             "storage": {n: run.get("precision", {}).get("storage") for n, run in runs.items()}}
+
+
+BASE_LOSS_VARIANTS: dict[str, dict[str, Any]] = {  # lori's quantize_base with bitsandbytes' settings
+    "lori_nf4": {"mode": "nf4"}, "lori_nf4_no_double_quant": {"mode": "nf4", "double_quant": False},
+    "lori_nf4_blocksize_32": {"mode": "nf4", "blocksize": 32}, "lori_fp4": {"mode": "fp4"},
+    "lori_int8": {"mode": "int8"},
+}
+
+
+def part_base_loss(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out loss of the untrained base (the pipeline's ``val_loss_before``) stored each way: fp32;
+    lori's ``quantize_base`` (NF4 with and without double quantization, blocksize 32, FP4, int8);
+    transformers' own QLoRA loading (``BitsAndBytesConfig(load_in_4bit, nf4, compute fp32)``) of the
+    same dequantized folder. Everything computes in fp32 on the held-out examples of the default config."""
+    import copy
+
+    from _common import base_config, loaders_for
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lori.ablation import held_out_loss
+    from lori.training.module import build_model
+    from lori.training.quantize import import_bitsandbytes, quantize_base
+
+    import_bitsandbytes()
+    config = base_config(args.tiny, args.workdir, **{"model.dtype": "float32"})
+    fp32, tokenizer = build_model("tiny-llama" if args.tiny else config["model"]["model"], None, "float32", None)
+    fp32.eval()
+    if args.tiny:
+        folder = args.workdir / "tiny_base"
+        fp32.save_pretrained(folder)
+    else:
+        folder = Path(fp32.lori_load_info["cache_dir"])  # the GGUF dequantized to fp32 safetensors
+    loader = loaders_for({"gsm8k": config}, tokenizer)["gsm8k"]
+    losses = {"fp32": held_out_loss(fp32, loader)}
+    log(f"[bench_memory] base_loss fp32 {losses['fp32']:.4f}")
+    for name, settings in BASE_LOSS_VARIANTS.items():
+        model = copy.deepcopy(fp32)
+        settings = dict(settings)
+        quantize_base(model, settings.pop("mode"), torch.float32, device="cpu", **settings)
+        losses[name] = held_out_loss(model.eval(), loader)
+        log(f"[bench_memory] base_loss {name} {losses[name]:.4f}")
+        del model
+        release_free_memory()
+    for double_quant in (True, False):
+        name = "transformers_nf4" + ("" if double_quant else "_no_double_quant")
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_use_double_quant=double_quant)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32,
+                                                     device_map="cpu")
+        for module in model.modules():  # the fp32 path lori's layers take (not the bf16 packed CPU kernel)
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        losses[name] = held_out_loss(model.eval(), loader)
+        log(f"[bench_memory] base_loss {name} {losses[name]:.4f}")
+        del model
+        release_free_memory()
+    relative = {k: round(v / losses["fp32"] - 1, 4) for k, v in losses.items() if k != "fp32"}
+    return {"losses": {k: round(v, 4) for k, v in losses.items()}, "vs_fp32_relative": relative,
+            "lori_nf4_vs_transformers_nf4": round(losses["lori_nf4"] / losses["transformers_nf4"] - 1, 4),
+            "examples": config["data"].get("held_out"), "folder": str(folder) if not args.tiny else "tiny_base"}
 
 
 def part_llama3(args: argparse.Namespace) -> dict[str, Any]:

@@ -129,7 +129,8 @@ def test_bench_memory_toy_size(tmp_path):
     out = tmp_path / "bench_memory.json"
     results = load("bench_memory").main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")])
     parts = results["parts"]
-    assert set(parts) == {"base_bytes", "rss", "pipeline", "checkpointing", "llama3"}
+    assert set(parts) == {"base_bytes", "rss", "pipeline", "base_loss", "checkpointing", "llama3"}
+    assert parts["base_loss"]["losses"]["lori_nf4"] == parts["base_loss"]["losses"]["transformers_nf4"]
     assert parts["base_bytes"]["nf4_bytes"] < parts["base_bytes"]["fp32_bytes"]
     assert abs(parts["llama3"]["nf4"]["ratio"] - 1) <= 0.05 and parts["llama3"]["met"]
     for part, key in (("rss", "nf4_vs_fp32"), ("checkpointing", "peak_vs_plain"), ("checkpointing", "time_vs_plain")):

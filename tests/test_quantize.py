@@ -7,8 +7,11 @@ that trains the base, or a missing bitsandbytes, stops in one line before anythi
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from test_baselines import LORI, _batches, _changed, _state, _trainer
 from test_resume import Crash, CrashAt
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 import lori.training.module
 from lori.commands.main import main
@@ -35,6 +39,7 @@ from lori.core import (
     merge_lori,
     save_adapter,
 )
+from lori.core.layer import dropout_draw
 from lori.training.base_model import resolve_base_dtype, tiny_llama
 from lori.training.baselines import PEFT_METHODS
 from lori.training.module import LoRIModule
@@ -133,6 +138,55 @@ def test_adapter_files_move_between_quantized_and_unquantized_bases(tmp_path):
     back = tiny_llama()
     apply_adapter(back, load_adapter(tmp_path / "quantized"))
     torch.testing.assert_close(_logits(back), _logits(plain), rtol=0, atol=0)  # bit for bit on the plain base
+
+
+def test_quantizing_releases_the_full_precision_weights_and_the_checkpoints_mapping(tmp_path):
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # views of one file mapping
+    mapped = lambda: [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
+    assert mapped()  # (the premise: the loader maps the checkpoint)
+    originals = [weakref.ref(m.weight) for m in model.modules() if type(m) is nn.Linear][:-1]  # (not lm_head)
+    before = _logits(model)
+    quantize_base(model, "nf4", torch.float32, device="cpu")
+    gc.collect()
+    assert not [ref for ref in originals if ref() is not None]  # no fp32 weight of a quantized layer is left
+    assert not mapped()  # the kept parameters own their memory: the checkpoint's pages are unmapped
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # ties kept
+    assert torch.nn.functional.cosine_similarity(before.flatten(), _logits(model).flatten(), dim=0) > 0.95
+
+
+def test_the_adapter_beside_a_quantized_layer_saves_no_copy_of_its_input():
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    quantize_base(model, "nf4", torch.float32)
+    inject_lori(model, LoRIConfig(r=4, alpha=8.0, dropout=0.05, target_modules=["q_proj"]))
+    layer = next(iter(lori_layers(model).values())).train()
+    layer.lori_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 16, 128, requires_grad=True)
+    frozen = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in frozen:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    # h (n x r) and the drops' positions (~n d_in p int64): not a dropped copy of x nor a mask of its size
+    assert saved and sum(saved) < x.numel() * x.element_size() / 4
+    torch.manual_seed(0)  # the same drops, by the plain formula on the dequantized layer
+    drop = dropout_draw(x.numel(), 0.05, x.device)
+    x_ref = x.detach().clone().requires_grad_(True)
+    kept = x_ref.reshape(-1).index_fill(0, drop, 0).view_as(x_ref)
+    B = layer.lori_B.detach().clone().requires_grad_(True)
+    want = layer.base_layer(x_ref) + layer.scale / 0.95 * torch.nn.functional.linear(kept @ layer.lori_A.t(), B)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lori_B.grad, B.grad)
 
 
 def test_merging_into_a_quantized_base_is_refused_and_changes_nothing():

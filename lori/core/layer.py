@@ -242,6 +242,18 @@ class LoRILinear(nn.Module):
     def _forward_autograd(self, x: Tensor) -> Tensor:
         """A trainable or hooked base, or dtypes nn.Linear would refuse: plain autograd, same formula."""
         result = self.base_layer(x)
+        trainable = self.lori_B if self.lori_B_values is None else self.lori_B_values
+        if not self.base_layer.weight.is_floating_point() and self.lori_A.is_floating_point() \
+                and trainable.is_floating_point():  # a quantized base: its library's node, the adapter beside it
+            dropout = self.lori_dropout
+            p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+            drop = dropout_draw(x.numel(), p, x.device) if p > 0 else None
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+                and x.dtype in _AUTOCAST_ELIGIBLE else x.dtype
+            delta = _LoRIAdapterMatmul.apply(x, trainable, self.lori_A, self.lori_B, self.lori_index, drop,
+                                             self.scale / (1.0 - p), dtype)
+            return result + _as(delta, result.dtype)
         h = F.linear(self.lori_dropout(x), _as(self.lori_A, x.dtype))  # (..., r)
         B = _as(self.B(), h.dtype)  # (d_out, r)
         if result.dtype == h.dtype and result.is_contiguous() and self.base_layer.weight.is_floating_point():
@@ -381,6 +393,51 @@ class _LoRIMatmul(torch.autograd.Function):
             flat = dB if index is None else dB.view(-1).index_select(0, index)
             dtrainable = flat.to(trainable.dtype).mul_(ctx.c)  # fp32 for an fp32 trainable
         return dx, dtrainable, None, None, None, None, None, None, None, None
+
+
+class _LoRIAdapterMatmul(torch.autograd.Function):
+    """z = c * B_eff A (x ⊙ keep) alone, as one autograd node: the adapter beside a base layer that
+    is its own node (a quantized base, whose library dequantizes per matmul).
+
+        h = (x ⊙ keep) A^T     (n, r)        z = c h B_eff^T     (n, d_out)
+        dx = c (g B_eff A) ⊙ keep            dB_eff = c g^T h    (LoRI-S: gathered at the kept entries)
+
+    Saved: h and the drops, as in ``_LoRIMatmul``; plain autograd would keep the dropped copy of x
+    (n x d_in) and dropout's mask for every adapted layer, the bulk of a quantized base's step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, trainable, A, B_rest, index, drop, c, dtype):  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):  # operands are cast here, explicitly
+            B = _as(_effective_B(trainable, B_rest, index), dtype)
+            xc = _as(x.reshape(-1, x.shape[-1]), dtype)  # (n, d_in)
+            if drop is not None:  # zero the drops in a copy (a cast is one already)
+                fresh = xc.dtype != x.dtype
+                xc = _zero_dropped(xc if fresh else xc.clone(memory_format=torch.contiguous_format), drop)
+            h = torch.mm(xc, _as(A, dtype).t())  # (n, r)
+            z = torch.mm(h, B.t()).mul_(c)  # (n, d_out)
+        ctx.save_for_backward(A, trainable, B_rest, h, index, drop)
+        ctx.c, ctx.dtype, ctx.x_dtype = c, dtype, x.dtype
+        return z.view(*x.shape[:-1], z.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        A, trainable, B_rest, h, index, drop = ctx.saved_tensors
+        dtype = ctx.dtype
+        g = _as(grad.reshape(-1, grad.shape[-1]), dtype)  # (n, d_out)
+        dx = dtrainable = None
+        if ctx.needs_input_grad[0]:
+            dh = torch.mm(g, _as(_effective_B(trainable, B_rest, index), dtype))  # (n, r)
+            dx = torch.mm(dh, _as(A, dtype)).mul_(ctx.c)  # (n, d_in)
+            if drop is not None:
+                _zero_dropped(dx, drop)
+            dx = _as(dx.view(*grad.shape[:-1], dx.shape[-1]), ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dB = torch.mm(g.t(), h)  # (d_out, r), in the compute dtype
+            flat = dB if index is None else dB.view(-1).index_select(0, index)
+            dtrainable = flat.to(trainable.dtype).mul_(ctx.c)
+        return dx, dtrainable, None, None, None, None, None, None
 
 
 def _effective_B(trainable: Tensor, B_rest: Tensor, index: Tensor | None) -> Tensor:

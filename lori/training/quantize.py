@@ -50,6 +50,7 @@ from lori.training.baselines.registry import get_method
 
 QUANTIZE_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install bitsandbytes"
+BLOCKSIZE = 64  # entries per absmax of a 4-bit layer (bitsandbytes' and QLoRA's default)
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
 # which methods cannot train on a frozen 4/8-bit copy (their training changes the base: ``Method.changes_base``)
 # and which (method, mode) pairs fail in a dependency (``Method.quantize_refused``): the method registry says
@@ -179,7 +180,8 @@ def quantize_device() -> torch.device:
 
 
 def quantize_base(
-    model: nn.Module, mode: str, compute_dtype: torch.dtype, device: str | torch.device | None = None
+    model: nn.Module, mode: str, compute_dtype: torch.dtype, device: str | torch.device | None = None, *,
+    blocksize: int = BLOCKSIZE, double_quant: bool = True,
 ) -> dict[str, Any]:
     """Replace every ``nn.Linear`` of ``model`` but its LM head by a bitsandbytes layer, in place.
 
@@ -189,6 +191,10 @@ def quantize_base(
             outlier threshold ``INT8_THRESHOLD``).
         compute_dtype: what the 4-bit layers dequantize to for each matmul (``model.dtype``).
         device: where to quantize and then keep the model (default ``quantize_device()``).
+        blocksize: entries per absmax of the 4-bit layers (bitsandbytes' ``Params4bit``: 32 to 4096).
+        double_quant: 4-bit absmaxes themselves stored in 8 bits (``compress_statistics``), as
+            QLoRA's ``bnb_4bit_use_double_quant``. These two are bitsandbytes' defaults unless set;
+            ``experiments/bench_memory.py`` (part ``base_loss``) measures what they change.
 
     Returns:
         What is stored (also kept as ``model.lori_quantize``): ``mode``, ``layers`` (how many were
@@ -204,9 +210,11 @@ def quantize_base(
     for path, linear in found:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name,
-                _quantized_linear(bnb, linear, mode, compute_dtype, device))
+                _quantized_linear(bnb, linear, mode, compute_dtype, device, blocksize, double_quant))
     if device.type != "cpu":
         model.to(device)  # the rest follows the quantized layers (a loaded model sits on the CPU)
+    else:
+        own_storage(model)  # the checkpoint's file mapping (the fp32 weights' pages) goes with its last tensor
     info = {"mode": mode, "layers": len(found), "quantized_bytes": quantized_bytes(model),
             "unquantized_bytes": before, "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "kept": [p for p, m in model.named_modules() if type(m) is nn.Linear]}
@@ -217,8 +225,30 @@ def quantize_base(
 
 
 @torch.no_grad()
+def own_storage(model: nn.Module) -> None:
+    """Give every floating-point parameter and buffer of ``model`` a storage of its own, in place.
+
+    ``from_pretrained`` maps a safetensors checkpoint into memory and its tensors are views of that
+    one mapping, so the parameters left unquantized (embeddings, LM head, norms) would keep all of
+    it, the full-precision weights of the quantized layers included, mapped, and every page the
+    quantization read resident (the process's RSS, file-backed: 538 MiB of fp32 SmolLM2-135M). A
+    parameter's ``.data`` is replaced, so tied weights stay one parameter; the copies are what the
+    model would hold anyway.
+    """
+    for param in model.parameters():  # each shared (tied) parameter once
+        if param.is_floating_point():
+            param.data = param.data.clone()
+    copies: dict[int, torch.Tensor] = {}  # a buffer shared by modules stays shared
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = copies.setdefault(id(buffer), buffer.clone())
+
+
+@torch.no_grad()
 def _quantized_linear(
-    bnb: Any, linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device
+    bnb: Any, linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device,
+    blocksize: int = BLOCKSIZE, double_quant: bool = True,
 ) -> nn.Module:
     """The bitsandbytes layer holding ``linear``'s weight (quantized on ``device``) and bias."""
     w, bias = linear.weight.detach().to(device), linear.bias is not None
@@ -229,7 +259,8 @@ def _quantized_linear(
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
                                   quant_type=mode, device="meta")
-        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=mode).to(w.device)
+        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=mode, blocksize=blocksize,
+                                         compress_statistics=double_quant).to(w.device)
         # bitsandbytes 0.50 repacks a 4-bit weight in place for its CPU inference kernel on the first
         # no-grad eval forward (AVX512-BF16 CPUs); that layout fails for widths under 64 and is not the
         # one training reads: every forward here takes the same path

@@ -31,7 +31,9 @@ dx = g W0 + c (g B_eff) A (masked by dropout), dB_eff = c g^T h, and in LoRI-S t
 kept entries is a gather of dB_eff. No gradient is formed for A; x is never copied when dropout
 is off (p = 0 or eval) and otherwise only to zero the dropped entries, whose positions are all
 that is saved (not a float mask); the adapter's product is added into the base output in place.
-Measured in ``experiments/bench_train.py``, written up in ``docs/performance.md``.
+Measured in ``experiments/bench_train.py``, written up in ``docs/performance.md``. A quantized base
+(``model.quantize``) is its library's own autograd node; the adapter beside it is one node too
+(``_LoRIAdapterMatmul``), which saves the same h and drops, not a dropped copy of x.
 """
 
 from __future__ import annotations

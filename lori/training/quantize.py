@@ -18,8 +18,11 @@ LM head and the biases keep ``model.dtype``, which is also the compute dtype of 
 quantized; a method that changes the base (``full``; ``pissa``, whose residual replaces W0) refuses
 a quantized base.
 
-The weights are quantized as the model loads, one layer at a time (the full-precision copy of one
-layer is the only extra memory), on ``quantize_device()``: the process's GPU when there is one (there
+The model loads in full precision (``from_pretrained`` maps the checkpoint file), then each layer is
+quantized in turn and its full-precision weight dropped, and the parameters left unquantized are
+copied out of the mapping (``own_storage``) so that it is unmapped: nothing of the fp32 weights stays
+resident (tests/test_quantize.py checks both with weak references and /proc/self/maps). On
+``quantize_device()``: the process's GPU when there is one (there
 bitsandbytes quantizes a layer in milliseconds; its CPU backend took 49-97 s for SmolLM2-135M's
 210 layers in 4 bits, 13 s in int8, on 2 shared cores), else the CPU; the model then lives on that device, and Lightning moves it where the run computes. A GGUF base is dequantized to float32 first, as without ``quantize``. A quantized layer
 keeps the first 64 entries of its original weight (``lori.core.adapter.FINGERPRINT_HEAD``), so the

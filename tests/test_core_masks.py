@@ -447,6 +447,8 @@ def test_inject_lori_adapts_exactly_the_targeted_linears_and_freezes_the_rest():
         get_B(_named_linears())
     assert str(info.value) == "Sequential holds no LoRI adapters; call inject_lori first"
     assert plain_path("_fsdp_wrapped_module.blk._checkpoint_wrapped_module.mlp") == "blk.mlp"
+    assert plain_path("blk.mlp.up_proj._fsdp_wrapped_module") == "blk.mlp.up_proj"  # the layer is the unit
+    assert plain_path("a._checkpoint_wrapped_module._fsdp_wrapped_module.b") == "a.b"
     set_masks(m1, {"q_proj": torch.tensor([[True, False]] * 4), "blk.mlp.up_proj": torch.ones(4, 2, dtype=torch.bool)})
     assert adapter_listing(m1) == [
         {"path": "q_proj", "in": 4, "out": 4, "r": 2, "trainable": 4},
@@ -454,6 +456,18 @@ def test_inject_lori_adapts_exactly_the_targeted_linears_and_freezes_the_rest():
     ]
     set_masks(m1, None)
     assert [row["trainable"] for row in adapter_listing(m1)] == [8, 8]
+
+
+def test_a_lori_layer_wrapped_itself_keeps_its_plain_path():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lori.core.inject import lori_layers
+    model = _named_linears()
+    layers = inject_lori(model, LoRIConfig(r=2, alpha=4, target_modules=["q_proj", "up_proj"]))
+    model.q_proj = checkpoint_wrapper(model.q_proj)  # the LoRILinear is now <path>._checkpoint_wrapped_module
+    assert list(lori_layers(model)) == ["q_proj", "blk.mlp.up_proj"]
+    assert lori_layers(model)["q_proj"] is layers["q_proj"]
+    assert list(get_B(model)) == ["q_proj", "blk.mlp.up_proj"]
 
 
 def test_set_masks_names_unknown_and_missing_modules():

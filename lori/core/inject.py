@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
@@ -65,12 +64,16 @@ def inject_lori(model: nn.Module, config: LoRIConfig) -> dict[str, LoRILinear]:
     return layers
 
 
-_WRAPPER_SEGMENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def plain_path(path: str) -> str:
-    """A module path without the segments FSDP and activation-checkpoint wrappers insert."""
-    return _WRAPPER_SEGMENTS.sub("", path)
+    """A module path without the segments FSDP and activation-checkpoint wrappers insert.
+
+    Anywhere in the path, the last segment too: a LoRILinear that is itself an FSDP unit or
+    checkpointed sits at ``<path>._fsdp_wrapped_module`` and keeps the key ``<path>``.
+    """
+    return ".".join(s for s in path.split(".") if s not in _WRAPPER_SEGMENTS)
 
 
 def lori_layers(model: nn.Module) -> dict[str, LoRILinear]:

@@ -204,6 +204,10 @@ def test_read_peft_weights_only_a_reads_the_a_of_the_first_modules_in_path_order
     A, B, embeddings = read_peft_weights(tmp_path / "ad" / "adapter_model.safetensors", only_A=2)
     assert sorted(A) == ["head", "model.layers.0.self_attn.q_proj"] and B == {} and embeddings == {}
     assert torch.equal(A["head"], _adapter().A["head"])
+    only = {peft_key(p, "A"): a for p, a in _adapter().A.items()}  # the A chosen do not depend on the B present
+    save_file(only, str(tmp_path / "a_only.safetensors"))
+    A, B, _ = read_peft_weights(tmp_path / "a_only.safetensors", only_A=2)
+    assert sorted(A) == ["head", "model.layers.0.self_attn.q_proj"] and B == {}
 
 
 def test_read_a_identity_reads_only_the_a_it_digests(tmp_path):

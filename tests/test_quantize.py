@@ -189,6 +189,27 @@ def test_the_adapter_beside_a_quantized_layer_saves_no_copy_of_its_input():
     torch.testing.assert_close(layer.lori_B.grad, B.grad)
 
 
+def test_the_adapter_beside_a_quantized_layer_computes_in_the_autocast_dtype():
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    quantize_base(model, "nf4", torch.bfloat16)
+    inject_lori(model, LoRIConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj"]))
+    layer = next(iter(lori_layers(model).values()))
+    layer.lori_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 16, 128, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        base = layer.base_layer(x)
+    # the adapter's two matmuls in bf16, as autocast asks, then cast to the base output's dtype
+    h = torch.mm(x.reshape(-1, 128).bfloat16(), layer.lori_A.bfloat16().t())
+    delta = torch.mm(h, layer.lori_B.detach().bfloat16().t()).mul_(layer.scale).view(3, 16, -1)
+    assert y.dtype == base.dtype
+    assert torch.equal(y, base + delta.to(base.dtype))
+    in_fp32 = layer.scale * (x @ layer.lori_A.t()) @ layer.lori_B.detach().t()
+    assert not torch.equal(y, base + in_fp32.to(base.dtype))  # the fp32 adapter is another result here
+    y.sum().backward()
+    assert layer.lori_B.grad.dtype == torch.float32  # B and its gradient stay fp32
+
+
 def test_merging_into_a_quantized_base_is_refused_and_changes_nothing():
     model = tiny_llama()
     quantize_base(model, "nf4", torch.float32)

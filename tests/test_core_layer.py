@@ -547,6 +547,27 @@ def test_trainable_base_weight_gets_its_gradient():
     assert layer.base_layer.weight.grad is not None and layer.lori_B_values.grad is not None
 
 
+def test_the_plain_autograd_path_of_a_float_base_runs_the_layers_own_dropout_module():
+    """Plain autograd (a trainable or hooked float base) calls ``lori_dropout`` as a module, so a
+    replaced one runs; only a quantized base takes the adapter node with lori's own drops."""
+    layer = _layer(0.0, masked=True).train()
+    layer.base_layer.weight.requires_grad_(True)  # not fusable: plain autograd
+    seen = []
+
+    class Halve(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape)
+            return x / 2
+
+    x = torch.randn(3, 12, dtype=torch.float64)
+    full = layer(x)
+    layer.lori_dropout = Halve()
+    halved = layer(x)
+    base = layer.base_layer(x)
+    assert seen == [x.shape]
+    assert torch.allclose(halved - base, (full - base) / 2, atol=1e-12)  # the adapter saw x / 2
+
+
 def test_dropout_inactive_in_eval_equals_p0():
     x = torch.randn(2, 3, 12, dtype=torch.float64)
     with_dropout, without = _layer(0.3, masked=True).eval(), _layer(0.0, masked=True).eval()

@@ -52,8 +52,9 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-from bench_train import release_free_memory, resident_bytes  # noqa: E402 - experiments/ on the path first
+sys.path.insert(0, str(REPO / "experiments"))  # bench_train and _common sit beside this file
+from bench_train import release_free_memory, resident_bytes
+
 PARTS = ["base_bytes", "rss", "pipeline", "base_loss", "checkpointing", "llama3"]
 TARGETS = {"base_bytes_nf4_vs_fp32": 0.30, "rss_lori_s_nf4_vs_fp32": 0.6, "val_loss_nf4_vs_fp32_within": 0.03,
            "checkpointing_peak_vs_plain": 0.5, "checkpointing_time_vs_plain": 1.4, "llama3_vs_dry_run_within": 0.05}
@@ -172,7 +173,7 @@ def child(args: argparse.Namespace) -> None:
 def in_fresh_process(args: argparse.Namespace, *spec: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", *spec, "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(spec)}: exited {done.returncode}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -225,9 +226,8 @@ def part_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     from _common import base_config, write_yaml
+    from safetensors.torch import load_file
 
     runs = {}
     for name, quantize in (("nf4", "nf4"), ("fp32", None)):
@@ -344,7 +344,7 @@ def part_llama3(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- main --------------------------------------------------------------------------------
 def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
     return done.stdout.strip() or "unknown"
 
 

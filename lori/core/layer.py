@@ -366,10 +366,7 @@ class _LoRIMatmul(torch.autograd.Function):
             B = _as(_effective_B(trainable, B_rest, index), dtype)
             xc = _as(x.reshape(-1, x.shape[-1]), dtype)  # (n, d_in)
             y = F.linear(xc, _as(weight, dtype), _as(bias, dtype))  # (n, d_out)
-            if drop is not None:  # zero the drops in a copy (a cast is one already)
-                fresh = xc.dtype != x.dtype
-                xc = _zero_dropped(xc if fresh else xc.clone(memory_format=torch.contiguous_format), drop)
-            h = torch.mm(xc, _as(A, dtype).t())  # (n, r)
+            h = torch.mm(_without_drops(xc, x.dtype, drop), _as(A, dtype).t())  # (n, r)
             y.addmm_(h, B.t(), alpha=c)
         ctx.save_for_backward(weight, A, trainable, B_rest, h, index, drop)
         ctx.c, ctx.dtype, ctx.x_dtype = c, dtype, x.dtype
@@ -391,9 +388,7 @@ class _LoRIMatmul(torch.autograd.Function):
                 dx = _zero_dropped(torch.mm(dh, A), drop).addmm_(g, weight, beta=ctx.c)
             dx = _as(dx.view(*grad.shape[:-1], dx.shape[-1]), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dB = torch.mm(g.t(), h)  # (d_out, r), in the compute dtype
-            flat = dB if index is None else dB.view(-1).index_select(0, index)
-            dtrainable = flat.to(trainable.dtype).mul_(ctx.c)  # fp32 for an fp32 trainable
+            dtrainable = _trainable_grad(g, h, trainable, index, ctx.c)
         return dx, dtrainable, None, None, None, None, None, None, None, None
 
 
@@ -413,10 +408,7 @@ class _LoRIAdapterMatmul(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # operands are cast here, explicitly
             B = _as(_effective_B(trainable, B_rest, index), dtype)
             xc = _as(x.reshape(-1, x.shape[-1]), dtype)  # (n, d_in)
-            if drop is not None:  # zero the drops in a copy (a cast is one already)
-                fresh = xc.dtype != x.dtype
-                xc = _zero_dropped(xc if fresh else xc.clone(memory_format=torch.contiguous_format), drop)
-            h = torch.mm(xc, _as(A, dtype).t())  # (n, r)
+            h = torch.mm(_without_drops(xc, x.dtype, drop), _as(A, dtype).t())  # (n, r)
             z = torch.mm(h, B.t()).mul_(c)  # (n, d_out)
         ctx.save_for_backward(A, trainable, B_rest, h, index, drop)
         ctx.c, ctx.dtype, ctx.x_dtype = c, dtype, x.dtype
@@ -436,10 +428,25 @@ class _LoRIAdapterMatmul(torch.autograd.Function):
                 _zero_dropped(dx, drop)
             dx = _as(dx.view(*grad.shape[:-1], dx.shape[-1]), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dB = torch.mm(g.t(), h)  # (d_out, r), in the compute dtype
-            flat = dB if index is None else dB.view(-1).index_select(0, index)
-            dtrainable = flat.to(trainable.dtype).mul_(ctx.c)
+            dtrainable = _trainable_grad(g, h, trainable, index, ctx.c)
         return dx, dtrainable, None, None, None, None, None, None
+
+
+def _without_drops(xc: Tensor, x_dtype: torch.dtype, drop: Tensor | None) -> Tensor:
+    """``xc`` (x flattened, in the compute dtype) with dropout's drops zeroed, in a copy: a cast
+    (``xc.dtype != x_dtype``) is one already, else x itself is cloned, never written."""
+    if drop is None:
+        return xc
+    fresh = xc.dtype != x_dtype
+    return _zero_dropped(xc if fresh else xc.clone(memory_format=torch.contiguous_format), drop)
+
+
+def _trainable_grad(g: Tensor, h: Tensor, trainable: Tensor, index: Tensor | None, c: float) -> Tensor:
+    """dB_eff = c g^T h (d_out, r), in the compute dtype; in LoRI-S gathered at the kept entries;
+    scaled by c in the trainable's dtype (fp32 for an fp32 trainable)."""
+    dB = torch.mm(g.t(), h)
+    flat = dB if index is None else dB.view(-1).index_select(0, index)
+    return flat.to(trainable.dtype).mul_(c)
 
 
 def _effective_B(trainable: Tensor, B_rest: Tensor, index: Tensor | None) -> Tensor:

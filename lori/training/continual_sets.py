@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lori.core import LoRIConfigError
-
-ADAPTATIONS = ("lori_d", "lori_s")
+from lori.training.fit_settings import CALIBRATION_MASKS, PIPELINE_STAGES
 
 
 class ContinualSetError(LoRIConfigError):
@@ -52,7 +51,7 @@ def continual_settings(value: ContinualSet | dict[str, Any], adaptation: str | N
     """``{section: {key: value}}`` of ``adaptation`` (see the module docstring); refused in one line
     when the set gives no learning rate for it."""
     cset = value if isinstance(value, ContinualSet) else ContinualSet(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
-    if adaptation not in ADAPTATIONS or adaptation not in cset.lr:
+    if adaptation not in PIPELINE_STAGES or adaptation not in cset.lr:
         raise ContinualSetError(
             f"a config with continual_set runs one adaptation: pick it with --adaptation "
             f"(got {adaptation}; this set has {', '.join(cset.lr)})"
@@ -60,7 +59,7 @@ def continual_settings(value: ContinualSet | dict[str, Any], adaptation: str | N
     lr = float(cset.lr[adaptation])
     masked = adaptation == "lori_s"
     continual = {"safety_adapter": f"{cset.safety_run.rstrip('/')}/{adaptation}", "masked_task": masked,
-                 "task_mask": f"{cset.task_run.rstrip('/')}/calibration/masks.safetensors" if masked else None,
+                 "task_mask": f"{cset.task_run.rstrip('/')}/{CALIBRATION_MASKS}" if masked else None,
                  "task_lr": lr, "output_dir": f"{cset.output_prefix}_{adaptation}"}
     return {"continual": continual, "model": {"lr": lr}}
 

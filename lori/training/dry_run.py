@@ -1,12 +1,8 @@
 """Dry run of a lori config: adapter sizes and a GPU-memory estimate, with no weights and no GPU.
 
     dry_run_report(cfg, "llama3_8b_r32_gsm8k.yaml")     cfg: the parsed config as plain dicts
-    lori dryrun configs/paper/llama3_8b_r32_gsm8k.yaml [more configs ...]    (or --config CONFIG)
-    lori dryrun --trainer configs/trainer/fsdp.yaml configs/paper/*.yaml
-    lori dryrun --json configs/paper/mistral_7b_r64_gsm8k.yaml
-    lori dryrun --method dora configs/paper/llama3_8b_r32_gsm8k.yaml   (a baseline: model.method replaced)
-    lori dryrun --gpu-memory 24GiB --config configs/paper/llama3_8b_r32_gsm8k.yaml   the settings that fit
-    lori dryrun --gpu-memory 16GiB,24GiB,80GiB configs/paper/*_gsm8k.yaml            the cheapest, as a table
+
+The command over it is ``lori dryrun`` (its usage lines: ``lori.commands.dryrun_command``).
 
 The base model is built from its architecture config on the meta device (shapes only, no memory),
 LoRI is injected with the config's ``model.lori`` settings and the trainable entries are counted:

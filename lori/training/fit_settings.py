@@ -36,6 +36,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lori.training.baselines.registry import get_method
 
+# what a `lori pipeline` run directory holds (``pipeline.output_dir``): its two stages' adapters, <run>/<stage>,
+# and the calibrated masks
+PIPELINE_STAGES = ("lori_d", "lori_s")
+CALIBRATION_MASKS = "calibration/masks.safetensors"
+
 
 def method_output_dir(output_dir: str, method: str) -> str:
     """``parent/<method>/name`` of ``output_dir = parent/name``: where a baseline's adapter goes."""

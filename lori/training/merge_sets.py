@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lori.core import LoRIConfigError
-from lori.training.fit_settings import method_output_dir
+from lori.training.fit_settings import PIPELINE_STAGES, method_output_dir
 
-LORI_STAGES = ("lori_d", "lori_s")  # stage directories a `lori pipeline` run writes
 ROW_FIELDS = ("adapters", "weights", "density", "single_task", "output_dir")  # what a row fills in
 
 
@@ -89,7 +88,7 @@ class MergeSet:
 
     def adapters(self, adaptation: str) -> list[str]:
         """The adapter directories the runs hold for ``adaptation`` (see the module docstring)."""
-        if adaptation in LORI_STAGES:
+        if adaptation in PIPELINE_STAGES:
             return [f"{run.rstrip('/')}/{adaptation}" for run in self.runs]
         return [method_output_dir(run, adaptation) for run in self.runs]
 

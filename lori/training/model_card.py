@@ -28,6 +28,7 @@ from lori.core.io import MASKS_FILE, META_FILE
 from lori.training.base_model import DEFAULT_MODEL_NAME
 from lori.training.baselines.registry import Method, find_method
 from lori.training.card_results import CARD_FILE, RESULTS_END, results_lines, results_marker
+from lori.training.fit_settings import CALIBRATION_MASKS
 
 PAPER = "https://arxiv.org/abs/2504.07448"
 OFFICIAL_CODE = "https://github.com/juzhengz/LoRI"
@@ -363,7 +364,7 @@ def facts_from_module(directory: str | Path, module: Any, stage: str, datamodule
                 if k in ("r", "alpha", "dropout") and k in entry.reads}
     data = dict(getattr(datamodule, "hparams", {}) or {})
     mask = directory / MASKS_FILE
-    calibration = directory.parent / "calibration" / "masks.safetensors"
+    calibration = directory.parent / CALIBRATION_MASKS
     staged = entry is not None and entry.runs_pipeline  # stage lori_d of `lori pipeline`, not method lori_d's fit
     mask_file = (str(mask) if mask.is_file()
                  else str(calibration) if staged and stage == "lori_d" and calibration.is_file() else None)

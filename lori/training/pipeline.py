@@ -51,6 +51,7 @@ from lori.training import console, progress, run_lock
 from lori.training.callbacks import MaskCalibration, SparsePhase, Unshard, module_adapter
 from lori.training.checkpoint_io import resume_checkpoint, with_atomic_checkpoints
 from lori.training.console import say
+from lori.training.fit_settings import CALIBRATION_MASKS
 from lori.training.loggers import RunLoggers
 from lori.training.measured_losses import MeasuredLosses
 from lori.training.model_card import write_module_card
@@ -284,11 +285,11 @@ def run_dense(
 ) -> dict[str, torch.Tensor]:
     """LoRI-D and calibration; returns the masks (loads them when the stage is already done)."""
     out = Path(cfg.output_dir)
-    d_dir, mask_file = out / "lori_d", out / "calibration" / "masks.safetensors"
+    d_dir, mask_file = out / "lori_d", out / CALIBRATION_MASKS
     if mask_file.is_file() and _reuse_stage(module, d_dir, summary, "lori_d"):
         return load_masks(mask_file)
     lori = module.lori_config
-    calib = MaskCalibration(lori.sparsity, lori.granularity, cfg.calibrate_at_step, str(out / "calibration"))
+    calib = MaskCalibration(lori.sparsity, lori.granularity, cfg.calibrate_at_step, str(mask_file.parent))
     step, stats = _fit_stage(
         module, datamodule, make_trainer, cfg, "lori_d", cfg.dense_steps, calib, max_epochs=cfg.dense_epochs
     )
@@ -359,7 +360,7 @@ def run_pipeline(
     summary["precision"] = module.precision_info()  # base / adapter / compute dtypes that ran
     summary["paths"] = {
         "lori_d": str(out / "lori_d"), "lori_s": str(out / "lori_s"),
-        "masks": str(out / "calibration" / "masks.safetensors"), "tensorboard": str(out / "tb"),
+        "masks": str(out / CALIBRATION_MASKS), "tensorboard": str(out / "tb"),
     }
     if rank_zero_only.rank == 0:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
